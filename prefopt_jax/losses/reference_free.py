@@ -238,7 +238,7 @@ def _rrhf_validate(x, hp: dict) -> None:
 register(
     Loss(
         name="rrhf",
-        kind="paired|ranked",
+        kind="paired or ranked",
         compute=_rrhf,
         validate=_rrhf_validate,
         defaults={"rrhf_weight": 1.0, "length_penalty": 1.0, "ft_reduction": "padded"},

@@ -1,0 +1,39 @@
+"""The loss reference page matches the registry, and the CLI's loss table runs end to end."""
+
+from pathlib import Path
+
+from prefopt_jax import cli, losses
+from prefopt_jax.losses.docs import render_markdown
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_loss_page_is_generated_from_the_registry():
+    page = (ROOT / "docs" / "losses.md").read_text()
+    assert page == render_markdown(), "docs/losses.md is stale: run `prefopt-jax losses --markdown docs/losses.md`"
+    for name in losses.names():
+        assert f"## {name}\n" in page
+
+
+def test_readme_names_every_loss_and_the_two_commands():
+    readme = (ROOT / "README.md").read_text()
+    for name in losses.names():
+        assert f"`{name}`" in readme, name
+    assert "prefopt-jax losses" in readme
+    assert "python -m pytest" in readme
+
+
+def test_cli_loss_table_runs(capsys):
+    assert cli.main(["losses", "--batch", "4", "--set", "r_dpo.alpha=0.05"]) == 0
+    out = capsys.readouterr().out
+    for name in losses.names():
+        assert f"\n{name} " in out
+    r_dpo_row = next(line for line in out.splitlines() if line.startswith("r_dpo "))
+    assert "must be given" not in r_dpo_row
+
+
+def test_cli_rejects_bad_overrides_with_a_message(capsys):
+    assert cli.main(["losses", "--set", "dpo.beta=0"]) == 2
+    assert "beta=0 must be > 0" in capsys.readouterr().err
+    assert cli.main(["losses", "--set", "dop.beta=1"]) == 2
+    assert "unknown loss 'dop'" in capsys.readouterr().err
