@@ -21,7 +21,6 @@ from prefopt_jax.losses.inputs import (
     lengths,
     masked_mean,
     masked_sum,
-    validate_pair,
 )
 from prefopt_jax.losses.primitives import (
     EXP_CLAMP,
@@ -33,7 +32,7 @@ from prefopt_jax.losses.primitives import (
     sg,
     smoothed_logistic,
 )
-from prefopt_jax.losses.registry import REQUIRED, Loss, LossOutput, all_of, in_range, one_of, positive, register
+from prefopt_jax.losses.registry import REQUIRED, Loss, LossOutput, all_of, in_range, one_of, paired_loss, positive
 
 Array = jax.Array
 
@@ -144,9 +143,6 @@ def _dpo_loss(
     def needed(hp: dict) -> tuple[str, ...]:
         return extras + (("wpo_aligned_chosen", "wpo_aligned_rejected") if hp["use_weighting"] else ())
 
-    def validate(x: PairLogps, hp: dict) -> None:
-        validate_pair(f"loss {name!r}", x, needs_reference=True, extras=needed(hp))
-
     def compute(x: PairLogps, state, hp: dict) -> LossOutput:
         t = dpo_terms(x, hp)
         out = core(t, x, state, hp)
@@ -162,24 +158,19 @@ def _dpo_loss(
         }
         return LossOutput(loss, metrics, out.state)
 
-    defaults = {**defaults, **MODIFIERS}
-    checks = [positive("beta"), _check_modifiers(name, f_div, wpo)] + ([check] if check else [])
-    return register(
-        Loss(
-            name=name,
-            kind="paired",
-            compute=compute,
-            validate=validate,
-            defaults=defaults,
-            needs_reference=True,
-            formula=formula,
-            source=source,
-            aggregation=aggregation,
-            extras=needed,
-            check=all_of(*checks),
-            init_state=init_state,
-            notes=notes,
-        )
+    checks = [_check_modifiers(name, f_div, wpo)] + ([check] if check else [])
+    return paired_loss(
+        name,
+        compute,
+        defaults={**defaults, **MODIFIERS},
+        needs_reference=True,
+        formula=formula,
+        source=source,
+        aggregation=aggregation,
+        extras=needed,
+        check=all_of(*checks),
+        init_state=init_state,
+        notes=notes,
     )
 
 

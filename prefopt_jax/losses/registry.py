@@ -42,7 +42,7 @@ class Loss:
     """
 
     name: str
-    kind: str  # "paired" | "unpaired" | "ranked" (or "paired|ranked")
+    kind: str  # "paired", "unpaired", or "paired or ranked"
     compute: Callable[[Any, Any, dict], LossOutput]
     validate: Callable[[Any, dict], None]
     defaults: Mapping[str, Any]
