@@ -1,0 +1,288 @@
+"""The decoder: one Flax NNX module for every supported family, its layers stacked on a leading axis and
+run with `lax.scan` (compile time independent of depth), with a pure functional forward over the
+parameter pytree so the trainer can split once and merge inside `jit`.
+
+Shapes: B batch, T query tokens, S key tokens (= T), D width, H heads, K kv heads, G = H/K, E head
+dim, F mlp width, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from prefopt_jax.models.config import ModelConfig
+
+Array = jax.Array
+NEG_INF = -1e30  # finite, so a fully masked (padding) query row gives a uniform softmax, not NaN
+
+
+def param_table(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...], str]]:
+    """Every parameter: name -> (shape, logical axes, init). Layer parameters ("layers/...") carry a
+    leading L axis. This table is the one place that says what the model holds."""
+    d, f, h, k, e, v, n = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        cfg.vocab_size,
+        cfg.num_layers,
+    )
+    norm = "zeros" if cfg.norm_offset else "ones"
+    t: dict[str, tuple[tuple[int, ...], tuple[str, ...], str]] = {
+        "embed": ((v, d), ("vocab", "embed"), "normal"),
+        "final_norm": ((d,), ("norm",), norm),
+        "layers/attn_norm": ((n, d), ("layers", "norm"), norm),
+        "layers/q": ((n, d, h, e), ("layers", "embed", "heads", "head_dim"), "normal"),
+        "layers/k": ((n, d, k, e), ("layers", "embed", "kv_heads", "head_dim"), "normal"),
+        "layers/v": ((n, d, k, e), ("layers", "embed", "kv_heads", "head_dim"), "normal"),
+        "layers/o": ((n, h, e, d), ("layers", "heads", "head_dim", "embed"), "normal"),
+        "layers/mlp_norm": ((n, d), ("layers", "norm"), norm),
+        "layers/gate": ((n, d, f), ("layers", "embed", "mlp"), "normal"),
+        "layers/up": ((n, d, f), ("layers", "embed", "mlp"), "normal"),
+        "layers/down": ((n, f, d), ("layers", "mlp", "embed"), "normal"),
+    }
+    if not cfg.tie_embeddings:
+        t["lm_head"] = ((d, v), ("embed", "vocab"), "normal")
+    if cfg.qkv_bias:
+        t["layers/q_bias"] = ((n, h, e), ("layers", "heads", "head_dim"), "zeros")
+        t["layers/k_bias"] = ((n, k, e), ("layers", "kv_heads", "head_dim"), "zeros")
+        t["layers/v_bias"] = ((n, k, e), ("layers", "kv_heads", "head_dim"), "zeros")
+    if cfg.qk_norm:
+        t["layers/q_norm"] = ((n, e), ("layers", "head_dim"), norm)
+        t["layers/k_norm"] = ((n, e), ("layers", "head_dim"), norm)
+    if cfg.sandwich_norms:
+        t["layers/post_attn_norm"] = ((n, d), ("layers", "norm"), norm)
+        t["layers/post_mlp_norm"] = ((n, d), ("layers", "norm"), norm)
+    return t
+
+
+# ---- the pure forward ------------------------------------------------------------------------------
+
+
+def rms_norm(x: Array, w: Array, eps: float, offset: float) -> Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * (offset + w.astype(jnp.float32))).astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    r, e = cfg.rope, cfg.head_dim
+    inv = 1.0 / (r.theta ** (np.arange(0, e, 2, dtype=np.float64) / e))
+    if r.kind == "linear":
+        inv = inv / r.factor
+    elif r.kind == "llama3":
+        wavelen = 2 * math.pi / inv
+        low_wl = r.original_max_position / r.low_freq_factor
+        high_wl = r.original_max_position / r.high_freq_factor
+        scaled = np.where(wavelen > low_wl, inv / r.factor, inv)
+        smooth = (r.original_max_position / wavelen - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / r.factor + smooth * scaled
+        medium = (wavelen >= high_wl) & (wavelen <= low_wl)
+        inv = np.where(medium, smoothed, scaled)
+    return inv.astype(np.float32)
+
+
+def apply_rope(x_BxTxNxE: Array, positions_BxT: Array, inv_freq: np.ndarray) -> Array:
+    """Rotary embedding in the Hugging Face layout (the two halves of the head dim rotate together)."""
+    angles = positions_BxT[..., None].astype(jnp.float32) * inv_freq  # [B,T,E/2]
+    cos = jnp.cos(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+    sin = jnp.sin(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+    x = x_BxTxNxE.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], -1)
+    return (x * cos + rotated * sin).astype(x_BxTxNxE.dtype)
+
+
+def positions_from_segments(segment_ids_BxT: Array) -> Array:
+    """Positions restarting at 0 at each new segment (packed rows)."""
+    t = jnp.arange(segment_ids_BxT.shape[1])
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids_BxT[:, :1], bool), segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], axis=1
+    )
+    first = jax.lax.cummax(jnp.where(starts, t, 0), axis=1)
+    return t - first
+
+
+def attention_mask(input_ids_BxT: Array, segment_ids: Array | None, mask: Array | None) -> Array:
+    """Which keys each query may see, bool [B,T,S]. A 3-D `mask` is taken as the full structure (packed,
+    prefix-shared batches); otherwise causal, within a segment, and never a padding key (segment 0 or a
+    0 in a [B,T] `mask`)."""
+    b, t = input_ids_BxT.shape
+    if mask is not None and mask.ndim == 3:
+        return mask.astype(bool)
+    idx = jnp.arange(t)
+    allowed = jnp.broadcast_to(idx[None, :, None] >= idx[None, None, :], (b, t, t))
+    if segment_ids is not None:
+        allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
+    if mask is not None:
+        allowed = allowed & mask.astype(bool)[:, None, :]
+    return allowed
+
+
+def _attention(cfg: ModelConfig, p: dict, x: Array, positions: Array, allowed: Array, window: Array, inv_freq):
+    b, t, _ = x.shape
+    q = jnp.einsum("btd,dhe->bthe", x, p["q"].astype(x.dtype))
+    k = jnp.einsum("btd,dke->btke", x, p["k"].astype(x.dtype))
+    v = jnp.einsum("btd,dke->btke", x, p["v"].astype(x.dtype))
+    if cfg.qkv_bias:
+        q, k, v = q + p["q_bias"].astype(x.dtype), k + p["k_bias"].astype(x.dtype), v + p["v_bias"].astype(x.dtype)
+    if cfg.qk_norm:
+        q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps, cfg.norm_offset)
+        k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps, cfg.norm_offset)
+    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    g = cfg.num_heads // cfg.num_kv_heads
+    q = q.reshape(b, t, cfg.num_kv_heads, g, cfg.head_dim)
+    scores = jnp.einsum("btkge,bske->bkgts", q, k).astype(jnp.float32) * cfg.attention_scale
+    if cfg.attn_logit_softcap:
+        scores = jnp.tanh(scores / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
+    dist = positions[:, :, None] - positions[:, None, :]
+    visible = allowed & ((window == 0) | (dist < window))
+    scores = jnp.where(visible[:, None, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+    out = jnp.einsum("bkgts,bske->btkge", probs, v).reshape(b, t, cfg.num_heads, cfg.head_dim)
+    return jnp.einsum("bthe,hed->btd", out, p["o"].astype(x.dtype))
+
+
+def _mlp(cfg: ModelConfig, p: dict, x: Array) -> Array:
+    gate = jnp.einsum("btd,df->btf", x, p["gate"].astype(x.dtype))
+    up = jnp.einsum("btd,df->btf", x, p["up"].astype(x.dtype))
+    act = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
+    return jnp.einsum("btf,fd->btd", act * up, p["down"].astype(x.dtype))
+
+
+def _layer(cfg: ModelConfig, x: Array, p: dict, window: Array, positions, allowed, inv_freq) -> Array:
+    eps, off = cfg.rms_norm_eps, cfg.norm_offset
+    h = _attention(cfg, p, rms_norm(x, p["attn_norm"], eps, off), positions, allowed, window, inv_freq)
+    if cfg.sandwich_norms:
+        h = rms_norm(h, p["post_attn_norm"], eps, off)
+    x = x + h
+    h = _mlp(cfg, p, rms_norm(x, p["mlp_norm"], eps, off))
+    if cfg.sandwich_norms:
+        h = rms_norm(h, p["post_mlp_norm"], eps, off)
+    return x + h
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def forward_hidden(
+    cfg: ModelConfig,
+    params: dict,
+    input_ids: Array,
+    positions: Array | None = None,
+    segment_ids: Array | None = None,
+    mask: Array | None = None,
+    *,
+    dtype: Any = jnp.float32,
+    scan_layers: bool = True,
+    remat: str = "none",
+) -> Array:
+    """Final-norm hidden states [B,T,D] (the unembedding is left to the caller, so log-probs can be
+    computed in chunks without [B,T,V] logits)."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {remat!r}; choose from {sorted(REMAT_POLICIES)}")
+    if positions is None:
+        if segment_ids is not None:
+            positions = positions_from_segments(segment_ids)
+        else:
+            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+    allowed = attention_mask(input_ids, segment_ids, mask)
+    x = jnp.take(params["embed"], input_ids, axis=0).astype(dtype)
+    if cfg.embed_scale:
+        x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dtype)
+    inv_freq = rope_inv_freq(cfg)
+    windows = jnp.asarray(cfg.windows, jnp.int32)
+
+    def body(h, layer):
+        p, window = layer
+        return _layer(cfg, h, p, window, positions, allowed, inv_freq), None
+
+    if remat != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat])
+    if scan_layers:
+        x, _ = jax.lax.scan(body, x, (params["layers"], windows))
+    else:
+        for i in range(cfg.num_layers):
+            x, _ = body(x, (jax.tree.map(lambda a, i=i: a[i], params["layers"]), windows[i]))
+    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps, cfg.norm_offset)
+
+
+def unembedding(cfg: ModelConfig, params: dict) -> Array:
+    """The [D,V] output matrix (the transposed embedding when tied)."""
+    return params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+
+
+def logits_from_hidden(cfg: ModelConfig, params: dict, hidden: Array) -> Array:
+    logits = jnp.einsum("btd,dv->btv", hidden, unembedding(cfg, params).astype(hidden.dtype)).astype(jnp.float32)
+    if cfg.final_logit_softcap:
+        logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
+    return logits
+
+
+# ---- the NNX module --------------------------------------------------------------------------------
+
+
+class Layers(nnx.Module):
+    """Per-layer parameters, each stacked on a leading L axis."""
+
+
+def _init_value(kind: str, key: Array, shape: tuple[int, ...], dtype: Any) -> Array:
+    if kind == "normal":
+        return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    return (jnp.ones if kind == "ones" else jnp.zeros)(shape, dtype)
+
+
+class Decoder(nnx.Module):
+    """A decoder-only LM. `model(input_ids, positions=None, segment_ids=None, mask=None)` -> logits
+    [B,T,V] (float32); `model.hidden_states(...)` -> [B,T,D] for chunked log-probs."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        param_dtype: Any = jnp.float32,
+        dtype: Any = jnp.float32,
+        scan_layers: bool = True,
+        remat: str = "none",
+    ):
+        self.config = cfg
+        self.dtype, self.scan_layers, self.remat = dtype, scan_layers, remat
+        self.layers = Layers()
+        for name, (shape, axes, init) in param_table(cfg).items():
+            param = nnx.Param(_init_value(init, rngs.params(), shape, param_dtype), logical_axes=axes)
+            owner, attr = (self.layers, name.split("/")[1]) if name.startswith("layers/") else (self, name)
+            setattr(owner, attr, param)
+
+    def params(self) -> dict:
+        """The parameters as a plain nested dict of arrays (what the pure forward takes)."""
+        return nnx.to_pure_dict(nnx.state(self, nnx.Param))
+
+    def hidden_states(self, input_ids, positions=None, segment_ids=None, mask=None) -> Array:
+        return forward_hidden(
+            self.config,
+            self.params(),
+            input_ids,
+            positions,
+            segment_ids,
+            mask,
+            dtype=self.dtype,
+            scan_layers=self.scan_layers,
+            remat=self.remat,
+        )
+
+    def __call__(self, input_ids, positions=None, segment_ids=None, mask=None) -> Array:
+        hidden = self.hidden_states(input_ids, positions, segment_ids, mask)
+        return logits_from_hidden(self.config, self.params(), hidden)
