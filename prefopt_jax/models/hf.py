@@ -59,18 +59,28 @@ def _heads_out(w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:  # [D, H*E]
     return w.reshape(d, h, e).transpose(1, 2, 0)
 
 
+def _unpermute_rope(w: np.ndarray, n: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row order (interleaved rotary pairs) back to the Hugging Face halves."""
+    e2 = w.shape[0] // n // 2
+    return w.reshape(n, e2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 LAYOUTS: dict[str, tuple[Callable, Callable]] = {
     "same": (lambda w, s: w, lambda w: w),
     "transpose": (lambda w, s: w.T, lambda w: w.T),
     "heads_in": (_heads_in, lambda w: w.transpose(1, 2, 0).reshape(-1, w.shape[0])),
     "heads_out": (_heads_out, lambda w: w.transpose(2, 0, 1).reshape(w.shape[2], -1)),
     "heads_bias": (lambda w, s: w.reshape(s), lambda w: w.reshape(-1)),
+    "gguf_rope_heads_in": (lambda w, s: _heads_in(_unpermute_rope(w, s[1]), s), None),  # import only
 }
 
 
-def hf_array_getter(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], where: str) -> Callable[[str], np.ndarray]:
-    """`get(name)` for `model_from_arrays`: our parameter from the HF tensors, layers stacked."""
-    table, shapes = HF_NAMES[cfg.family], param_table(cfg)
+def array_getter(
+    cfg: ModelConfig, table: Mapping[str, tuple[str, str]], tensors: Mapping[str, np.ndarray], where: str
+) -> Callable[[str], np.ndarray]:
+    """`get(name)` for `model_from_arrays`: our parameter from a checkpoint's tensors through a name
+    table ({ours: (their name, layout)}), per-layer tensors stacked on a leading axis."""
+    shapes = param_table(cfg)
 
     def fetch(hf_name: str) -> np.ndarray:
         if hf_name not in tensors:
@@ -110,7 +120,7 @@ def load_hf_folder(folder: str | Path) -> tuple[ModelConfig, Callable[[str], np.
         raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from None
     cfg = from_hf_config(raw, where=str(cfg_file))
     tensors = read_checkpoint_folder(folder)
-    return cfg, hf_array_getter(cfg, tensors, str(folder))
+    return cfg, array_getter(cfg, HF_NAMES[cfg.family], tensors, str(folder))
 
 
 def save_hf_folder(cfg: ModelConfig, params: Mapping[str, Any], folder: str | Path, dtype=np.float32) -> None:
