@@ -4,6 +4,7 @@ checkpoint is sliced per device without ever being loaded whole."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -86,8 +87,13 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, np.ndarray]) -> No
         offset += len(blob)
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned
-    with Path(path).open("wb") as f:
+    # write beside and rename: a crash leaves the old file whole, and readers holding a memory map of
+    # the old file keep valid data
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    with tmp.open("wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for blob in blobs:
             f.write(blob)
+    os.replace(tmp, path)
