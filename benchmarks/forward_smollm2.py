@@ -57,7 +57,7 @@ def main() -> None:
 
     def run_torch():
         with torch.no_grad():
-            hf(ids_torch).logits
+            hf(ids_torch)
 
     tokens = args.batch * args.length
     s_jax = median_seconds(run_jax, args.repeats)

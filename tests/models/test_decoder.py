@@ -112,14 +112,14 @@ def test_missing_and_corrupt_checkpoints(tmp_path, model):
         models.load_pretrained(str(tmp_path / "nope.gguf"))
     models.save_pretrained(model, tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
-    with pytest.raises(models.CheckpointError, match="model.safetensors: not a valid safetensors file"):
+    with pytest.raises(models.CheckpointError, match=r"model\.safetensors: not a valid safetensors file"):
         models.load_pretrained(tmp_path)
     (tmp_path / "model.safetensors").unlink()
-    with pytest.raises(models.CheckpointError, match="no model.safetensors"):
+    with pytest.raises(models.CheckpointError, match=r"no model\.safetensors"):
         models.load_pretrained(tmp_path)
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF garbage")
-    with pytest.raises(models.CheckpointError, match="bad.gguf: not a readable GGUF file"):
+    with pytest.raises(models.CheckpointError, match=r"bad\.gguf: not a readable GGUF file"):
         models.load_pretrained(bad)
 
 
