@@ -127,3 +127,24 @@ def initialize_distributed() -> bool:
         jax.distributed.initialize()
         return True
     return False
+
+
+class activation_constraint:
+    """`(x, logical names) -> x` constrained to the mesh. Activations may be smaller than the mesh (one
+    sequence on 8 devices), so an axis that does not divide its dimension is left unsharded there."""
+
+    def __init__(self, mesh: Mesh, rules: Rules):
+        self.mesh, self.rules = mesh, dict(rules)
+
+    def __call__(self, x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+        spec = []
+        for size, axes in zip(x.shape, logical_to_spec(names, self.rules, "activation"), strict=True):
+            group = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            spec.append(axes if group and size % math.prod(self.mesh.shape[a] for a in group) == 0 else None)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, PartitionSpec(*spec)))
+
+    def __eq__(self, other: object) -> bool:  # static module state must compare by value
+        return isinstance(other, activation_constraint) and (self.mesh, self.rules) == (other.mesh, other.rules)
+
+    def __hash__(self) -> int:
+        return hash((self.mesh, tuple(sorted(self.rules.items()))))

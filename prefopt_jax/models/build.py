@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 
 from prefopt_jax.models.config import ModelConfig
 from prefopt_jax.models.decoder import Decoder, param_table
-from prefopt_jax.sharding import Rules, named_sharding, rules_for
+from prefopt_jax.sharding import Rules, activation_constraint, named_sharding, rules_for
 
 
 def _nest(flat: Mapping[str, Any]) -> dict:
@@ -41,10 +41,13 @@ def _abstract(cfg: ModelConfig, **kw) -> Decoder:
     return nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), **kw))
 
 
-def _with_params(cfg: ModelConfig, pure: dict, **kw) -> Decoder:
+def _with_params(cfg: ModelConfig, pure: dict, mesh: Mesh | None, rules: str | Rules, **kw) -> Decoder:
     graphdef, state = nnx.split(_abstract(cfg, **kw))
     nnx.replace_by_pure_dict(state, pure)
-    return nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
+    if mesh is not None:
+        model.constrain = activation_constraint(mesh, rules_for(rules))
+    return model
 
 
 def create_model(
@@ -65,7 +68,7 @@ def create_model(
         return Decoder(cfg, rngs=nnx.Rngs(seed), **kw).params()
 
     out = param_shardings(cfg, mesh, rules) if mesh is not None else None
-    return _with_params(cfg, jax.jit(init, out_shardings=out)(), **kw)
+    return _with_params(cfg, jax.jit(init, out_shardings=out)(), mesh, rules, **kw)
 
 
 def model_from_arrays(
@@ -95,4 +98,4 @@ def model_from_arrays(
                 shape, sharding, lambda idx, h=host: np.asarray(h[idx]).astype(param_dtype)
             )
     kw = dict(param_dtype=param_dtype, dtype=dtype, scan_layers=scan_layers, remat=remat)
-    return _with_params(cfg, _nest(flat), **kw)
+    return _with_params(cfg, _nest(flat), mesh, rules, **kw)

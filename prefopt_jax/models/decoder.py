@@ -9,6 +9,7 @@ dim, F mlp width, V vocab, L layers.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -20,6 +21,12 @@ from prefopt_jax.models.config import ModelConfig
 
 Array = jax.Array
 NEG_INF = -1e30  # finite, so a fully masked (padding) query row gives a uniform softmax, not NaN
+# (array, logical axis names) -> array: a sharding constraint on an activation, or nothing
+Constrain = Callable[[Array, tuple], Array]
+
+
+def no_constraint(x: Array, names: tuple) -> Array:
+    return x
 
 
 def param_table(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...], str]]:
@@ -126,11 +133,11 @@ def attention_mask(input_ids_BxT: Array, segment_ids: Array | None, mask: Array 
     return allowed
 
 
-def _attention(cfg: ModelConfig, p: dict, x: Array, positions: Array, allowed: Array, window: Array, inv_freq):
+def _attention(cfg: ModelConfig, p: dict, x: Array, positions, allowed, window, inv_freq, constrain: Constrain):
     b, t, _ = x.shape
-    q = jnp.einsum("btd,dhe->bthe", x, p["q"].astype(x.dtype))
-    k = jnp.einsum("btd,dke->btke", x, p["k"].astype(x.dtype))
-    v = jnp.einsum("btd,dke->btke", x, p["v"].astype(x.dtype))
+    q = constrain(jnp.einsum("btd,dhe->bthe", x, p["q"].astype(x.dtype)), ("batch", "length", "heads", None))
+    k = constrain(jnp.einsum("btd,dke->btke", x, p["k"].astype(x.dtype)), ("batch", "length", "kv_heads", None))
+    v = constrain(jnp.einsum("btd,dke->btke", x, p["v"].astype(x.dtype)), ("batch", "length", "kv_heads", None))
     if cfg.qkv_bias:
         q, k, v = q + p["q_bias"].astype(x.dtype), k + p["k_bias"].astype(x.dtype), v + p["v_bias"].astype(x.dtype)
     if cfg.qk_norm:
@@ -150,23 +157,24 @@ def _attention(cfg: ModelConfig, p: dict, x: Array, positions: Array, allowed: A
     return jnp.einsum("bthe,hed->btd", out, p["o"].astype(x.dtype))
 
 
-def _mlp(cfg: ModelConfig, p: dict, x: Array) -> Array:
+def _mlp(cfg: ModelConfig, p: dict, x: Array, constrain: Constrain) -> Array:
     gate = jnp.einsum("btd,df->btf", x, p["gate"].astype(x.dtype))
     up = jnp.einsum("btd,df->btf", x, p["up"].astype(x.dtype))
     act = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-    return jnp.einsum("btf,fd->btd", act * up, p["down"].astype(x.dtype))
+    hidden = constrain(act * up, ("batch", "length", "mlp"))
+    return jnp.einsum("btf,fd->btd", hidden, p["down"].astype(x.dtype))
 
 
-def _layer(cfg: ModelConfig, x: Array, p: dict, window: Array, positions, allowed, inv_freq) -> Array:
+def _layer(cfg: ModelConfig, x: Array, p: dict, window, positions, allowed, inv_freq, constrain: Constrain) -> Array:
     eps, off = cfg.rms_norm_eps, cfg.norm_offset
-    h = _attention(cfg, p, rms_norm(x, p["attn_norm"], eps, off), positions, allowed, window, inv_freq)
+    h = _attention(cfg, p, rms_norm(x, p["attn_norm"], eps, off), positions, allowed, window, inv_freq, constrain)
     if cfg.sandwich_norms:
         h = rms_norm(h, p["post_attn_norm"], eps, off)
     x = x + h
-    h = _mlp(cfg, p, rms_norm(x, p["mlp_norm"], eps, off))
+    h = _mlp(cfg, p, rms_norm(x, p["mlp_norm"], eps, off), constrain)
     if cfg.sandwich_norms:
         h = rms_norm(h, p["post_mlp_norm"], eps, off)
-    return x + h
+    return constrain(x + h, ("batch", "length", None))
 
 
 REMAT_POLICIES = {
@@ -188,9 +196,11 @@ def forward_hidden(
     dtype: Any = jnp.float32,
     scan_layers: bool = True,
     remat: str = "none",
+    constrain: Constrain = no_constraint,
 ) -> Array:
     """Final-norm hidden states [B,T,D] (the unembedding is left to the caller, so log-probs can be
-    computed in chunks without [B,T,V] logits)."""
+    computed in chunks without [B,T,V] logits). `constrain` places activations on a mesh by their
+    logical axis names (see `prefopt_jax.sharding.activation_constraint`)."""
     if remat not in REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {remat!r}; choose from {sorted(REMAT_POLICIES)}")
     if positions is None:
@@ -199,7 +209,7 @@ def forward_hidden(
         else:
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
     allowed = attention_mask(input_ids, segment_ids, mask)
-    x = jnp.take(params["embed"], input_ids, axis=0).astype(dtype)
+    x = constrain(jnp.take(params["embed"], input_ids, axis=0).astype(dtype), ("batch", "length", None))
     if cfg.embed_scale:
         x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dtype)
     inv_freq = rope_inv_freq(cfg)
@@ -207,7 +217,7 @@ def forward_hidden(
 
     def body(h, layer):
         p, window = layer
-        return _layer(cfg, h, p, window, positions, allowed, inv_freq), None
+        return _layer(cfg, h, p, window, positions, allowed, inv_freq, constrain), None
 
     if remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat])
@@ -260,6 +270,7 @@ class Decoder(nnx.Module):
     ):
         self.config = cfg
         self.dtype, self.scan_layers, self.remat = dtype, scan_layers, remat
+        self.constrain: Constrain = no_constraint  # set by create_model/load_pretrained with a mesh
         self.layers = Layers()
         for name, (shape, axes, init) in param_table(cfg).items():
             param = nnx.Param(_init_value(init, rngs.params(), shape, param_dtype), logical_axes=axes)
@@ -281,6 +292,7 @@ class Decoder(nnx.Module):
             dtype=self.dtype,
             scan_layers=self.scan_layers,
             remat=self.remat,
+            constrain=self.constrain,
         )
 
     def __call__(self, input_ids, positions=None, segment_ids=None, mask=None) -> Array:

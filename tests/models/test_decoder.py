@@ -64,6 +64,7 @@ def test_sharded_forward_equals_single_device(model, preset, mesh_shape):
     sharded = models.create_model(CFG, seed=1, mesh=mesh, rules=preset)
     q = sharded.layers.q.get_value()
     assert len(q.sharding.device_set) == 8
+    assert isinstance(sharded.constrain, sharding.activation_constraint)  # activations placed by name too
     if preset == "fsdp_tp":
         assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
         assert q.addressable_shards[0].data.shape == (4, 16, 2, 8)  # never the full array on one device
@@ -121,6 +122,12 @@ def test_missing_and_corrupt_checkpoints(tmp_path, model):
     bad.write_bytes(b"GGUF garbage")
     with pytest.raises(models.CheckpointError, match=r"bad\.gguf: not a readable GGUF file"):
         models.load_pretrained(bad)
+
+
+def test_unreachable_hub_id_says_what_it_tried(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(models.CheckpointError, match=r"'nobody/no-such-model' is not a short name"):
+        models.load_pretrained("nobody/no-such-model")
 
 
 def test_truncated_file_and_missing_or_misshapen_tensor(tmp_path, model):
