@@ -1,0 +1,155 @@
+"""Preference data, host side (numpy, datasets, tokenizers; no jax): sources and formats, chat-template
+tokenisation with truncation, padded and packed (prefix-shared) batches, resumable host-sharded iteration.
+
+    data = prepare("../shared/data/hh_rlhf_test.jsonl", tokenizer, max_length=1024, eval_fraction=0.05)
+    batches = BatchIterator(data.train, PairCollator("packed", 1024), global_batch=8, seed=0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from prefopt_jax.data.batching import Batch, Group, bucket, default_buckets, packed_batch, padded_batch
+from prefopt_jax.data.iterator import BatchIterator
+from prefopt_jax.data.records import FORMATS, DataError, Origin, Pair, Ranked, Unpaired, detect_format, normalize
+from prefopt_jax.data.sources import DataReport, read_records, split_records
+from prefopt_jax.data.tokenize import (
+    Encoder,
+    TokenizedPair,
+    TokenizedRanked,
+    TokenizedUnpaired,
+    tokenize_records,
+)
+
+__all__ = [
+    "FORMATS",
+    "Batch",
+    "BatchIterator",
+    "DataError",
+    "DataReport",
+    "Encoder",
+    "Origin",
+    "Pair",
+    "PairCollator",
+    "Prepared",
+    "Ranked",
+    "TokenizedPair",
+    "TokenizedRanked",
+    "TokenizedUnpaired",
+    "Unpaired",
+    "UnpairedCollator",
+    "bucket",
+    "default_buckets",
+    "detect_format",
+    "normalize",
+    "packed_batch",
+    "padded_batch",
+    "prepare",
+    "read_records",
+    "split_records",
+]
+
+
+@dataclasses.dataclass
+class Prepared:
+    train: list
+    eval: list
+    report: DataReport
+
+
+def prepare(
+    source: str | Path | Sequence[dict],
+    tokenizer: Any,
+    *,
+    format: str | None = None,
+    split: str | None = None,
+    max_length: int = 1024,
+    max_prompt_length: int | None = None,
+    max_completion_length: int | None = None,
+    use_chat_template: bool | None = None,
+    on_error: str = "raise",
+    eval_fraction: float = 0.0,
+    seed: int = 0,
+) -> Prepared:
+    """Read, normalise, tokenise and split a preference source; `report` accounts for every row."""
+    records, report = read_records(source, format=format, split=split, on_error=on_error)
+    encoder = Encoder(tokenizer, max_length, max_prompt_length, max_completion_length, "keep_end", use_chat_template)
+    examples = tokenize_records(records, encoder, report, on_error=on_error)
+    train, held = split_records(examples, eval_fraction, seed)
+    return Prepared(train, held, report)
+
+
+def _layout(groups: list[Group], layout: str, max_length: int, buckets, pad_id: int, min_rows: int) -> Batch:
+    if layout == "padded":
+        return padded_batch(groups, buckets, pad_id, min_rows=min_rows)
+    if layout == "packed":
+        rows = tuple(2**i for i in range(20))  # powers of two: few distinct row counts to compile
+        # max_length bounds prompt + one completion; a whole group (prompt + k completions) can be longer,
+        # and then every row of this batch grows to the group's bucket (at most k * max_length)
+        biggest = max(len(p) + sum(len(c) for c in cs) for p, cs in groups)
+        row_length = bucket(biggest, (*buckets, 2 * max_length)) if biggest > max_length else max_length
+        return packed_batch(groups, row_length, buckets, pad_id, min_rows=min_rows, row_buckets=rows)
+    raise ValueError(f"layout must be 'padded' or 'packed', got {layout!r}")
+
+
+def response_only_groups(completions: Sequence[np.ndarray]) -> list[Group]:
+    """Completions scored alone (no prompt, no BOS): the first token is context, the rest are scored
+    (RMiPO's response-level log-probs)."""
+    return [(c[:1], [c[1:]]) for c in completions]
+
+
+@dataclasses.dataclass
+class PairCollator:
+    """TokenizedPairs -> {"batch": Batch (groups of [chosen, rejected]), "weight": [P],
+    "response_only": Batch of chosen then rejected completions alone, when asked}."""
+
+    layout: str = "padded"
+    max_length: int = 1024
+    buckets: Sequence[int] | None = None
+    pad_id: int = 0
+    response_only: bool = False
+    min_rows: int = 0
+
+    def __call__(self, examples: list[TokenizedPair]) -> dict:
+        buckets = self.buckets or default_buckets(self.max_length)
+        groups = [(e.prompt, [e.chosen, e.rejected]) for e in examples]
+        out = {
+            "batch": _layout(groups, self.layout, self.max_length, buckets, self.pad_id, self.min_rows),
+            "weight": np.asarray([e.weight for e in examples], np.float32),
+        }
+        if self.response_only:
+            alone = response_only_groups([e.chosen for e in examples] + [e.rejected for e in examples])
+            out["response_only"] = _layout(alone, self.layout, self.max_length, buckets, self.pad_id, self.min_rows)
+        return out
+
+
+@dataclasses.dataclass
+class UnpairedCollator:
+    """TokenizedUnpaired -> {"batch", "label", "weight", "kl": the mismatched (prompt_i, completion_{i-1})
+    groups whose log-probs estimate KTO's KL reference point (TRL's rotation within the batch)}."""
+
+    layout: str = "padded"
+    max_length: int = 1024
+    buckets: Sequence[int] | None = None
+    pad_id: int = 0
+    min_rows: int = 0
+
+    def __call__(self, examples: list[TokenizedUnpaired]) -> dict:
+        buckets = self.buckets or default_buckets(self.max_length)
+        groups = [(e.prompt, [e.completion]) for e in examples]
+        n = len(examples)
+        kl = [
+            (e.prompt, [examples[(i - 1) % n].completion[: self.max_length - len(e.prompt)]])
+            for i, e in enumerate(examples)
+        ]
+        return {
+            "batch": _layout(groups, self.layout, self.max_length, buckets, self.pad_id, self.min_rows),
+            "label": np.asarray([e.label for e in examples]),
+            "weight": np.asarray([e.weight for e in examples], np.float32),
+            "kl": _layout(kl, self.layout, self.max_length, buckets, self.pad_id, self.min_rows),
+        }

@@ -1,0 +1,95 @@
+"""Every format, every source kind, and every bad-input case, each error naming the file and row."""
+
+import json
+
+import pytest
+
+from prefopt_jax import data
+
+
+def write_jsonl(path, rows):
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def test_formats_are_detected_and_normalised():
+    standard, _ = data.read_records([{"prompt": "p", "chosen": "a", "rejected": "b", "weight": 0.5}])
+    assert standard[0] == data.Pair("p", "a", "b", 0.5, data.Origin("in-memory rows", 0))
+    conv, _ = data.read_records([{"prompt": MSG, "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"}])
+    assert conv[0].prompt == (("user", "hi"),) and conv[0].chosen == "a"
+    implicit, _ = data.read_records(
+        [
+            {
+                "chosen": [*MSG, {"role": "assistant", "content": "good"}],
+                "rejected": [*MSG, {"role": "assistant", "content": "bad"}],
+            }
+        ]
+    )
+    assert implicit[0].prompt == (("user", "hi"),) and (implicit[0].chosen, implicit[0].rejected) == ("good", "bad")
+    unpaired, _ = data.read_records([{"prompt": MSG, "completion": "c", "label": False}])
+    assert isinstance(unpaired[0], data.Unpaired) and unpaired[0].label is False
+    ranked, _ = data.read_records([{"prompt": "p", "responses": ["x", "y", "z"], "scores": [1, 3, 2]}])
+    assert ranked[0].responses == ("x", "y", "z") and ranked[0].scores == (1.0, 3.0, 2.0)
+    system, _ = data.read_records([{"system": "be brief", "prompt": "p", "chosen": "a", "rejected": "b"}])
+    assert system[0].prompt == (("system", "be brief"), ("user", "p"))
+
+
+def test_format_override_and_unknown_format():
+    with pytest.raises(data.DataError, match=r"row 0: missing field 'label' for the unpaired format"):
+        data.read_records([{"prompt": "p", "chosen": "a", "rejected": "b"}], format="unpaired")
+    with pytest.raises(data.DataError, match="unknown format 'pairs'"):
+        data.read_records([], format="pairs")
+    with pytest.raises(data.DataError, match=r"row 0: cannot tell the format from the keys \['question'\]"):
+        data.read_records([{"question": "?"}])
+
+
+def test_file_sources_json_jsonl_parquet_and_globs(tmp_path):
+    rows = [{"prompt": f"p{i}", "chosen": "a", "rejected": "b"} for i in range(4)]
+    write_jsonl(tmp_path / "a.jsonl", rows[:2])
+    (tmp_path / "b.json").write_text(json.dumps(rows[2:]))
+    import datasets
+
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "c.parquet"))
+    got, report = data.read_records(str(tmp_path / "*"))
+    assert [r.prompt for r in got] == ["p0", "p1", "p2", "p3", "p0", "p1", "p2", "p3"]
+    assert got[2].origin == data.Origin(str(tmp_path / "b.json"), 0)
+    assert report.read == report.used == 8
+    with pytest.raises(data.DataError, match="no data file matches"):
+        data.read_records(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(data.DataError, match=r"'nobody/no-such-set' is neither a local file nor a loadable hub"):
+        data.read_records("nobody/no-such-set")  # offline in tests
+
+
+@pytest.mark.parametrize(
+    "line,match,reason",
+    [
+        ('{"prompt": "p", "chosen": "a", "rejected": ', r"bad\.jsonl, row 1: malformed JSON", "malformed JSON"),
+        ('{"prompt": "p", "chosen": "a"}', r"bad\.jsonl, row 1: missing field 'rejected'", "missing field"),
+        ('{"prompt": "p", "chosen": "", "rejected": "b"}', r"bad\.jsonl, row 1: empty chosen completion", "empty completion"),
+        ('{"prompt": "p", "chosen": "same", "rejected": "same"}', r"bad\.jsonl, row 1: chosen and rejected are identical", "identical pair"),
+        ('{"prompt": "p", "chosen": 3, "rejected": "b"}', r"bad\.jsonl, row 1: `chosen` must be a string", "invalid row"),
+        ('{"prompt": [{"role": "user", "content": 5}], "chosen": "a", "rejected": "b"}', r"row 1: `prompt\[0\]\.content` must be a string", "invalid row"),
+        ('{"prompt": "p", "chosen": "a", "rejected": "b", "weight": -1}', r"row 1: `weight` must be a non-negative number", "invalid row"),
+        ('[1, 2]', r"bad\.jsonl, row 1: a row must be a JSON object", "invalid row"),
+    ],
+)  # fmt: skip
+def test_bad_rows_name_the_file_and_row_or_are_counted(tmp_path, line, match, reason):
+    good = json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"})
+    path = write_jsonl(tmp_path / "bad.jsonl", [good, line, good])
+    with pytest.raises(data.DataError, match=match):
+        data.read_records(path)
+    records, report = data.read_records(path, on_error="skip")
+    assert len(records) == 2 and report.read == 3 and report.used == 2 and report.dropped == {reason: 1}
+    assert reason in report.summary()
+
+
+def test_split_is_deterministic_and_disjoint():
+    records, _ = data.read_records([{"prompt": f"p{i}", "chosen": "a", "rejected": "b"} for i in range(50)])
+    train, held = data.split_records(records, 0.2, seed=3)
+    again = data.split_records(records, 0.2, seed=3)
+    assert (train, held) == again and len(held) == 10 and len(train) == 40
+    assert {r.prompt for r in train}.isdisjoint({r.prompt for r in held})
+    assert data.split_records(records, 0.2, seed=4)[1] != held
