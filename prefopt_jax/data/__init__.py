@@ -38,6 +38,7 @@ __all__ = [
     "PairCollator",
     "Prepared",
     "Ranked",
+    "RankedCollator",
     "TokenizedPair",
     "TokenizedRanked",
     "TokenizedUnpaired",
@@ -74,13 +75,21 @@ def prepare(
     use_chat_template: bool | None = None,
     on_error: str = "raise",
     eval_fraction: float = 0.0,
+    eval_split: str | None = None,
     seed: int = 0,
 ) -> Prepared:
-    """Read, normalise, tokenise and split a preference source; `report` accounts for every row."""
-    records, report = read_records(source, format=format, split=split, on_error=on_error)
+    """Read, normalise, tokenise and split a preference source; `report` accounts for every row.
+    The eval set is a seeded `eval_fraction` of the rows, or the named `eval_split` of a hub dataset."""
+    if eval_fraction and eval_split:
+        raise ValueError("give eval_fraction or eval_split, not both")
     encoder = Encoder(tokenizer, max_length, max_prompt_length, max_completion_length, "keep_end", use_chat_template)
+    records, report = read_records(source, format=format, split=split, on_error=on_error)
     examples = tokenize_records(records, encoder, report, on_error=on_error)
-    train, held = split_records(examples, eval_fraction, seed)
+    if eval_split is None:
+        train, held = split_records(examples, eval_fraction, seed)
+    else:
+        held_records, _ = read_records(source, format=format, split=eval_split, on_error=on_error, report=report)
+        train, held = examples, tokenize_records(held_records, encoder, report, on_error=on_error)
     return Prepared(train, held, report)
 
 
@@ -126,6 +135,27 @@ class PairCollator:
             alone = response_only_groups([e.chosen for e in examples] + [e.rejected for e in examples])
             out["response_only"] = _layout(alone, self.layout, self.max_length, buckets, self.pad_id, self.min_rows)
         return out
+
+
+@dataclasses.dataclass
+class RankedCollator:
+    """TokenizedRanked (the same number of responses K in a batch) -> {"batch": groups of K responses,
+    "scores": [G, K], "weight": [G]} for RRHF."""
+
+    layout: str = "padded"
+    max_length: int = 1024
+    buckets: Sequence[int] | None = None
+    pad_id: int = 0
+    min_rows: int = 0
+
+    def __call__(self, examples: list[TokenizedRanked]) -> dict:
+        buckets = self.buckets or default_buckets(self.max_length)
+        groups = [(e.prompt, list(e.responses)) for e in examples]
+        return {
+            "batch": _layout(groups, self.layout, self.max_length, buckets, self.pad_id, self.min_rows),
+            "scores": np.asarray([e.scores for e in examples], np.float32),
+            "weight": np.asarray([e.weight for e in examples], np.float32),
+        }
 
 
 @dataclasses.dataclass

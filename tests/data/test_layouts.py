@@ -118,3 +118,18 @@ def test_kl_pairs_rotate_completions_and_response_only_drops_the_prompt():
     alone = data.PairCollator("padded", 16, buckets=(8,), response_only=True)(pairs)["response_only"]
     np.testing.assert_array_equal(alone.input_ids[0, :3], [5, 6, 7])  # no prompt, no BOS
     assert alone.completion_mask[0, 0].sum() == 2  # the first response token is context only
+
+
+def test_ranked_collator_groups_every_response():
+    rng = np.random.default_rng(1)
+    ex = [
+        data.TokenizedRanked(
+            rng.integers(1, 9, 3), tuple(rng.integers(1, 9, 2 + j) for j in range(3)), (0.1, 0.9, 0.5), 1.0, None
+        )
+        for _ in range(2)
+    ]
+    for layout in ("padded", "packed"):
+        out = data.RankedCollator(layout, 32, buckets=(16, 32))(ex)
+        assert out["batch"].completion_mask.shape[:2] == (2, 3)
+        assert out["batch"].completion_mask.sum(-1).tolist() == [[2, 3, 4], [2, 3, 4]]
+        assert out["scores"].shape == (2, 3)
