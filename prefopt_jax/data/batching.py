@@ -134,7 +134,7 @@ def packed_batch(
             row = len(fill) - 1
         place[gi] = (row, fill[row])
         fill[row] += sizes[gi]
-    t = bucket(max(fill), buckets) if buckets else row_length
+    t = bucket(max(fill), [b for b in buckets if b < row_length] + [row_length])
     r = bucket(max(len(fill), min_rows), row_buckets) if row_buckets else max(len(fill), min_rows)
     ids = np.full((r, t), pad_id, np.int32)
     pos = np.zeros((r, t), np.int32)
