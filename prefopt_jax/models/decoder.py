@@ -133,11 +133,22 @@ def attention_mask(input_ids_BxT: Array, segment_ids: Array | None, mask: Array 
     return allowed
 
 
+def _proj(p: dict, name: str, x: Array, n_in: int) -> Array:
+    """x contracted with the projection `name` over its last `n_in` axes, plus the LoRA update
+    (x·A)·B when the layer carries adapters for it (`p["lora"][name]`, scale already applied to B)."""
+    y = jnp.tensordot(x, p[name].astype(x.dtype), axes=n_in)
+    adapter = p.get("lora", {}).get(name)
+    if adapter is not None:
+        xa = jnp.tensordot(x, adapter["a"].astype(x.dtype), axes=n_in)
+        y = y + jnp.tensordot(xa, adapter["b"].astype(x.dtype), axes=1)
+    return y
+
+
 def _attention(cfg: ModelConfig, p: dict, x: Array, positions, allowed, window, inv_freq, constrain: Constrain):
     b, t, _ = x.shape
-    q = constrain(jnp.einsum("btd,dhe->bthe", x, p["q"].astype(x.dtype)), ("batch", "length", "heads", None))
-    k = constrain(jnp.einsum("btd,dke->btke", x, p["k"].astype(x.dtype)), ("batch", "length", "kv_heads", None))
-    v = constrain(jnp.einsum("btd,dke->btke", x, p["v"].astype(x.dtype)), ("batch", "length", "kv_heads", None))
+    q = constrain(_proj(p, "q", x, 1), ("batch", "length", "heads", None))
+    k = constrain(_proj(p, "k", x, 1), ("batch", "length", "kv_heads", None))
+    v = constrain(_proj(p, "v", x, 1), ("batch", "length", "kv_heads", None))
     if cfg.qkv_bias:
         q, k, v = q + p["q_bias"].astype(x.dtype), k + p["k_bias"].astype(x.dtype), v + p["v_bias"].astype(x.dtype)
     if cfg.qk_norm:
@@ -154,15 +165,13 @@ def _attention(cfg: ModelConfig, p: dict, x: Array, positions, allowed, window, 
     scores = jnp.where(visible[:, None, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
     out = jnp.einsum("bkgts,bske->btkge", probs, v).reshape(b, t, cfg.num_heads, cfg.head_dim)
-    return jnp.einsum("bthe,hed->btd", out, p["o"].astype(x.dtype))
+    return _proj(p, "o", out, 2)
 
 
 def _mlp(cfg: ModelConfig, p: dict, x: Array, constrain: Constrain) -> Array:
-    gate = jnp.einsum("btd,df->btf", x, p["gate"].astype(x.dtype))
-    up = jnp.einsum("btd,df->btf", x, p["up"].astype(x.dtype))
+    gate, up = _proj(p, "gate", x, 1), _proj(p, "up", x, 1)
     act = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-    hidden = constrain(act * up, ("batch", "length", "mlp"))
-    return jnp.einsum("btf,fd->btd", hidden, p["down"].astype(x.dtype))
+    return _proj(p, "down", constrain(act * up, ("batch", "length", "mlp")), 1)
 
 
 def _layer(cfg: ModelConfig, x: Array, p: dict, window, positions, allowed, inv_freq, constrain: Constrain) -> Array:

@@ -1,0 +1,175 @@
+"""The fused step against a hand-written unfused computation, reference modes, LoRA, accumulation."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from prefopt_jax import data, losses, models
+from prefopt_jax.train import lora as lora_lib
+from prefopt_jax.train import step as step_lib
+
+CFG = models.ModelConfig(
+    family="llama", vocab_size=40, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=4,
+    num_kv_heads=2, head_dim=4,
+)  # fmt: skip
+
+
+def pairs(seed, n=4):
+    rng = np.random.default_rng(seed)
+    ids = lambda lo, hi: rng.integers(1, 40, rng.integers(lo, hi)).astype(np.int32)
+    return [data.TokenizedPair(ids(2, 6), ids(1, 7), ids(1, 7), 1.0, None) for _ in range(n)]
+
+
+def as_batch(examples, layout="padded", micro=1):
+    collate = data.PairCollator(layout, 32, buckets=(16, 32), response_only=True)
+    parts = [collate(examples[i::micro]) for i in range(micro)]
+    one = lambda out: {
+        "main": step_lib.batch_arrays(out["batch"]),
+        "response_only": step_lib.batch_arrays(out["response_only"]),
+        "weight": out["weight"],
+    }
+    return jax.tree.map(lambda *a: jnp.stack([jnp.asarray(x) for x in a]), *[one(p) for p in parts])
+
+
+@pytest.fixture(scope="module")
+def base():
+    return models.create_model(CFG, seed=0).params()
+
+
+def unfused_dpo(params, ref_params, examples, beta):
+    """DPO written out: a plain forward per sequence, full log-softmax, sums, the formula."""
+
+    def seq_logp(p, prompt, completion):
+        ids = jnp.asarray(np.concatenate([prompt, completion]))[None]
+        logits = models.logits_from_hidden(CFG, p, models.forward_hidden(CFG, p, ids))[0]
+        logp = jax.nn.log_softmax(logits, -1)
+        n = len(prompt)
+        return sum(logp[n + i - 1, int(t)] for i, t in enumerate(completion))
+
+    terms = []
+    for e in examples:
+        pc, pr = seq_logp(params, e.prompt, e.chosen), seq_logp(params, e.prompt, e.rejected)
+        rc, rr = seq_logp(ref_params, e.prompt, e.chosen), seq_logp(ref_params, e.prompt, e.rejected)
+        terms.append(-jax.nn.log_sigmoid(beta * ((pc - rc) - (pr - rr))))
+    return sum(terms) / len(terms)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_fused_loss_and_gradients_equal_the_unfused_computation(base, layout):
+    examples = pairs(1)
+    policy = jax.tree.map(lambda a: a + 0.05 * jnp.sin(jnp.arange(a.size).reshape(a.shape)), base)
+    spec = step_lib.StepSpec(losses.get("dpo"), {"beta": 0.5}, reference="frozen", chunk=8)
+    loss_fn = step_lib.make_loss_fn(CFG, spec)
+    batch = jax.tree.map(lambda a: a[0], as_batch(examples, layout))
+    (value, (metrics, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(policy, None, base, batch, None)
+    want, want_grads = jax.value_and_grad(unfused_dpo)(policy, base, examples, 0.5)
+    np.testing.assert_allclose(value, want, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
+    assert metrics["rewards/accuracies"] >= 0
+
+
+def test_lora_base_reference_starts_at_log2_and_the_base_never_moves(base):
+    adapters = lora_lib.init_lora(CFG, rank=2, seed=1)
+    spec = step_lib.StepSpec(losses.get("dpo"), {"beta": 0.1}, reference="lora_base", lora_scale=2.0, chunk=8)
+    opt = optax.adam(1e-2)
+    state = step_lib.init_state(adapters, opt, spec.loss)
+    train = step_lib.make_train_step(CFG, spec, opt)
+    before = jax.tree.map(np.asarray, base)
+    batch = as_batch(pairs(2))
+    state, m0 = train(state, base, None, batch)
+    np.testing.assert_allclose(m0["loss"], math.log(2), rtol=1e-6)  # B = 0: the policy is the reference
+    for _ in range(5):
+        state, m = train(state, base, None, batch)
+    assert m["loss"] < m0["loss"] - 1e-3 and m["rewards/accuracies"] > 0.5
+    for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(before), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_full_finetune_reference_is_unchanged_and_loss_falls(base):
+    spec = step_lib.StepSpec(losses.get("dpo"), {"beta": 0.1}, reference="frozen", chunk=8)
+    opt = optax.adam(3e-3)
+    policy = jax.tree.map(jnp.copy, base)
+    state = step_lib.init_state(policy, opt, spec.loss)
+    train = step_lib.make_train_step(CFG, spec, opt)
+    ref = jax.tree.map(jnp.copy, base)
+    before = jax.tree.map(np.asarray, ref)
+    batch = as_batch(pairs(3))
+    losses_seen = []
+    for _ in range(6):
+        state, m = train(state, None, ref, batch)
+        losses_seen.append(float(m["loss"]))
+    assert losses_seen[0] == pytest.approx(math.log(2), rel=1e-6) and losses_seen[-1] < losses_seen[0]
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(before), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_accumulating_four_micro_batches_equals_one_batch_of_four_times(base):
+    spec = step_lib.StepSpec(losses.get("dpo"), {"beta": 0.3}, reference="frozen", chunk=8)
+    opt = optax.sgd(0.1)
+    examples = pairs(4, n=8)
+    policy = jax.tree.map(lambda a: a * 1.1, base)
+    train = step_lib.make_train_step(CFG, spec, opt)
+    s1, m1 = train(
+        step_lib.init_state(jax.tree.map(jnp.copy, policy), opt, spec.loss), None, base, as_batch(examples, micro=4)
+    )
+    s2, m2 = train(
+        step_lib.init_state(jax.tree.map(jnp.copy, policy), opt, spec.loss), None, base, as_batch(examples, micro=1)
+    )
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(s1["trainable"]), jax.tree.leaves(s2["trainable"]), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_precomputed_reference_equals_the_fused_one(base):
+    examples = pairs(5)
+    batch = jax.tree.map(lambda a: a[0], as_batch(examples))
+    ref_logps = step_lib.completion_logps(CFG, base, batch["main"], chunk=8)
+    policy = jax.tree.map(lambda a: a * 0.9, base)
+    fused = step_lib.make_loss_fn(CFG, step_lib.StepSpec(losses.get("ipo"), {}, reference="frozen", chunk=8))
+    pre = step_lib.make_loss_fn(CFG, step_lib.StepSpec(losses.get("ipo"), {}, reference="precomputed", chunk=8))
+    a, _ = fused(policy, None, base, batch, None)
+    b, _ = pre(policy, None, None, {**batch, "ref_logps": ref_logps}, None)
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_reference_free_and_response_only_losses_run(base):
+    for name in ("simpo", "rmipo", "cpo", "alpha_dpo"):
+        ref_mode = "frozen" if losses.get(name).needs_reference else "none"
+        spec = step_lib.StepSpec(losses.get(name), {}, reference=ref_mode, chunk=8)
+        opt = optax.adam(1e-3)
+        state = step_lib.init_state(jax.tree.map(jnp.copy, base), opt, spec.loss)
+        state, m = step_lib.make_train_step(CFG, spec, opt)(state, None, base, as_batch(pairs(6)))
+        assert np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]), name
+
+
+def test_non_finite_steps_are_skipped_and_counted(base):
+    spec = step_lib.StepSpec(losses.get("dpo"), {}, reference="frozen", chunk=8)
+    opt = optax.sgd(0.1)
+    bad = jax.tree.map(lambda a: a.at[(0,) * a.ndim].set(jnp.nan) if a.ndim else a, base)
+    state = step_lib.init_state(bad, opt, spec.loss)
+    state, m = step_lib.make_train_step(CFG, spec, opt)(state, None, base, as_batch(pairs(7)))
+    assert int(m["skipped"]) == 1 and int(state["step"]) == 1
+
+
+def test_step_refuses_impossible_combinations():
+    with pytest.raises(ValueError, match="needs a reference"):
+        step_lib.StepSpec(losses.get("dpo"), {}, reference="none")
+    with pytest.raises(ValueError, match="needs LoRA"):
+        step_lib.StepSpec(losses.get("dpo"), {}, reference="lora_base")
+    with pytest.raises(ValueError, match="extras"):
+        step_lib.StepSpec(losses.get("tdpo"), {}, reference="frozen")
+    with pytest.raises(ValueError, match="reference mode 'copy'"):
+        step_lib.StepSpec(losses.get("dpo"), {}, reference="copy")
+
+
+def test_merged_lora_equals_the_adapted_forward(base):
+    adapters = jax.tree.map(lambda a: a + 0.1, lora_lib.init_lora(CFG, rank=3, seed=2))
+    ids = jnp.asarray(np.random.default_rng(0).integers(1, 40, (2, 9)))
+    adapted = models.forward_hidden(CFG, lora_lib.with_lora(base, adapters, 0.7), ids)
+    merged = models.forward_hidden(CFG, lora_lib.merge_lora(base, adapters, 0.7), ids)
+    np.testing.assert_allclose(adapted, merged, atol=1e-5)
