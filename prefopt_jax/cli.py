@@ -1,8 +1,9 @@
 """`prefopt-jax` command line: wiring only.
 
-prefopt-jax losses                       every loss evaluated on a built-in batch (the default)
-prefopt-jax losses --set r_dpo.alpha=0.05 --set dpo.beta=0.5
-prefopt-jax losses --markdown docs/losses.md
+prefopt-jax train                          the built-in job: SmolLM2-135M + LoRA + DPO, offline
+prefopt-jax train --config configs/X.yaml train.steps=100 loss.beta=0.2
+prefopt-jax losses                         every loss evaluated on a built-in batch
+prefopt-jax losses --set r_dpo.alpha=0.05 --markdown docs/losses.md
 """
 
 from __future__ import annotations
@@ -60,6 +61,14 @@ def cmd_losses(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from prefopt_jax.config import load_config
+    from prefopt_jax.train.loop import train
+
+    train(load_config(args.config, args.overrides))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefopt-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command")
@@ -69,14 +78,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--markdown", metavar="PATH", help="write the loss reference page instead")
     p.set_defaults(func=cmd_losses)
+    p = sub.add_parser("train", help="train a policy (no arguments: the built-in SmolLM2 + LoRA + DPO job)")
+    p.add_argument("--config", help="YAML config (see configs/); defaults to the built-in job")
+    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="e.g. train.steps=100 loss.beta=0.2")
+    p.set_defaults(func=cmd_train)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is None:  # the default job until the trainer lands
-        args = parser.parse_args(["losses", *(argv or sys.argv[1:])])
+    if args.command is None:
+        parser.print_help()
+        return 0
     try:
         return args.func(args)
     except ValueError as e:  # LossInputError and friends: a message, not a traceback

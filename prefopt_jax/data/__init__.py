@@ -14,7 +14,16 @@ from typing import Any
 
 import numpy as np
 
-from prefopt_jax.data.batching import Batch, Group, bucket, default_buckets, packed_batch, padded_batch
+from prefopt_jax.data.batching import (
+    Batch,
+    Group,
+    bucket,
+    common_shape,
+    default_buckets,
+    packed_batch,
+    pad_batch,
+    padded_batch,
+)
 from prefopt_jax.data.iterator import BatchIterator
 from prefopt_jax.data.records import FORMATS, DataError, Origin, Pair, Ranked, Unpaired, detect_format, normalize
 from prefopt_jax.data.sources import DataReport, read_records, split_records
@@ -45,10 +54,12 @@ __all__ = [
     "Unpaired",
     "UnpairedCollator",
     "bucket",
+    "common_shape",
     "default_buckets",
     "detect_format",
     "normalize",
     "packed_batch",
+    "pad_batch",
     "padded_batch",
     "prepare",
     "read_records",

@@ -171,3 +171,43 @@ def packed_batch(
     width = bucket(max(len(c) for _, cs in groups for c in cs), width_buckets or buckets or (row_length,))
     index, mask = _completion_arrays(groups, spans, width)
     return Batch(ids, pos, seg, pred, index, mask, attention)
+
+
+def pad_batch(b: Batch, rows: int, length: int, width: int, pad_id: int = 0) -> Batch:
+    """`b` grown to [rows, length] rows and completion width `width` (empty rows, padding tokens), with
+    its flat completion indices moved to the new row length; the per-token results are unchanged."""
+    r, t = b.input_ids.shape
+    if rows < r or length < t or width < b.completion_index.shape[-1]:
+        raise ValueError(f"cannot shrink a batch of {(r, t)} rows x tokens to {(rows, length)}")
+
+    def grow(a: np.ndarray, fill) -> np.ndarray:
+        out = np.full((rows, length, *a.shape[2:]), fill, a.dtype)
+        out[:r, :t] = a
+        return out
+
+    attention = None
+    if b.attention is not None:
+        attention = np.zeros((rows, length, length), bool)
+        attention[:r, :t, :t] = b.attention
+    g, k, w = b.completion_index.shape
+    index = np.zeros((g, k, width), np.int32)
+    mask = np.zeros((g, k, width), bool)
+    index[..., :w] = (b.completion_index // t) * length + b.completion_index % t
+    mask[..., :w] = b.completion_mask
+    return Batch(
+        grow(b.input_ids, pad_id),
+        grow(b.positions, 0),
+        grow(b.segment_ids, 0),
+        grow(b.pred_index, 0),
+        np.where(mask, index, 0).astype(np.int32),
+        mask,
+        attention,
+    )
+
+
+def common_shape(batches: Sequence[Batch], pad_id: int = 0) -> list[Batch]:
+    """Batches padded to one shape, so they stack (the micro-batches of one accumulated step)."""
+    rows = max(b.input_ids.shape[0] for b in batches)
+    length = max(b.input_ids.shape[1] for b in batches)
+    width = max(b.completion_index.shape[-1] for b in batches)
+    return [pad_batch(b, rows, length, width, pad_id) for b in batches]

@@ -1,0 +1,214 @@
+"""Run configuration: typed frozen dataclasses, read from YAML with `section.key=value` overrides and
+validated at load, so a typo or an impossible combination fails before any model is loaded."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and the valid choices."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    source: str = "smollm2-135m-instruct"  # short name, local HF folder, hub id or .gguf
+    dtype: str = "float32"  # parameter and compute dtype (float32 on CPU; bfloat16 on accelerators)
+    remat: str = "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    source: str = "builtin:compare"  # generated "which is larger?" pairs; or a file, glob or hub dataset id
+    format: str | None = None
+    max_length: int = 256
+    max_prompt_length: int | None = None
+    eval_fraction: float = 0.1  # ignored by builtin:compare, which has its own held-out split
+    layout: str = "packed"
+    on_error: str = "raise"
+    num_train: int = 512  # builtin:compare sizes
+    num_eval: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSection:
+    name: str = "dpo"
+    hparams: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    steps: int = 48
+    batch_size: int = 8  # pairs per optimizer step
+    micro_batches: int = 1  # gradient accumulation inside the step
+    learning_rate: float = 3e-4
+    schedule: str = "cosine"  # cosine | linear | constant
+    warmup_steps: int = 4
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    seed: int = 0
+    reference: str = "lora_base"  # frozen | lora_base | none
+    lora_rank: int = 8  # 0: full fine-tuning
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+    max_skipped_in_a_row: int = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSection:
+    generate: bool = True  # greedy answers on held-out prompts (builtin:compare: task accuracy)
+    max_new_tokens: int = 6
+    num_generate: int = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputSection:
+    dir: str = "runs/default"
+    log_every: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    loss: LossSection = LossSection()
+    train: TrainSection = TrainSection()
+    eval: EvalSection = EvalSection()
+    output: OutputSection = OutputSection()
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is not type(None):
+                try:
+                    return _coerce(value, option, where)
+                except ConfigError:
+                    continue
+        raise ConfigError(f"{where}: {value!r} is not a {hint}")
+    if origin is tuple or hint is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, Sequence):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(value)
+    if (origin is not None and issubclass(origin, Mapping)) or hint is Mapping:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _section(cls: type, values: Mapping[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {names}")
+    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()})
+
+
+def _literal(text: str) -> Any:
+    if text in ("true", "false"):
+        return text == "true"
+    if text == "null":  # "none" stays a string: it is a valid reference mode
+        return None
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """A validated Config from YAML (or the defaults) with `section.key=value` overrides applied."""
+    raw: dict = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML ({e})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    raw = {k: dict(v or {}) for k, v in raw.items()}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot:
+            raise ConfigError(f"override {item!r}: expected section.key=value (e.g. train.steps=100)")
+        if section == "loss" and name not in ("name", "hparams"):
+            raw.setdefault("loss", {}).setdefault("hparams", {})[name] = _literal(text)  # loss.beta=0.2
+        else:
+            raw.setdefault(section, {})[name] = _literal(text)
+    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise ConfigError(f"unknown config section(s) {unknown}; sections: {sorted(sections)}")
+    hints = typing.get_type_hints(Config)
+    cfg = Config(**{name: _section(hints[name], raw.get(name, {}), name) for name in sections})
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    from prefopt_jax import losses
+
+    loss = losses.get(cfg.loss.name)
+    loss.hyperparameters(**cfg.loss.hparams)  # unknown or out-of-range hyperparameters fail here
+    t = cfg.train
+    choices = {
+        "train.reference": (t.reference, ("frozen", "lora_base", "none")),
+        "train.schedule": (t.schedule, ("cosine", "linear", "constant")),
+        "data.layout": (cfg.data.layout, ("padded", "packed")),
+        "model.dtype": (cfg.model.dtype, ("float32", "bfloat16")),
+        "data.on_error": (cfg.data.on_error, ("raise", "skip")),
+    }
+    for key, (value, valid) in choices.items():
+        if value not in valid:
+            raise ConfigError(f"{key}={value!r}; valid: {list(valid)}")
+    if loss.kind != "paired":
+        raise ConfigError(f"loss.name={loss.name!r} is {loss.kind}; the trainer runs paired losses for now")
+    if not loss.needs_reference and t.reference != "none":
+        raise ConfigError(f"loss {loss.name!r} needs no reference: set train.reference=none")
+    if loss.needs_reference and t.reference == "none":
+        raise ConfigError(f"loss {loss.name!r} needs a reference: train.reference must be frozen or lora_base")
+    if t.reference == "lora_base" and t.lora_rank == 0:
+        raise ConfigError("train.reference=lora_base needs LoRA (train.lora_rank > 0)")
+    if t.batch_size % t.micro_batches:
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.micro_batches={t.micro_batches}")
+    for key, value in (
+        ("train.steps", t.steps),
+        ("train.batch_size", t.batch_size),
+        ("data.max_length", cfg.data.max_length),
+    ):
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")

@@ -1,0 +1,63 @@
+"""Configs load from YAML with overrides, and every mistake fails at load naming the key."""
+
+from pathlib import Path
+
+import pytest
+
+from prefopt_jax import losses
+from prefopt_jax.config import Config, ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_defaults_are_the_default_config_file():
+    builtin, shipped = load_config(), load_config(ROOT / "configs" / "default.yaml")
+    assert builtin.model == shipped.model and builtin.train == shipped.train and builtin.data == shipped.data
+    hp = lambda c: losses.get(c.loss.name).hyperparameters(**c.loss.hparams)
+    assert builtin.loss.name == shipped.loss.name and hp(builtin) == hp(shipped)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_shipped_config_loads_and_starts_with_its_command(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    assert path.read_text().splitlines()[0] == f"# prefopt-jax train --config configs/{path.name}"
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["train.steps=7", "train.learning_rate=3e-4", "loss.beta=0.25", "data.layout=padded"])
+    assert cfg.train.steps == 7 and cfg.train.learning_rate == 3e-4 and cfg.data.layout == "padded"
+    assert cfg.loss.hparams == {"beta": 0.25}
+    assert load_config(None, ["train.lora_targets=q,v"]).train.lora_targets == ("q", "v")
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["train.stpes=3"], r"train: unknown key\(s\) \['stpes'\]; valid keys: \['steps'"),
+        (["trian.steps=3"], r"unknown config section\(s\) \['trian'\]"),
+        (["train.steps=many"], r"train.steps: expected an integer, got 'many'"),
+        (["train.steps"], r"expected section.key=value"),
+        (["loss.name=dop"], r"unknown loss 'dop'; registered losses"),
+        (["loss.bta=1"], r"unknown hyperparameter\(s\) \['bta'\]"),
+        (["loss.name=simpo"], r"loss 'simpo' needs no reference: set train.reference=none"),
+        (["train.reference=none"], r"loss 'dpo' needs a reference"),
+        (["train.lora_rank=0"], r"lora_base needs LoRA"),
+        (["train.micro_batches=3"], r"batch_size=8 is not divisible by train.micro_batches=3"),
+        (["data.layout=ragged"], r"data.layout='ragged'; valid: \['padded', 'packed'\]"),
+        (["loss.name=kto", "train.reference=frozen"], r"loss.name='kto' is unpaired"),
+    ],
+)  # fmt: skip
+def test_mistakes_fail_at_load_naming_the_key(overrides, match):
+    with pytest.raises((ConfigError, losses.LossInputError), match=match):
+        load_config(None, overrides)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: invalid YAML"):
+        load_config(bad)
