@@ -73,6 +73,9 @@ class EvalSection:
 class OutputSection:
     dir: str = "runs/default"
     log_every: int = 1
+    checkpoint_every: int = 0  # steps between checkpoints; 0: only at the end and on SIGTERM/SIGINT
+    keep: int = 3  # checkpoints kept
+    resume: bool = True  # continue from the newest checkpoint in dir/checkpoints
 
 
 @dataclasses.dataclass(frozen=True)

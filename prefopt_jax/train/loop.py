@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from prefopt_jax import data, losses, models
 from prefopt_jax.config import Config
 from prefopt_jax.data.synthetic import comparison_pairs
 from prefopt_jax.models.generate import greedy_generate
+from prefopt_jax.train import checkpoint
 from prefopt_jax.train import lora as lora_lib
 from prefopt_jax.train import step as step_lib
 
@@ -65,8 +68,18 @@ def _device_batch(collated: list[dict], pad_id: int) -> dict:
     return jax.tree.map(lambda *a: jnp.asarray(np.stack(a)), *parts)
 
 
-def train(cfg: Config, *, out=None) -> tuple[dict, list[dict]]:
-    """Train as configured; returns the final state and the metric history (also in output.dir)."""
+def _stop_on_signals() -> dict:
+    """SIGTERM/SIGINT (preemption, Ctrl-C) ask the loop to checkpoint and stop at the next step boundary."""
+    flag: dict = {"signal": None}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda num, frame: flag.update(signal=signal.Signals(num).name))
+    return flag
+
+
+def train(cfg: Config, *, out=None, stop_after: int | None = None) -> tuple[dict, list[dict]]:
+    """Train as configured; returns the final state and the metric history (also in output.dir).
+    `stop_after` stops (with a checkpoint) after that step, as a preemption would."""
     out = out or sys.stdout  # looked up per call, so redirected stdout is honoured
     t = cfg.train
     run_dir = Path(cfg.output.dir)
@@ -134,11 +147,25 @@ def train(cfg: Config, *, out=None) -> tuple[dict, list[dict]]:
             results["eval/samples"] = texts[:4]
         return results
 
-    before = evaluate(state["trainable"])
-    print(f"before training: {_fmt(before)}", file=out)
-    history, log = [], (run_dir / "metrics.jsonl").open("w")
+    ckpt = checkpoint.manager(run_dir / "checkpoints", keep=cfg.output.keep)
+    restored = checkpoint.restore_latest(ckpt, state) if cfg.output.resume else None
+    if restored is None:
+        history: list[dict] = []
+        before = evaluate(state["trainable"])
+        print(f"before training: {_fmt(before)}", file=out)
+    else:
+        state, meta = restored
+        batches.restore(meta["iterator"])
+        history, before = meta["history"], meta["before"]
+        print(f"resumed from the checkpoint at step {len(history)} in {run_dir / 'checkpoints'}", file=out)
+    log = (run_dir / "metrics.jsonl").open("a" if restored else "w")
+    stop = _stop_on_signals()
+
+    def save(step: int) -> None:
+        checkpoint.save(ckpt, step, state, {"iterator": batches.state(), "history": history, "before": before})
+
     in_a_row, tokens, t0 = 0, 0, time.perf_counter()
-    for i in range(t.steps):
+    for i in range(len(history), t.steps):
         examples = next(batches)
         parts = [collate(examples[j * micro : (j + 1) * micro]) for j in range(t.micro_batches)]
         state, metrics = train_step(state, frozen, ref_params, _device_batch(parts, pad_id))
@@ -158,6 +185,16 @@ def train(cfg: Config, *, out=None) -> tuple[dict, list[dict]]:
             )
         if in_a_row >= t.max_skipped_in_a_row:
             raise FloatingPointError(f"{in_a_row} steps in a row had a non-finite loss or gradient (step {i + 1})")
+        every = cfg.output.checkpoint_every
+        interrupted = stop["signal"] is not None or i + 1 == stop_after
+        if (every and (i + 1) % every == 0) or interrupted or i + 1 == t.steps:
+            save(i + 1)
+        if interrupted:
+            ckpt.wait_until_finished()
+            log.close()
+            print(f"stopped after step {i + 1} ({stop['signal'] or 'stop_after'}); checkpoint saved", file=out)
+            return state, history
+    ckpt.wait_until_finished()
     log.close()
     after = evaluate(state["trainable"])
     summary = {"before": before, "after": after, "seconds": time.perf_counter() - start}

@@ -63,3 +63,18 @@ def test_full_finetuning_with_a_frozen_reference_and_accumulation(tiny_model_dir
     )  # fmt: skip
     state, history = train(cfg)
     assert "lora" not in state["trainable"].get("layers", {}) and history[-1]["step"] == 2
+
+
+def test_a_stopped_run_resumes_exactly(tiny_model_dir, tmp_path):
+    """Stopped after step 2 (as a preemption would) and restarted: steps 3-5 equal the uninterrupted run."""
+    steps = ["train.steps=5", "eval.generate=false", "data.num_eval=8"]
+    _, straight = train(quick(None, tiny_model_dir, tmp_path / "a", *steps))
+    _, first = train(quick(None, tiny_model_dir, tmp_path / "b", *steps), stop_after=2)
+    assert len(first) == 2
+    state, resumed = train(quick(None, tiny_model_dir, tmp_path / "b", *steps))
+    assert [h["step"] for h in resumed] == [1, 2, 3, 4, 5]
+    for a, b in zip(straight, resumed, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7), a["step"]
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5]  # nothing lost, nothing twice
+    assert int(state["step"]) == 5

@@ -1,0 +1,38 @@
+"""Checkpoints with orbax: asynchronous, keep-N, each holding the train state (parameters being trained,
+optimizer state, loss state, step counters) and, as JSON, the data iterator position and the metric
+history, so a resumed run continues exactly where it stopped. A checkpoint becomes visible only once
+complete, so a crash during a save leaves the previous one readable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def manager(directory: str | Path, *, keep: int = 3) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
+    return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_names=("state", "meta"))
+
+
+def save(mgr: ocp.CheckpointManager, step: int, state: dict, meta: dict) -> None:
+    """Start an asynchronous save (training goes on; `mgr.wait_until_finished()` joins it)."""
+    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+
+def restore_latest(mgr: ocp.CheckpointManager, like_state: dict) -> tuple[dict, dict] | None:
+    """(state, meta) of the newest complete checkpoint, shaped and placed like `like_state`; None if none."""
+    step = mgr.latest_step()
+    if step is None:
+        return None
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
+    out = mgr.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+    )
+    return out["state"], out["meta"]
+
+
+def is_checkpoint_dir(path: Any) -> bool:
+    return Path(path).is_dir() and any(p.name.isdigit() for p in Path(path).iterdir())
