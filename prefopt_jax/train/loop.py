@@ -119,9 +119,6 @@ def train(cfg: Config, *, out=None, stop_after: int | None = None) -> tuple[dict
     train_step = step_lib.make_train_step(mcfg, spec, optimizer)
     eval_step = step_lib.make_eval_step(mcfg, spec)
 
-    def policy_params(trainable):
-        return trainable if spec.lora_scale is None else lora_lib.with_lora(frozen, trainable, spec.lora_scale)
-
     def evaluate(trainable) -> dict:
         results = {}
         if prepared.eval:
@@ -137,7 +134,7 @@ def train(cfg: Config, *, out=None, stop_after: int | None = None) -> tuple[dict
             prompts = [list(e.prompt) for e in prepared.eval[:n]]
             outs = greedy_generate(
                 mcfg,
-                policy_params(trainable),
+                step_lib.policy_params(spec, trainable, frozen),
                 prompts,
                 max_new_tokens=cfg.eval.max_new_tokens,
                 eos_id=tokenizer.eos_token_id,

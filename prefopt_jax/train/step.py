@@ -82,16 +82,18 @@ class StepSpec:
             raise ValueError(f"loss {self.loss.name!r} needs extras {sorted(missing)} the step does not compute yet")
 
 
+def policy_params(spec: StepSpec, trainable: dict, frozen: dict | None) -> dict:
+    """The policy's parameter tree: the trained parameters, or the frozen base with the trained adapters."""
+    return trainable if spec.lora_scale is None else with_lora(frozen, trainable, spec.lora_scale)
+
+
 def make_loss_fn(cfg: ModelConfig, spec: StepSpec) -> Callable:
     """(trainable, frozen, ref_params, batch, loss_state) -> (loss, (metrics, new loss state))."""
     needs_reference = spec.loss.needs_reference and spec.reference != "none"
     extras_needed = spec.loss.required_extras(**spec.hp)
 
-    def policy_params(trainable, frozen):
-        return trainable if spec.lora_scale is None else with_lora(frozen, trainable, spec.lora_scale)
-
     def loss_fn(trainable, frozen, ref_params, batch, loss_state):
-        params = policy_params(trainable, frozen)
+        params = policy_params(spec, trainable, frozen)
         main = batch["main"]
         policy = completion_logps(cfg, params, main, chunk=spec.chunk, remat=spec.remat)
         reference = None
