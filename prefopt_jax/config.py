@@ -26,6 +26,14 @@ class ModelSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshSection:
+    data: int = 1  # mesh axes; one may be -1 for "the remaining devices"
+    fsdp: int = -1
+    tensor: int = 1
+    rules: str = "fsdp"  # dp | fsdp | fsdp_tp
+
+
+@dataclasses.dataclass(frozen=True)
 class DataSection:
     source: str = "builtin:compare"  # generated "which is larger?" pairs; or a file, glob or hub dataset id
     format: str | None = None
@@ -81,6 +89,7 @@ class OutputSection:
 @dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelSection = ModelSection()
+    mesh: MeshSection = MeshSection()
     data: DataSection = DataSection()
     loss: LossSection = LossSection()
     train: TrainSection = TrainSection()
@@ -194,6 +203,7 @@ def validate(cfg: Config) -> None:
         "data.layout": (cfg.data.layout, ("padded", "packed")),
         "model.dtype": (cfg.model.dtype, ("float32", "bfloat16")),
         "data.on_error": (cfg.data.on_error, ("raise", "skip")),
+        "mesh.rules": (cfg.mesh.rules, ("dp", "fsdp", "fsdp_tp")),
     }
     for key, (value, valid) in choices.items():
         if value not in valid:

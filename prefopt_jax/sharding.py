@@ -65,7 +65,8 @@ def rules_for(preset_or_rules: str | Rules) -> dict:
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh; one axis may be -1 to take the remaining devices."""
+    """A (data, fsdp, tensor) mesh; one axis may be -1 to take the remaining devices. With every size
+    given, the first data*fsdp*tensor devices are used."""
     devices = list(devices if devices is not None else jax.devices())
     shape = [data, fsdp, tensor]
     if shape.count(-1) > 1:
@@ -76,6 +77,8 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence 
         if len(devices) % known:
             raise ShardingError(f"{len(devices)} devices do not divide into mesh axes {asked}")
         shape[shape.index(-1)] = len(devices) // known
+    if math.prod(shape) < len(devices) and -1 not in asked.values():
+        devices = devices[: math.prod(shape)]  # explicit sizes: use that many devices (e.g. 1 for a baseline)
     if math.prod(shape) != len(devices):
         raise ShardingError(f"mesh {asked} needs {math.prod(shape)} devices, {len(devices)} are available")
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)

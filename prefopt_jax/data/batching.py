@@ -205,9 +205,10 @@ def pad_batch(b: Batch, rows: int, length: int, width: int, pad_id: int = 0) -> 
     )
 
 
-def common_shape(batches: Sequence[Batch], pad_id: int = 0) -> list[Batch]:
-    """Batches padded to one shape, so they stack (the micro-batches of one accumulated step)."""
-    rows = max(b.input_ids.shape[0] for b in batches)
+def common_shape(batches: Sequence[Batch], pad_id: int = 0, row_multiple: int = 1) -> list[Batch]:
+    """Batches padded to one shape, so they stack (the micro-batches of one accumulated step), with a
+    row count that is a multiple of `row_multiple` (the devices the rows are split over)."""
+    rows = -(-max(b.input_ids.shape[0] for b in batches) // row_multiple) * row_multiple
     length = max(b.input_ids.shape[1] for b in batches)
     width = max(b.completion_index.shape[-1] for b in batches)
     return [pad_batch(b, rows, length, width, pad_id) for b in batches]

@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from prefopt_jax import data, losses, models
+from prefopt_jax import data, losses, models, sharding
 from prefopt_jax.config import Config
 from prefopt_jax.data.synthetic import comparison_pairs
 from prefopt_jax.models.generate import greedy_generate
@@ -58,14 +59,27 @@ def _load_data(cfg: Config, tokenizer) -> tuple[data.Prepared, list[str] | None]
     return prepared, None
 
 
-def _device_batch(collated: list[dict], pad_id: int) -> dict:
-    """Micro-batches (collator outputs) brought to one shape and stacked on a leading axis."""
+def _device_batch(collated: list[dict], pad_id: int, mesh: Mesh) -> dict:
+    """Micro-batches (collator outputs) brought to one shape, stacked on a leading axis, and placed with
+    their rows split over the mesh's data and fsdp axes."""
+    row_axes = ("data", "fsdp")
+    n_rows = mesh.shape["data"] * mesh.shape["fsdp"]
     parts: list[dict] = [{"weight": c["weight"]} for c in collated]
     keys = {"main": "batch"} | ({"response_only": "response_only"} if "response_only" in collated[0] else {})
     for key, source in keys.items():
-        for part, b in zip(parts, data.common_shape([c[source] for c in collated], pad_id), strict=True):
+        shaped = data.common_shape([c[source] for c in collated], pad_id, row_multiple=n_rows)
+        for part, b in zip(parts, shaped, strict=True):
             part[key] = step_lib.batch_arrays(b)
-    return jax.tree.map(lambda *a: jnp.asarray(np.stack(a)), *parts)
+    stacked = jax.tree.map(lambda *a: np.stack(a), *parts)
+    rows = NamedSharding(mesh, PartitionSpec(None, row_axes))
+    whole = NamedSharding(mesh, PartitionSpec())
+    per_row = ("input_ids", "positions", "segment_ids", "pred_index", "mask")
+    return {
+        key: {k: jax.device_put(v, rows if k in per_row else whole) for k, v in value.items()}
+        if isinstance(value, dict)
+        else jax.device_put(value, whole)
+        for key, value in stacked.items()
+    }
 
 
 def _stop_on_signals() -> dict:
@@ -86,7 +100,8 @@ def train(cfg: Config, *, out=None, stop_after: int | None = None) -> tuple[dict
     run_dir.mkdir(parents=True, exist_ok=True)
     dtype = jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32
     start = time.perf_counter()
-    model = models.load_pretrained(cfg.model.source, dtype=dtype)
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    model = models.load_pretrained(cfg.model.source, dtype=dtype, mesh=mesh, rules=cfg.mesh.rules)
     tokenizer = models.load_tokenizer(cfg.model.source)
     mcfg, base = model.config, model.params()
     prepared, answers = _load_data(cfg, tokenizer)
@@ -110,12 +125,18 @@ def train(cfg: Config, *, out=None, stop_after: int | None = None) -> tuple[dict
     batches = data.BatchIterator(prepared.train, list, global_batch=t.batch_size, seed=t.seed)
 
     if t.lora_rank:
-        trainable = lora_lib.init_lora(mcfg, rank=t.lora_rank, targets=t.lora_targets, seed=t.seed)
+        adapters = lora_lib.init_lora(mcfg, rank=t.lora_rank, targets=t.lora_targets, seed=t.seed)
+        trainable = jax.device_put(adapters, NamedSharding(mesh, PartitionSpec()))  # small: replicated
         frozen, ref_params = base, None
     else:
         trainable, frozen, ref_params = jax.tree.map(jnp.copy, base), None, base
     optimizer = make_optimizer(cfg)
-    state = step_lib.init_state(trainable, optimizer, loss)
+    # every leaf on the mesh (the optimizer's scalars replicated), so restored checkpoints land the same way
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state = jax.tree.map(
+        lambda a: a if isinstance(a.sharding, NamedSharding) else jax.device_put(a, replicated),
+        step_lib.init_state(trainable, optimizer, loss),
+    )
     train_step = step_lib.make_train_step(mcfg, spec, optimizer)
     eval_step = step_lib.make_eval_step(mcfg, spec)
 
@@ -124,7 +145,7 @@ def train(cfg: Config, *, out=None, stop_after: int | None = None) -> tuple[dict
         if prepared.eval:
             accs, margins = [], []
             for i in range(0, len(prepared.eval) - micro + 1, micro):
-                b = jax.tree.map(lambda a: a[0], _device_batch([collate(prepared.eval[i : i + micro])], pad_id))
+                b = jax.tree.map(lambda a: a[0], _device_batch([collate(prepared.eval[i : i + micro])], pad_id, mesh))
                 m = eval_step(trainable, frozen, ref_params, b, state["loss_state"])
                 accs.append(float(m["rewards/accuracies"]))
                 margins.append(float(m["rewards/margins"]))
@@ -165,7 +186,7 @@ def train(cfg: Config, *, out=None, stop_after: int | None = None) -> tuple[dict
     for i in range(len(history), t.steps):
         examples = next(batches)
         parts = [collate(examples[j * micro : (j + 1) * micro]) for j in range(t.micro_batches)]
-        state, metrics = train_step(state, frozen, ref_params, _device_batch(parts, pad_id))
+        state, metrics = train_step(state, frozen, ref_params, _device_batch(parts, pad_id, mesh))
         m = {k: float(v) for k, v in metrics.items()}
         tokens += int(m["num_tokens"]) * t.micro_batches
         in_a_row = in_a_row + 1 if m["skipped"] > (history[-1]["skipped"] if history else 0) else 0

@@ -4,6 +4,7 @@ in for the weights), and the loop logs, evaluates and refuses what it cannot do.
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from prefopt_jax import models
@@ -78,3 +79,11 @@ def test_a_stopped_run_resumes_exactly(tiny_model_dir, tmp_path):
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5]  # nothing lost, nothing twice
     assert int(state["step"]) == 5
+
+
+@pytest.mark.parametrize("mesh", [["mesh.fsdp=8"], ["mesh.data=2", "mesh.fsdp=4", "mesh.rules=dp"]])
+def test_the_mesh_is_a_config_change(tiny_model_dir, tmp_path, mesh):
+    steps = ["train.steps=3", "eval.generate=false", "train.lora_rank=0", "train.reference=frozen"]
+    _, single = train(quick(None, tiny_model_dir, tmp_path / "one", *steps, "mesh.fsdp=1"))
+    _, sharded = train(quick(None, tiny_model_dir, tmp_path / "many", *steps, *mesh))
+    np.testing.assert_allclose([h["loss"] for h in sharded], [h["loss"] for h in single], rtol=1e-5)
