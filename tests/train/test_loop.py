@@ -32,6 +32,7 @@ def quick(path, tiny, out_dir, *extra):
         path,
         [
             f"model.source={tiny}",
+            "mesh.fsdp=1",  # one device unless a test asks for the mesh (compiles faster)
             "train.steps=2",
             "train.warmup_steps=1",
             "data.num_train=16",

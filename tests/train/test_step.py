@@ -47,8 +47,8 @@ def unfused_dpo(params, ref_params, examples, beta):
         ids = jnp.asarray(np.concatenate([prompt, completion]))[None]
         logits = models.logits_from_hidden(CFG, p, models.forward_hidden(CFG, p, ids))[0]
         logp = jax.nn.log_softmax(logits, -1)
-        n = len(prompt)
-        return sum(logp[n + i - 1, int(t)] for i, t in enumerate(completion))
+        rows = len(prompt) - 1 + jnp.arange(len(completion))  # the logits at t - 1 predict token t
+        return jnp.sum(logp[rows, jnp.asarray(completion)])
 
     terms = []
     for e in examples:
