@@ -6,7 +6,6 @@ complete, so a crash during a save leaves the previous one readable."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -33,6 +32,3 @@ def restore_latest(mgr: ocp.CheckpointManager, like_state: dict) -> tuple[dict, 
     )
     return out["state"], out["meta"]
 
-
-def is_checkpoint_dir(path: Any) -> bool:
-    return Path(path).is_dir() and any(p.name.isdigit() for p in Path(path).iterdir())
