@@ -31,4 +31,3 @@ def restore_latest(mgr: ocp.CheckpointManager, like_state: dict) -> tuple[dict, 
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
     )
     return out["state"], out["meta"]
-
