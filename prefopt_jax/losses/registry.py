@@ -54,6 +54,7 @@ class Loss:
     check: Callable[[dict], None] = lambda hp: None
     init_state: Callable[[], Any] | None = None
     notes: str = ""
+    needs_kl: bool = False  # unpaired: the mismatched (prompt, other completion) pairs' log-probs
 
     @property
     def stateful(self) -> bool:

@@ -73,6 +73,7 @@ def _unpaired_loss(
             check=all_of(positive("beta"), check),
             init_state=init_state,
             notes=notes,
+            needs_kl=needs_kl,
         )
     )
 

@@ -135,10 +135,16 @@ def attention_mask(input_ids_BxT: Array, segment_ids: Array | None, mask: Array 
 
 def _proj(p: dict, name: str, x: Array, n_in: int) -> Array:
     """x contracted with the projection `name` over its last `n_in` axes, plus the LoRA update
-    (x·A)·B when the layer carries adapters for it (`p["lora"][name]`, scale already applied to B)."""
+    (x·A)·B when the layer carries adapters for it (`p["lora"][name]`, scale already applied to B), with
+    the adapter's input dropped out when the layer carries `p["lora_dropout"]` (training only)."""
     y = jnp.tensordot(x, p[name].astype(x.dtype), axes=n_in)
     adapter = p.get("lora", {}).get(name)
     if adapter is not None:
+        drop = p.get("lora_dropout")  # {"rate": scalar, "key": this layer's key}: dropout on the adapter input
+        if drop is not None:
+            key = jax.random.fold_in(drop["key"], sum(map(ord, name)))  # a different mask per projection
+            kept = jax.random.bernoulli(key, 1.0 - drop["rate"], x.shape)
+            x = jnp.where(kept, x / (1.0 - drop["rate"]).astype(x.dtype), 0).astype(x.dtype)
         xa = jnp.tensordot(x, adapter["a"].astype(x.dtype), axes=n_in)
         y = y + jnp.tensordot(xa, adapter["b"].astype(x.dtype), axes=1)
     return y

@@ -70,10 +70,16 @@ def _device_batch(collated: list[dict], pad_id: int, mesh: Mesh) -> dict:
         shaped = data.common_shape([c[source] for c in collated], pad_id, row_multiple=n_rows)
         for part, b in zip(parts, shaped, strict=True):
             part[key] = step_lib.batch_arrays(b)
+    for key in keys:  # micro-batches score different numbers of positions per row: pad to the widest
+        width = max(p[key]["scored"].shape[1] for p in parts)
+        for p in parts:
+            p[key]["scored"] = np.pad(
+                p[key]["scored"], ((0, 0), (0, width - p[key]["scored"].shape[1])), constant_values=-1
+            )
     stacked = jax.tree.map(lambda *a: np.stack(a), *parts)
     rows = NamedSharding(mesh, PartitionSpec(None, row_axes))
     whole = NamedSharding(mesh, PartitionSpec())
-    per_row = ("input_ids", "positions", "segment_ids", "pred_index", "mask")
+    per_row = ("input_ids", "positions", "segment_ids", "pred_index", "scored", "mask")
     return {
         key: {k: jax.device_put(v, rows if k in per_row else whole) for k, v in value.items()}
         if isinstance(value, dict)

@@ -38,10 +38,17 @@ def init_lora(
     return out
 
 
-def with_lora(base: dict, lora: dict, scale: float) -> dict:
-    """The parameter tree the forward takes: the base layers with the adapters (B pre-scaled) attached."""
+def with_lora(base: dict, lora: dict, scale: float, *, dropout: float = 0.0, key: jax.Array | None = None) -> dict:
+    """The parameter tree the forward takes: the base layers with the adapters (B pre-scaled) attached, and,
+    when `dropout` > 0 (training), a per-layer key that drops out each adapter's input."""
     scaled = {name: {"a": ad["a"], "b": ad["b"] * scale} for name, ad in lora.items()}
-    return {**base, "layers": {**base["layers"], "lora": scaled}}
+    layers = {**base["layers"], "lora": scaled}
+    if dropout > 0.0:
+        if key is None:
+            raise ValueError("LoRA dropout needs a random key")
+        n_layers = next(iter(lora.values()))["a"].shape[0]
+        layers["lora_dropout"] = {"rate": jnp.full((n_layers,), dropout), "key": jax.random.split(key, n_layers)}
+    return {**base, "layers": layers}
 
 
 def merge_lora(base: dict, lora: dict, scale: float) -> dict:

@@ -14,16 +14,43 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from prefopt_jax.logprobs import gather_completions, token_logps
-from prefopt_jax.losses import Loss, PairLogps
+from prefopt_jax.logprobs import gather_completions, token_stats
+from prefopt_jax.losses import Loss, PairLogps, UnpairedLogps
 from prefopt_jax.models.config import ModelConfig
 from prefopt_jax.models.decoder import forward_hidden, unembedding
 from prefopt_jax.train.lora import with_lora
 
 sg = jax.lax.stop_gradient
 REFERENCE_MODES = ("frozen", "lora_base", "precomputed", "none")
+# the extras the step computes: RMiPO's response-only pass, TDPO's KL, WPO's weights
+STEP_EXTRAS = {
+    "response_only_chosen_avg",
+    "response_only_rejected_avg",
+    "seq_kl_chosen",
+    "seq_kl_rejected",
+    "wpo_aligned_chosen",
+    "wpo_aligned_rejected",
+}
+
+
+def scored_positions(batch, multiple: int = 64) -> np.ndarray:
+    """[R, C] int32: in each row, the positions of completion tokens (the only ones whose log-probs the
+    loss reads), padded with -1 to a multiple of `multiple` so few shapes compile. Log-probs are computed
+    at these positions only: prompt tokens never meet the unembedding."""
+    r, t = batch.input_ids.shape
+    flat = batch.completion_index[batch.completion_mask]
+    rows, cols = flat // t, flat % t
+    counts = np.bincount(rows, minlength=r)
+    width = max(int(-(-counts.max(initial=1) // multiple) * multiple), multiple)
+    out = np.full((r, width), -1, np.int32)
+    order = np.lexsort((cols, rows))
+    rows, cols = rows[order], cols[order]
+    slot = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+    out[rows, slot] = cols
+    return out
 
 
 def batch_arrays(batch) -> dict:
@@ -33,6 +60,7 @@ def batch_arrays(batch) -> dict:
         "positions": batch.positions,
         "segment_ids": batch.segment_ids,
         "pred_index": batch.pred_index,
+        "scored": scored_positions(batch),
         "completion_index": batch.completion_index,
         "completion_mask": batch.completion_mask,
     }
@@ -41,33 +69,78 @@ def batch_arrays(batch) -> dict:
     return out
 
 
-def completion_logps(cfg: ModelConfig, params: dict, b: dict, *, chunk: int = 128, remat: str = "none") -> jax.Array:
-    """Per-token log-probs of every completion of a batch, [G, K, L] (0 outside the completion)."""
-    hidden = forward_hidden(
+def _hidden(cfg: ModelConfig, params: dict, b: dict, remat: str = "none") -> jax.Array:
+    return forward_hidden(
         cfg, params, b["input_ids"], b["positions"], b["segment_ids"], b.get("mask"), remat=remat, dtype=jnp.float32
     )
-    logps = token_logps(
-        hidden, unembedding(cfg, params), b["input_ids"], b["pred_index"], chunk=chunk, softcap=cfg.final_logit_softcap
+
+
+def completion_stats(
+    cfg: ModelConfig,
+    params: dict,
+    b: dict,
+    *,
+    reference: dict | None = None,
+    sum_sq: bool = False,
+    chunk: int = 128,
+    remat: str = "none",
+) -> dict[str, jax.Array]:
+    """`token_stats` of every completion of a batch, each [G, K, L] (0 outside the completion). With
+    `reference` parameters, their log-probs and the per-token KLs too (no gradient into the reference)."""
+    scored = b["scored"]  # [R, C] positions of completion tokens, -1 = none
+    at = jnp.maximum(scored, 0)
+    pred = jnp.take_along_axis(b["pred_index"], at, axis=1)  # the positions whose outputs predict them
+
+    def picked(hidden):  # [R, C, D]: only these hidden states meet the unembedding
+        return jnp.take_along_axis(hidden, pred[..., None], axis=1)
+
+    ref = None
+    if reference is not None:
+        ref = (sg(picked(_hidden(cfg, reference, b))), sg(unembedding(cfg, reference)))
+    stats = token_stats(
+        picked(_hidden(cfg, params, b, remat)),
+        unembedding(cfg, params),
+        jnp.take_along_axis(b["input_ids"], at, axis=1),
+        jnp.broadcast_to(jnp.arange(scored.shape[1]), scored.shape),
+        reference=ref,
+        sum_sq=sum_sq,
+        chunk=chunk,
+        softcap=cfg.final_logit_softcap,
     )
-    return gather_completions(logps, b["completion_index"], b["completion_mask"])
+    rows = jnp.arange(scored.shape[0])[:, None]
+    cols = jnp.where(scored >= 0, scored, b["input_ids"].shape[1])  # out of bounds: dropped by the scatter
+
+    def per_row(v):  # [R, C] -> [R, T], 0 at unscored positions
+        return jnp.zeros(b["input_ids"].shape, v.dtype).at[rows, cols].set(v, mode="drop")
+
+    return {k: gather_completions(per_row(v), b["completion_index"], b["completion_mask"]) for k, v in stats.items()}
 
 
-def pair_logps(policy: jax.Array, reference: jax.Array | None, mask: jax.Array, extras: dict) -> PairLogps:
-    """Groups of [chosen, rejected] ([G, 2, L]) as the losses' PairLogps."""
-    ref_c, ref_r = (None, None) if reference is None else (reference[:, 0], reference[:, 1])
-    return PairLogps(policy[:, 0], policy[:, 1], mask[:, 0], mask[:, 1], ref_c, ref_r, extras)
+def completion_logps(cfg: ModelConfig, params: dict, b: dict, *, chunk: int = 128, remat: str = "none") -> jax.Array:
+    """Per-token log-probs of every completion of a batch, [G, K, L] (0 outside the completion)."""
+    return completion_stats(cfg, params, b, chunk=chunk, remat=remat)["logps"]
 
 
 @dataclasses.dataclass(frozen=True)
 class StepSpec:
-    """What one step computes. `loss` is a registered Loss with its hyperparameters bound in `hp`."""
+    """What one step computes. `loss` is a registered Loss with its hyperparameters bound in `hp`.
+
+    `ref_sync_every` > 0 turns on TR-DPO: every that many steps, inside the step, the reference moves to
+    `ref_sync_alpha`·policy + (1 − α)·reference (with LoRA: the reference's own adapters, mixed factor
+    by factor; exact for α = 1). `lora_dropout` drops out adapter inputs while training, with a key drawn
+    from `seed` and the step number (so a resumed run draws the same masks)."""
 
     loss: Loss
     hp: dict
     reference: str = "frozen"  # frozen | lora_base | precomputed | none
     lora_scale: float | None = None  # None: full fine-tuning
+    lora_dropout: float = 0.0
+    ref_sync_every: int = 0
+    ref_sync_alpha: float = 1.0
+    token_kl: bool = True  # log the exact per-token KL(policy || reference) when the reference runs in the step
     chunk: int = 128
     remat: str = "none"
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.reference not in REFERENCE_MODES:
@@ -76,67 +149,163 @@ class StepSpec:
             raise ValueError(f"loss {self.loss.name!r} needs a reference; choose a reference mode other than 'none'")
         if self.reference == "lora_base" and self.lora_scale is None:
             raise ValueError("reference 'lora_base' needs LoRA (the base is the reference)")
-        supported = {"response_only_chosen_avg", "response_only_rejected_avg"}
-        missing = set(self.loss.required_extras(**self.hp)) - supported
+        if self.loss.kind not in ("paired", "unpaired"):
+            raise ValueError(f"loss {self.loss.name!r} is {self.loss.kind}; the step runs paired and unpaired losses")
+        if self.ref_sync_every and self.reference not in ("frozen", "lora_base"):
+            raise ValueError("reference sync (TR-DPO) needs a reference computed in the step: frozen or lora_base")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_dropout and self.lora_scale is None:
+            raise ValueError("lora_dropout needs LoRA")
+        missing = set(self.loss.required_extras(**self.hp)) - STEP_EXTRAS
         if missing:
-            raise ValueError(f"loss {self.loss.name!r} needs extras {sorted(missing)} the step does not compute yet")
+            raise ValueError(f"loss {self.loss.name!r} needs extras {sorted(missing)} the step does not compute")
+        if self.reference == "precomputed" and {"seq_kl_chosen"} & set(self.extras):
+            raise ValueError("TDPO's per-token KL needs the reference's full distribution: not with precomputed")
+
+    @property
+    def extras(self) -> tuple[str, ...]:
+        return self.loss.required_extras(**self.hp)
+
+    @property
+    def reference_in_step(self) -> bool:
+        return self.loss.needs_reference and self.reference in ("frozen", "lora_base")
 
 
-def policy_params(spec: StepSpec, trainable: dict, frozen: dict | None) -> dict:
-    """The policy's parameter tree: the trained parameters, or the frozen base with the trained adapters."""
-    return trainable if spec.lora_scale is None else with_lora(frozen, trainable, spec.lora_scale)
+def policy_params(spec: StepSpec, trainable: dict, frozen: dict | None, key: jax.Array | None = None) -> dict:
+    """The policy's parameter tree: the trained parameters, or the frozen base with the trained adapters
+    (with dropout when a `key` is given and the spec asks for it)."""
+    if spec.lora_scale is None:
+        return trainable
+    rate = spec.lora_dropout if key is not None else 0.0
+    return with_lora(frozen, trainable, spec.lora_scale, dropout=rate, key=key)
+
+
+def reference_params(spec: StepSpec, frozen: dict | None, reference: dict | None) -> dict | None:
+    """The reference's parameter tree in the step: the frozen copy (or its synced state), or the LoRA base
+    (with the synced reference adapters under TR-DPO)."""
+    if not spec.reference_in_step:
+        return None
+    if spec.reference == "lora_base":
+        return frozen if reference is None else with_lora(frozen, reference, spec.lora_scale)
+    return reference
+
+
+def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+    return jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def _common_metrics(stats: dict, mask: jax.Array, main: dict) -> dict:
+    lengths = mask.sum(-1)
+    out = {"num_tokens": jnp.sum(main["segment_ids"] > 0), "num_completion_tokens": jnp.sum(mask)}
+    if "kl_policy_ref" in stats:
+        out["kl/per_token"] = _masked_mean(sg(stats["kl_policy_ref"]), mask)
+    out["lengths/mean"] = jnp.mean(lengths)
+    return out
+
+
+def _paired_inputs(spec: StepSpec, cfg: ModelConfig, params, stats: dict, batch: dict) -> tuple[PairLogps, dict]:
+    main = batch["main"]
+    mask = main["completion_mask"]
+    policy = stats["logps"]
+    reference = batch["ref_logps"] if spec.reference == "precomputed" else stats.get("ref_logps")
+    extras = {}
+    if "response_only_chosen_avg" in spec.extras:  # RMiPO: the policy's avg log-prob of each response alone
+        alone = sg(completion_logps(cfg, params, batch["response_only"], chunk=spec.chunk))
+        alone_mask = batch["response_only"]["completion_mask"]
+        avg = alone.sum(-1)[:, 0] / jnp.maximum(alone_mask.sum(-1)[:, 0], 1)
+        half = avg.shape[0] // 2
+        extras |= {"response_only_chosen_avg": avg[:half], "response_only_rejected_avg": avg[half:]}
+    if "seq_kl_chosen" in spec.extras:  # TDPO: sequence KL(ref || policy), differentiable in the policy
+        kl = stats["kl_ref_policy"].sum(-1)
+        extras |= {"seq_kl_chosen": kl[:, 0], "seq_kl_rejected": kl[:, 1]}
+    if "wpo_aligned_chosen" in spec.extras:  # WPO: log p(y_t) - log sum_v p(v)^2, no gradient
+        aligned = sg(policy - stats["log_sum_sq"])
+        extras |= {"wpo_aligned_chosen": aligned[:, 0], "wpo_aligned_rejected": aligned[:, 1]}
+    ref_c, ref_r = (None, None) if reference is None else (reference[:, 0], reference[:, 1])
+    x = PairLogps(policy[:, 0], policy[:, 1], mask[:, 0], mask[:, 1], ref_c, ref_r, extras)
+    lengths = mask.sum(-1)
+    metrics = {"lengths/chosen": jnp.mean(lengths[:, 0]), "lengths/rejected": jnp.mean(lengths[:, 1])}
+    if reference is not None:  # likelihood displacement: how far the chosen log-prob moved
+        metrics["logps/chosen_drift"] = jnp.mean(sg(policy[:, 0].sum(-1) - reference[:, 0].sum(-1)))
+        margin = (policy - reference).sum(-1)
+        metrics["reward_correct"] = sg(margin[:, 0] > margin[:, 1])  # per pair, for accuracy by length
+        metrics["pair_length"] = lengths.sum(-1)
+    return x, metrics
+
+
+def _unpaired_inputs(spec: StepSpec, cfg: ModelConfig, params, ref, stats: dict, batch: dict):
+    mask = batch["main"]["completion_mask"][:, 0]
+    ref_logps = batch["ref_logps"] if spec.reference == "precomputed" else stats.get("ref_logps")
+    kl_policy = kl_ref = None
+    if spec.loss.needs_kl:  # KTO's reference point: the mismatched (prompt_i, completion_j) pairs
+        kl = batch["kl"]
+        kl_policy = sg(completion_logps(cfg, params, kl, chunk=spec.chunk)).sum(-1)[:, 0]
+        if spec.reference == "precomputed":
+            kl_ref = batch["kl_ref_logps"].sum(-1)[:, 0]
+        else:
+            kl_ref = sg(completion_logps(cfg, ref, kl, chunk=spec.chunk)).sum(-1)[:, 0]
+    x = UnpairedLogps(
+        stats["logps"][:, 0],
+        mask,
+        batch["label"],
+        None if ref_logps is None else ref_logps[:, 0],
+        kl_policy,
+        kl_ref,
+    )
+    return x, {}
 
 
 def make_loss_fn(cfg: ModelConfig, spec: StepSpec) -> Callable:
-    """(trainable, frozen, ref_params, batch, loss_state) -> (loss, (metrics, new loss state))."""
-    needs_reference = spec.loss.needs_reference and spec.reference != "none"
-    extras_needed = spec.loss.required_extras(**spec.hp)
+    """(trainable, frozen, reference, batch, loss_state, key) -> (loss, (metrics, new loss state)).
 
-    def loss_fn(trainable, frozen, ref_params, batch, loss_state):
-        params = policy_params(spec, trainable, frozen)
+    `reference` is the frozen reference copy (full fine-tuning), the reference adapters (LoRA under
+    TR-DPO) or None; `key` drives LoRA dropout (None: no dropout, as in evaluation)."""
+
+    def loss_fn(trainable, frozen, reference, batch, loss_state, key=None):
+        params = policy_params(spec, trainable, frozen, key)
+        ref = reference_params(spec, frozen, reference)
         main = batch["main"]
-        policy = completion_logps(cfg, params, main, chunk=spec.chunk, remat=spec.remat)
-        reference = None
-        if needs_reference:
-            if spec.reference == "precomputed":
-                reference = batch["ref_logps"]
-            else:
-                ref = frozen if spec.reference == "lora_base" else ref_params
-                reference = sg(completion_logps(cfg, ref, main, chunk=spec.chunk))
-        extras = {}
-        if extras_needed:  # RMiPO: the policy's average log-prob of each response alone, no gradient
-            alone = sg(completion_logps(cfg, params, batch["response_only"], chunk=spec.chunk))
-            mask = batch["response_only"]["completion_mask"]
-            avg = alone.sum(-1)[:, 0] / jnp.maximum(mask.sum(-1)[:, 0], 1)
-            half = avg.shape[0] // 2
-            extras = {"response_only_chosen_avg": avg[:half], "response_only_rejected_avg": avg[half:]}
-        x = pair_logps(policy, reference, main["completion_mask"], extras)
+        stats = completion_stats(
+            cfg,
+            params,
+            main,
+            reference=ref,
+            sum_sq="wpo_aligned_chosen" in spec.extras,
+            chunk=spec.chunk,
+            remat=spec.remat,
+        )
+        if not spec.token_kl and "seq_kl_chosen" not in spec.extras:
+            stats.pop("kl_policy_ref", None)
+        if spec.loss.kind == "paired":
+            x, extra_metrics = _paired_inputs(spec, cfg, params, stats, batch)
+        else:
+            x, extra_metrics = _unpaired_inputs(spec, cfg, params, ref, stats, batch)
         out = spec.loss(x, state=loss_state, **spec.hp)
         w = batch["weight"]
         value = jnp.sum(out.loss * w) / jnp.maximum(jnp.sum(w), 1e-8)
-        lengths = main["completion_mask"].sum(-1)
-        metrics = {
-            **out.metrics,
-            "loss": value,
-            "lengths/chosen": jnp.mean(lengths[:, 0]),
-            "lengths/rejected": jnp.mean(lengths[:, 1]),
-            "num_tokens": jnp.sum(main["segment_ids"] > 0),
-        }
-        if reference is not None:  # likelihood displacement: how far the chosen log-prob moved
-            metrics["logps/chosen_drift"] = jnp.mean(sg(policy[:, 0].sum(-1) - reference[:, 0].sum(-1)))
+        metrics = {**out.metrics, **extra_metrics, **_common_metrics(stats, main["completion_mask"], main)}
+        metrics["loss"] = value
         return value, (metrics, out.state)
 
     return loss_fn
 
 
-def init_state(trainable: Any, optimizer: optax.GradientTransformation, loss: Loss) -> dict:
-    return {
+PER_EXAMPLE = ("reward_correct", "pair_length")  # metrics kept per example (not averaged) for bucketing
+
+
+def init_state(trainable: Any, optimizer: optax.GradientTransformation, loss: Loss, reference: Any = None) -> dict:
+    """The train state. `reference` (TR-DPO only) is the reference the step keeps moving toward the policy."""
+    state = {
         "trainable": trainable,
         "opt_state": optimizer.init(trainable),
         "loss_state": loss.init_state() if loss.stateful else None,
         "step": jnp.zeros((), jnp.int32),
         "skipped": jnp.zeros((), jnp.int32),
     }
+    if reference is not None:
+        state["reference"] = reference
+    return state
 
 
 def make_train_step(cfg: ModelConfig, spec: StepSpec, optimizer: optax.GradientTransformation) -> Callable:
@@ -144,21 +313,25 @@ def make_train_step(cfg: ModelConfig, spec: StepSpec, optimizer: optax.GradientT
 
     `batch` holds micro-batches stacked on a leading axis (gradient accumulation inside the step: a scan
     that sums gradients). A step whose loss or gradients are not finite leaves the parameters as they
-    were and counts itself in `state["skipped"]`."""
+    were and counts itself in `state["skipped"]`. Under TR-DPO the reference lives in the state."""
     grad_fn = jax.value_and_grad(make_loss_fn(cfg, spec), has_aux=True)
 
     def step(state, frozen, ref_params, batch):
         n_micro = jax.tree.leaves(batch)[0].shape[0]
+        reference = state.get("reference", ref_params)
+        step_key = jax.random.fold_in(jax.random.PRNGKey(spec.seed), state["step"])
 
-        def micro(carry, mb):
+        def micro(carry, xs):
             grads_acc, loss_state = carry
-            (_, (metrics, loss_state)), grads = grad_fn(state["trainable"], frozen, ref_params, mb, loss_state)
+            mb, i = xs
+            key = jax.random.fold_in(step_key, i) if spec.lora_dropout else None
+            (_, (metrics, loss_state)), grads = grad_fn(state["trainable"], frozen, reference, mb, loss_state, key)
             return (jax.tree.map(jnp.add, grads_acc, grads), loss_state), metrics
 
         zeros = jax.tree.map(jnp.zeros_like, state["trainable"])
-        (grads, loss_state), metrics = jax.lax.scan(micro, (zeros, state["loss_state"]), batch)
+        (grads, loss_state), metrics = jax.lax.scan(micro, (zeros, state["loss_state"]), (batch, jnp.arange(n_micro)))
         grads = jax.tree.map(lambda g: g / n_micro, grads)
-        metrics = jax.tree.map(jnp.mean, metrics)
+        metrics = {k: v.reshape(-1) if k in PER_EXAMPLE else jnp.mean(v) for k, v in metrics.items()}
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(grad_norm) & jnp.isfinite(metrics["loss"])
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
@@ -171,17 +344,25 @@ def make_train_step(cfg: ModelConfig, spec: StepSpec, optimizer: optax.GradientT
             "step": state["step"] + 1,
             "skipped": state["skipped"] + (~finite).astype(jnp.int32),
         }
+        if "reference" in state:  # TR-DPO soft update, every ref_sync_every steps
+            due = new_state["step"] % spec.ref_sync_every == 0
+            a = spec.ref_sync_alpha
+            new_state["reference"] = jax.tree.map(
+                lambda p, r: jnp.where(due, (a * p + (1.0 - a) * r).astype(r.dtype), r),
+                new_state["trainable"],
+                state["reference"],
+            )
         return new_state, {**metrics, "grad_norm": grad_norm, "skipped": new_state["skipped"]}
 
     return jax.jit(step, donate_argnums=(0,))
 
 
 def make_eval_step(cfg: ModelConfig, spec: StepSpec) -> Callable:
-    """`eval(trainable, frozen, ref_params, batch, loss_state) -> metrics` (one micro-batch, no update)."""
+    """`eval(trainable, frozen, reference, batch, loss_state) -> metrics` (one micro-batch, no update)."""
     loss_fn = make_loss_fn(cfg, spec)
 
-    def evaluate(trainable, frozen, ref_params, batch, loss_state):
-        _, (metrics, _) = loss_fn(trainable, frozen, ref_params, batch, loss_state)
+    def evaluate(trainable, frozen, reference, batch, loss_state):
+        _, (metrics, _) = loss_fn(trainable, frozen, reference, batch, loss_state)
         return metrics
 
     return jax.jit(evaluate)

@@ -162,7 +162,11 @@ def test_step_refuses_impossible_combinations():
     with pytest.raises(ValueError, match="needs LoRA"):
         step_lib.StepSpec(losses.get("dpo"), {}, reference="lora_base")
     with pytest.raises(ValueError, match="extras"):
-        step_lib.StepSpec(losses.get("tdpo"), {}, reference="frozen")
+        step_lib.StepSpec(losses.get("orpo"), {"nll_over_prompt": True}, reference="none")
+    with pytest.raises(ValueError, match="full distribution"):
+        step_lib.StepSpec(losses.get("tdpo"), {}, reference="precomputed")
+    with pytest.raises(ValueError, match="TR-DPO"):
+        step_lib.StepSpec(losses.get("dpo"), {}, reference="precomputed", ref_sync_every=4)
     with pytest.raises(ValueError, match="reference mode 'copy'"):
         step_lib.StepSpec(losses.get("dpo"), {}, reference="copy")
 
