@@ -29,7 +29,7 @@ def token_stats(
     model (the caller stops its gradient), also "ref_logps" and the exact per-position KL divergences over
     the whole vocabulary, "kl_ref_policy" = KL(ref || policy) and "kl_policy_ref" = KL(policy || ref).
     With `sum_sq`, "log_sum_sq" = log sum_v p(v)^2 (WPO's weights)."""
-    b, t, d = hidden_BxTxD.shape
+    b, t = hidden_BxTxD.shape[:2]
     if pred_index_BxT is None:
         pred_index_BxT = jnp.maximum(jnp.arange(t) - 1, 0)[None].repeat(b, 0)
     n = -(-t // chunk)
