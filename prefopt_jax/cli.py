@@ -2,6 +2,10 @@
 
 prefopt-jax train                          the built-in job: SmolLM2-135M + LoRA + DPO, offline
 prefopt-jax train --config configs/X.yaml train.steps=100 loss.beta=0.2
+prefopt-jax precompute-ref --config configs/X.yaml   reference log-probs once, for train.reference=precomputed
+prefopt-jax eval --config configs/X.yaml            held-out metrics of the newest checkpoint
+prefopt-jax export --config configs/X.yaml OUT_DIR  Hugging Face folder (LoRA merged)
+prefopt-jax plot RUN_DIR                            PNG curves of a run's metrics
 prefopt-jax losses                         every loss evaluated on a built-in batch
 prefopt-jax losses --set r_dpo.alpha=0.05 --markdown docs/losses.md
 """
@@ -69,6 +73,43 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_precompute_ref(args: argparse.Namespace) -> int:
+    from prefopt_jax.config import load_config
+    from prefopt_jax.train.reference_cache import precompute
+
+    precompute(load_config(args.config, args.overrides))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from prefopt_jax.config import load_config
+    from prefopt_jax.train.loop import evaluate_checkpoint
+
+    evaluate_checkpoint(load_config(args.config, args.overrides))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from prefopt_jax.config import load_config
+    from prefopt_jax.train.loop import export
+
+    export(load_config(args.config, args.overrides), args.out_dir)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from prefopt_jax.train.plot import plot_run
+
+    for path in plot_run(args.run_dir, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (see configs/); defaults to the built-in job")
+    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="e.g. train.steps=100 loss.beta=0.2")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefopt-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command")
@@ -79,9 +120,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", metavar="PATH", help="write the loss reference page instead")
     p.set_defaults(func=cmd_losses)
     p = sub.add_parser("train", help="train a policy (no arguments: the built-in SmolLM2 + LoRA + DPO job)")
-    p.add_argument("--config", help="YAML config (see configs/); defaults to the built-in job")
-    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="e.g. train.steps=100 loss.beta=0.2")
+    _config_args(p)
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("precompute-ref", help="compute the reference's log-probs once (train.reference=precomputed)")
+    _config_args(p)
+    p.set_defaults(func=cmd_precompute_ref)
+    p = sub.add_parser("eval", help="held-out reward accuracy, margins and task accuracy of the newest checkpoint")
+    _config_args(p)
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("export", help="write the trained policy as a Hugging Face folder (LoRA merged)")
+    p.add_argument("out_dir", help="the folder to write")
+    _config_args(p)
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("plot", help="PNG curves of a run's metrics.jsonl")
+    p.add_argument("run_dir", help="the run's output.dir")
+    p.add_argument("--out", help="where to write the PNGs (default RUN_DIR/plots)")
+    p.set_defaults(func=cmd_plot)
     return parser
 
 
@@ -93,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except ValueError as e:  # LossInputError and friends: a message, not a traceback
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad input: a message, not a traceback
         print(f"prefopt-jax: error: {e}", file=sys.stderr)
         return 2
 

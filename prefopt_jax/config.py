@@ -63,11 +63,17 @@ class TrainSection:
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     seed: int = 0
-    reference: str = "lora_base"  # frozen | lora_base | none
+    reference: str = "lora_base"  # frozen | lora_base | precomputed | none
+    reference_dtype: str | None = None  # frozen copy only: e.g. bfloat16 to halve its memory; None: model.dtype
+    reference_cache: str = "~/.cache/prefopt_jax/reference"  # precomputed log-probs (a path or gs://...)
+    ref_sync_every: int = 0  # TR-DPO: every this many steps ref <- alpha * policy + (1 - alpha) * ref; 0: off
+    ref_sync_alpha: float = 0.6
     lora_rank: int = 8  # 0: full fine-tuning
     lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
     max_skipped_in_a_row: int = 5
+    peak_tflops: float | None = None  # per device, for MFU; None: datasheet (TPU/GPU) or measured (CPU)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +90,8 @@ class OutputSection:
     checkpoint_every: int = 0  # steps between checkpoints; 0: only at the end and on SIGTERM/SIGINT
     keep: int = 3  # checkpoints kept
     resume: bool = True  # continue from the newest checkpoint in dir/checkpoints
+    tensorboard: bool = True  # event files in dir/tensorboard
+    wandb: bool = False  # also log to Weights & Biases (needs `pip install wandb`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,7 +206,8 @@ def validate(cfg: Config) -> None:
     loss.hyperparameters(**cfg.loss.hparams)  # unknown or out-of-range hyperparameters fail here
     t = cfg.train
     choices = {
-        "train.reference": (t.reference, ("frozen", "lora_base", "none")),
+        "train.reference": (t.reference, ("frozen", "lora_base", "precomputed", "none")),
+        "train.reference_dtype": (t.reference_dtype, (None, "float32", "bfloat16")),
         "train.schedule": (t.schedule, ("cosine", "linear", "constant")),
         "data.layout": (cfg.data.layout, ("padded", "packed")),
         "model.dtype": (cfg.model.dtype, ("float32", "bfloat16")),
@@ -208,16 +217,34 @@ def validate(cfg: Config) -> None:
     for key, (value, valid) in choices.items():
         if value not in valid:
             raise ConfigError(f"{key}={value!r}; valid: {list(valid)}")
-    if loss.kind != "paired":
-        raise ConfigError(f"loss.name={loss.name!r} is {loss.kind}; the trainer runs paired losses for now")
+    if loss.kind not in ("paired", "unpaired"):
+        raise ConfigError(f"loss.name={loss.name!r} is {loss.kind}; the trainer runs paired and unpaired losses")
     if not loss.needs_reference and t.reference != "none":
         raise ConfigError(f"loss {loss.name!r} needs no reference: set train.reference=none")
     if loss.needs_reference and t.reference == "none":
-        raise ConfigError(f"loss {loss.name!r} needs a reference: train.reference must be frozen or lora_base")
+        raise ConfigError(
+            f"loss {loss.name!r} needs a reference: train.reference must be frozen, lora_base or precomputed"
+        )
     if t.reference == "lora_base" and t.lora_rank == 0:
         raise ConfigError("train.reference=lora_base needs LoRA (train.lora_rank > 0)")
+    if t.reference_dtype is not None and t.reference != "frozen":
+        raise ConfigError("train.reference_dtype applies to train.reference=frozen only (the reference copy)")
+    if t.ref_sync_every < 0 or not 0.0 < t.ref_sync_alpha <= 1.0:
+        raise ConfigError("train.ref_sync_every must be >= 0 and train.ref_sync_alpha in (0, 1]")
+    if t.ref_sync_every and t.reference not in ("frozen", "lora_base"):
+        raise ConfigError("train.ref_sync_every (TR-DPO) needs train.reference=frozen or lora_base")
+    if not 0.0 <= t.lora_dropout < 1.0:
+        raise ConfigError(f"train.lora_dropout must be in [0, 1), got {t.lora_dropout}")
+    if t.lora_dropout and not t.lora_rank:
+        raise ConfigError("train.lora_dropout needs LoRA (train.lora_rank > 0)")
+    if t.reference == "precomputed" and (loss.needs_kl or "seq_kl_chosen" in loss.required_extras(**cfg.loss.hparams)):
+        raise ConfigError(
+            f"loss {loss.name!r} needs the reference inside the step (mismatched pairs or full distributions): "
+            "train.reference must be frozen or lora_base"
+        )
     if t.batch_size % t.micro_batches:
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.micro_batches={t.micro_batches}")
+    _check_mesh(cfg)
     for key, value in (
         ("train.steps", t.steps),
         ("train.batch_size", t.batch_size),
@@ -225,3 +252,25 @@ def validate(cfg: Config) -> None:
     ):
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+
+
+def _check_mesh(cfg: Config) -> None:
+    """The mesh must fit the devices and split each micro-batch's pairs evenly over data x fsdp."""
+    import jax
+
+    m, n = cfg.mesh, jax.device_count()
+    sizes = {"mesh.data": m.data, "mesh.fsdp": m.fsdp, "mesh.tensor": m.tensor}
+    if sum(v == -1 for v in sizes.values()) > 1 or any(v == 0 or v < -1 for v in sizes.values()):
+        raise ConfigError(f"mesh sizes {sizes}: each must be >= 1, and at most one may be -1 (the rest)")
+    rest = -1 in sizes.values()
+    known = m.data * m.fsdp * m.tensor * (-1 if rest else 1)
+    if (rest and n % known) or (not rest and known > n):
+        raise ConfigError(f"mesh {sizes} does not fit the {n} devices")
+    total = {k: (n // known if v == -1 else v) for k, v in sizes.items()}
+    rows = total["mesh.data"] * total["mesh.fsdp"]
+    pairs = cfg.train.batch_size // cfg.train.micro_batches
+    if pairs % rows:
+        raise ConfigError(
+            f"the mesh splits batch rows over mesh.data x mesh.fsdp = {rows} devices, which does not divide "
+            f"the {pairs} pairs per micro-batch (train.batch_size / train.micro_batches)"
+        )

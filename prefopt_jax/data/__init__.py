@@ -64,6 +64,7 @@ __all__ = [
     "prepare",
     "read_records",
     "split_records",
+    "unpaired_from_pairs",
 ]
 
 
@@ -146,6 +147,16 @@ class PairCollator:
             alone = response_only_groups([e.chosen for e in examples] + [e.rejected for e in examples])
             out["response_only"] = _layout(alone, self.layout, self.max_length, buckets, self.pad_id, self.min_rows)
         return out
+
+
+def unpaired_from_pairs(examples: Sequence[TokenizedPair]) -> list[TokenizedUnpaired]:
+    """Each pair as two unpaired examples, chosen desirable and rejected undesirable (how TRL's KTO
+    trainer reads paired data)."""
+    return [
+        TokenizedUnpaired(e.prompt, completion, label, e.weight, e.origin)
+        for e in examples
+        for completion, label in ((e.chosen, True), (e.rejected, False))
+    ]
 
 
 @dataclasses.dataclass

@@ -150,7 +150,8 @@ def _proj(p: dict, name: str, x: Array, n_in: int) -> Array:
     return y
 
 
-def _attention(cfg: ModelConfig, p: dict, x: Array, positions, allowed, window, inv_freq, constrain: Constrain):
+def qkv(cfg: ModelConfig, p: dict, x: Array, positions: Array, inv_freq, constrain: Constrain = no_constraint):
+    """Queries [B,T,K,G,E] (grouped by kv head), keys and values [B,T,K,E], rotated by `positions`."""
     b, t, _ = x.shape
     q = constrain(_proj(p, "q", x, 1), ("batch", "length", "heads", None))
     k = constrain(_proj(p, "k", x, 1), ("batch", "length", "kv_heads", None))
@@ -162,16 +163,31 @@ def _attention(cfg: ModelConfig, p: dict, x: Array, positions, allowed, window, 
         k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps, cfg.norm_offset)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
     g = cfg.num_heads // cfg.num_kv_heads
-    q = q.reshape(b, t, cfg.num_kv_heads, g, cfg.head_dim)
+    return q.reshape(b, t, cfg.num_kv_heads, g, cfg.head_dim), k, v
+
+
+def attend(cfg: ModelConfig, p: dict, q: Array, k: Array, v: Array, visible: Array) -> Array:
+    """Attention of queries [B,T,K,G,E] over keys/values [B,S,K,E] where `visible` [B,T,S], then the
+    output projection."""
+    b, t = q.shape[:2]
     scores = jnp.einsum("btkge,bske->bkgts", q, k).astype(jnp.float32) * cfg.attention_scale
     if cfg.attn_logit_softcap:
         scores = jnp.tanh(scores / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
-    dist = positions[:, :, None] - positions[:, None, :]
-    visible = allowed & ((window == 0) | (dist < window))
     scores = jnp.where(visible[:, None, None], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     out = jnp.einsum("bkgts,bske->btkge", probs, v).reshape(b, t, cfg.num_heads, cfg.head_dim)
     return _proj(p, "o", out, 2)
+
+
+def in_window(visible: Array, query_pos: Array, key_pos: Array, window) -> Array:
+    """`visible` [B,T,S] limited to keys less than `window` positions back (window 0: no limit)."""
+    dist = query_pos[:, :, None] - key_pos[:, None, :]
+    return visible & ((window == 0) | (dist < window))
+
+
+def _attention(cfg: ModelConfig, p: dict, x: Array, positions, allowed, window, inv_freq, constrain: Constrain):
+    q, k, v = qkv(cfg, p, x, positions, inv_freq, constrain)
+    return attend(cfg, p, q, k, v, in_window(allowed, positions, positions, window))
 
 
 def _mlp(cfg: ModelConfig, p: dict, x: Array, constrain: Constrain) -> Array:
@@ -180,16 +196,17 @@ def _mlp(cfg: ModelConfig, p: dict, x: Array, constrain: Constrain) -> Array:
     return _proj(p, "down", constrain(act * up, ("batch", "length", "mlp")), 1)
 
 
-def _layer(cfg: ModelConfig, x: Array, p: dict, window, positions, allowed, inv_freq, constrain: Constrain) -> Array:
+def block(cfg: ModelConfig, x: Array, p: dict, attention: Callable, constrain: Constrain = no_constraint):
+    """One decoder layer around `attention(normed x) -> (output, aux)`; returns (x, aux)."""
     eps, off = cfg.rms_norm_eps, cfg.norm_offset
-    h = _attention(cfg, p, rms_norm(x, p["attn_norm"], eps, off), positions, allowed, window, inv_freq, constrain)
+    h, aux = attention(rms_norm(x, p["attn_norm"], eps, off))
     if cfg.sandwich_norms:
         h = rms_norm(h, p["post_attn_norm"], eps, off)
     x = x + h
     h = _mlp(cfg, p, rms_norm(x, p["mlp_norm"], eps, off), constrain)
     if cfg.sandwich_norms:
         h = rms_norm(h, p["post_mlp_norm"], eps, off)
-    return constrain(x + h, ("batch", "length", None))
+    return constrain(x + h, ("batch", "length", None)), aux
 
 
 REMAT_POLICIES = {
@@ -198,6 +215,11 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
+
+
+def embed_tokens(cfg: ModelConfig, params: dict, input_ids: Array, dtype: Any = jnp.float32) -> Array:
+    x = jnp.take(params["embed"], input_ids, axis=0).astype(dtype)
+    return x * jnp.asarray(math.sqrt(cfg.hidden_size), dtype) if cfg.embed_scale else x
 
 
 def forward_hidden(
@@ -224,15 +246,14 @@ def forward_hidden(
         else:
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
     allowed = attention_mask(input_ids, segment_ids, mask)
-    x = constrain(jnp.take(params["embed"], input_ids, axis=0).astype(dtype), ("batch", "length", None))
-    if cfg.embed_scale:
-        x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dtype)
+    x = constrain(embed_tokens(cfg, params, input_ids, dtype), ("batch", "length", None))
     inv_freq = rope_inv_freq(cfg)
     windows = jnp.asarray(cfg.windows, jnp.int32)
 
     def body(h, layer):
         p, window = layer
-        return _layer(cfg, h, p, window, positions, allowed, inv_freq, constrain), None
+        attention = lambda hn: (_attention(cfg, p, hn, positions, allowed, window, inv_freq, constrain), None)
+        return block(cfg, h, p, attention, constrain)
 
     if remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat])

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import IO, Any
 
 import jax
 import jax.numpy as jnp
@@ -15,12 +17,13 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from prefopt_jax import data, losses, models, sharding
+from prefopt_jax import data, losses, models
 from prefopt_jax.config import Config
-from prefopt_jax.data.synthetic import comparison_pairs
-from prefopt_jax.models.generate import greedy_generate
-from prefopt_jax.train import checkpoint
+from prefopt_jax.models.generate import generate
+from prefopt_jax.train import batches, checkpoint, reference_cache, runtime
+from prefopt_jax.train import flops as flops_lib
 from prefopt_jax.train import lora as lora_lib
+from prefopt_jax.train import metrics as metrics_lib
 from prefopt_jax.train import step as step_lib
 
 
@@ -38,56 +41,6 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(t.max_grad_norm), optax.adamw(lr, weight_decay=t.weight_decay))
 
 
-def _load_data(cfg: Config, tokenizer) -> tuple[data.Prepared, list[str] | None]:
-    d = cfg.data
-    if d.source == "builtin:compare":
-        train_rows, eval_rows = comparison_pairs(d.num_train, d.num_eval, seed=cfg.train.seed)
-        kw = dict(max_length=d.max_length, max_prompt_length=d.max_prompt_length)
-        train = data.prepare(train_rows, tokenizer, **kw)
-        held = data.prepare(eval_rows, tokenizer, **kw)
-        return data.Prepared(train.train, held.train, train.report), [r["answer"] for r in eval_rows]
-    prepared = data.prepare(
-        d.source,
-        tokenizer,
-        format=d.format,
-        max_length=d.max_length,
-        max_prompt_length=d.max_prompt_length,
-        on_error=d.on_error,
-        eval_fraction=d.eval_fraction,
-        seed=cfg.train.seed,
-    )
-    return prepared, None
-
-
-def _device_batch(collated: list[dict], pad_id: int, mesh: Mesh) -> dict:
-    """Micro-batches (collator outputs) brought to one shape, stacked on a leading axis, and placed with
-    their rows split over the mesh's data and fsdp axes."""
-    row_axes = ("data", "fsdp")
-    n_rows = mesh.shape["data"] * mesh.shape["fsdp"]
-    parts: list[dict] = [{"weight": c["weight"]} for c in collated]
-    keys = {"main": "batch"} | ({"response_only": "response_only"} if "response_only" in collated[0] else {})
-    for key, source in keys.items():
-        shaped = data.common_shape([c[source] for c in collated], pad_id, row_multiple=n_rows)
-        for part, b in zip(parts, shaped, strict=True):
-            part[key] = step_lib.batch_arrays(b)
-    for key in keys:  # micro-batches score different numbers of positions per row: pad to the widest
-        width = max(p[key]["scored"].shape[1] for p in parts)
-        for p in parts:
-            p[key]["scored"] = np.pad(
-                p[key]["scored"], ((0, 0), (0, width - p[key]["scored"].shape[1])), constant_values=-1
-            )
-    stacked = jax.tree.map(lambda *a: np.stack(a), *parts)
-    rows = NamedSharding(mesh, PartitionSpec(None, row_axes))
-    whole = NamedSharding(mesh, PartitionSpec())
-    per_row = ("input_ids", "positions", "segment_ids", "pred_index", "scored", "mask")
-    return {
-        key: {k: jax.device_put(v, rows if k in per_row else whole) for k, v in value.items()}
-        if isinstance(value, dict)
-        else jax.device_put(value, whole)
-        for key, value in stacked.items()
-    }
-
-
 def _stop_on_signals() -> dict:
     """SIGTERM/SIGINT (preemption, Ctrl-C) ask the loop to checkpoint and stop at the next step boundary."""
     flag: dict = {"signal": None}
@@ -97,139 +50,272 @@ def _stop_on_signals() -> dict:
     return flag
 
 
-def train(cfg: Config, *, out=None, stop_after: int | None = None) -> tuple[dict, list[dict]]:
-    """Train as configured; returns the final state and the metric history (also in output.dir).
-    `stop_after` stops (with a checkpoint) after that step, as a preemption would."""
-    out = out or sys.stdout  # looked up per call, so redirected stdout is honoured
+@dataclasses.dataclass
+class Run:
+    """Everything a run's train and eval steps take, built from the config (plain data, no behaviour)."""
+
+    cfg: Config
+    mesh: Mesh
+    model_cfg: models.ModelConfig
+    tokenizer: Any
+    prepared: data.Prepared
+    answers: list[str] | None
+    spec: step_lib.StepSpec
+    collate: Any
+    pad_id: int
+    state: dict
+    frozen: dict | None  # the LoRA base (also the reference in lora_base mode)
+    ref_params: dict | None  # the frozen reference copy (full fine-tuning)
+    ref_cache: dict | None  # precomputed reference log-probs per split
+
+
+def setup(cfg: Config, optimizer: optax.GradientTransformation, out: IO) -> Run:
+    """Load the model, the data (and the precomputed reference, if asked) and build the initial state."""
     t = cfg.train
-    run_dir = Path(cfg.output.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dtype = jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32
-    start = time.perf_counter()
-    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    model = models.load_pretrained(cfg.model.source, dtype=dtype, mesh=mesh, rules=cfg.mesh.rules)
-    tokenizer = models.load_tokenizer(cfg.model.source)
+    mesh, model, tokenizer = runtime.load(cfg)
     mcfg, base = model.config, model.params()
-    prepared, answers = _load_data(cfg, tokenizer)
+    prepared, answers = batches.load_data(cfg, tokenizer)
     print(
         f"model {cfg.model.source} ({mcfg.num_params() / 1e6:.0f}M params) loaded; data: {prepared.report.summary()}",
         file=out,
     )
-
     loss = losses.get(cfg.loss.name)
     spec = step_lib.StepSpec(
         loss,
         dict(cfg.loss.hparams),
         reference=t.reference,
         lora_scale=(t.lora_alpha / t.lora_rank) if t.lora_rank else None,
+        lora_dropout=t.lora_dropout,
+        ref_sync_every=t.ref_sync_every,
+        ref_sync_alpha=t.ref_sync_alpha,
         remat=cfg.model.remat,
+        seed=t.seed,
     )
-    needs_alone = bool(loss.required_extras(**spec.hp))
     pad_id = tokenizer.pad_token_id or 0
-    collate = data.PairCollator(cfg.data.layout, cfg.data.max_length, pad_id=pad_id, response_only=needs_alone)
-    micro = t.batch_size // t.micro_batches
-    batches = data.BatchIterator(prepared.train, list, global_batch=t.batch_size, seed=t.seed)
-
+    response_only = "response_only_chosen_avg" in spec.extras
+    ref_cache = None
+    if t.reference == "precomputed":
+        key = reference_cache.key_for(cfg, prepared)
+        ref_cache = reference_cache.read(t.reference_cache, key, {"train": prepared.train, "eval": prepared.eval})
+        print(f"reference log-probs from {t.reference_cache.rstrip('/')}/{key}", file=out)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    synced = None
     if t.lora_rank:
         adapters = lora_lib.init_lora(mcfg, rank=t.lora_rank, targets=t.lora_targets, seed=t.seed)
-        trainable = jax.device_put(adapters, NamedSharding(mesh, PartitionSpec()))  # small: replicated
+        trainable = jax.device_put(adapters, replicated)  # small: replicated
         frozen, ref_params = base, None
+        if t.ref_sync_every:  # TR-DPO with LoRA: the reference has its own adapters, starting at the base
+            synced = jax.tree.map(jnp.copy, trainable)
     else:
-        trainable, frozen, ref_params = jax.tree.map(jnp.copy, base), None, base
-    optimizer = make_optimizer(cfg)
+        frozen, ref_params = None, None
+        if spec.reference_in_step:
+            ref_dtype = runtime.dtype_of(t.reference_dtype or cfg.model.dtype)
+            # a copy: the policy's buffers are donated to the step
+            ref_params = jax.tree.map(lambda a: jnp.copy(a) if a.dtype == ref_dtype else a.astype(ref_dtype), base)
+        trainable = base  # without a reference in the step, no second copy at all
+        if t.ref_sync_every:
+            synced, ref_params = ref_params, None
     # every leaf on the mesh (the optimizer's scalars replicated), so restored checkpoints land the same way
-    replicated = NamedSharding(mesh, PartitionSpec())
     state = jax.tree.map(
         lambda a: a if isinstance(a.sharding, NamedSharding) else jax.device_put(a, replicated),
-        step_lib.init_state(trainable, optimizer, loss),
+        step_lib.init_state(trainable, optimizer, loss, reference=synced),
     )
-    train_step = step_lib.make_train_step(mcfg, spec, optimizer)
-    eval_step = step_lib.make_eval_step(mcfg, spec)
+    collate = batches.collator(cfg, pad_id, response_only=response_only)
+    return Run(
+        cfg, mesh, mcfg, tokenizer, prepared, answers, spec, collate, pad_id, state, frozen, ref_params, ref_cache
+    )
 
-    def evaluate(trainable) -> dict:
-        results = {}
-        if prepared.eval:
-            accs, margins = [], []
-            for i in range(0, len(prepared.eval) - micro + 1, micro):
-                b = jax.tree.map(lambda a: a[0], _device_batch([collate(prepared.eval[i : i + micro])], pad_id, mesh))
-                m = eval_step(trainable, frozen, ref_params, b, state["loss_state"])
-                accs.append(float(m["rewards/accuracies"]))
-                margins.append(float(m["rewards/margins"]))
-            results = {"eval/rewards/accuracies": float(np.mean(accs)), "eval/rewards/margins": float(np.mean(margins))}
-        if cfg.eval.generate and answers:
-            n = min(cfg.eval.num_generate, len(prepared.eval))
-            prompts = [list(e.prompt) for e in prepared.eval[:n]]
-            outs = greedy_generate(
-                mcfg,
-                step_lib.policy_params(spec, trainable, frozen),
-                prompts,
-                max_new_tokens=cfg.eval.max_new_tokens,
-                eos_id=tokenizer.eos_token_id,
-            )
-            texts = [tokenizer.decode(o).strip() for o in outs]
-            results["eval/task_accuracy"] = float(np.mean([a == b for a, b in zip(texts, answers[:n], strict=True)]))
-            results["eval/samples"] = texts[:4]
-        return results
+
+def host_parts(run: Run, split: str, micro_indices: list[list[int]]) -> list[dict]:
+    """The step's arrays for micro-batches of examples (given by index into the split), as numpy."""
+    examples = run.prepared.train if split == "train" else run.prepared.eval
+    n_rows = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
+    collated = [run.collate([examples[i] for i in idx]) for idx in micro_indices]
+    parts = batches.host_batch(collated, run.pad_id, n_rows)
+    if run.ref_cache is not None:
+        batches.with_reference_logps(parts, [run.ref_cache[split][i] for idx in micro_indices for i in idx])
+    return parts
+
+
+def evaluate(run: Run, eval_step, trainable: dict, loss_state) -> dict:
+    """Held-out metrics (every scalar the loss reports, averaged; reward accuracy by pair length) and,
+    for the built-in task, the exact-answer accuracy of greedy generations."""
+    cfg, results = run.cfg, {}
+    micro = cfg.train.batch_size // cfg.train.micro_batches
+    reference = run.state.get("reference", run.ref_params)
+    if len(run.prepared.eval) >= micro:
+        sums: dict[str, list] = {}
+        for start in range(0, len(run.prepared.eval) - micro + 1, micro):
+            placed = batches.place(host_parts(run, "eval", [list(range(start, start + micro))]), run.mesh)
+            m = eval_step(trainable, run.frozen, reference, jax.tree.map(lambda a: a[0], placed), loss_state)
+            for k, v in m.items():
+                sums.setdefault(k, []).append(np.asarray(v))
+        for k, v in sums.items():
+            if not k.startswith("length_bucket/") and k not in ("num_tokens", "num_completion_tokens"):
+                results[f"eval/{k}"] = float(np.mean(v))
+        if "length_bucket/count" in sums:
+            count, correct = np.sum(sums["length_bucket/count"], 0), np.sum(sums["length_bucket/correct"], 0)
+            results |= metrics_lib.accuracy_by_length(correct, count)
+    if cfg.eval.generate and run.answers:
+        n = min(cfg.eval.num_generate, len(run.prepared.eval))
+        prompts = [list(e.prompt) for e in run.prepared.eval[:n]]
+        outs = generate(
+            run.model_cfg,
+            step_lib.policy_params(run.spec, trainable, run.frozen),
+            prompts,
+            max_new_tokens=cfg.eval.max_new_tokens,
+            eos_id=run.tokenizer.eos_token_id,
+        )
+        texts = [run.tokenizer.decode(o).strip() for o in outs]
+        results["eval/task_accuracy"] = float(np.mean([a == b for a, b in zip(texts, run.answers[:n], strict=True)]))
+        results["eval/samples"] = texts[:4]
+    return results
+
+
+def train(cfg: Config, *, out: IO | None = None, stop_after: int | None = None) -> tuple[dict, list[dict]]:
+    """Train as configured; returns the final state and the metric history (also in output.dir).
+    `stop_after` stops (with a checkpoint) after that step, as a preemption would."""
+    out = out or sys.stdout  # looked up per call, so redirected stdout is honoured
+    t = cfg.train
+    run_dir = Path(cfg.output.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    optimizer = make_optimizer(cfg)
+    run = setup(cfg, optimizer, out)
+    spec, micro = run.spec, t.batch_size // t.micro_batches
+    order = data.BatchIterator(list(range(len(run.prepared.train))), list, global_batch=t.batch_size, seed=t.seed)
+    train_step = step_lib.make_train_step(run.model_cfg, spec, optimizer)
+    eval_step = step_lib.make_eval_step(run.model_cfg, spec)
+    peak, peak_source = flops_lib.peak_flops(t.peak_tflops)
 
     ckpt = checkpoint.manager(run_dir / "checkpoints", keep=cfg.output.keep)
-    restored = checkpoint.restore_latest(ckpt, state) if cfg.output.resume else None
+    restored = checkpoint.restore_latest(ckpt, run.state) if cfg.output.resume else None
     if restored is None:
         history: list[dict] = []
-        before = evaluate(state["trainable"])
+        before = evaluate(run, eval_step, run.state["trainable"], run.state["loss_state"])
         print(f"before training: {_fmt(before)}", file=out)
     else:
-        state, meta = restored
-        batches.restore(meta["iterator"])
+        run.state, meta = restored
+        order.restore(meta["iterator"])
         history, before = meta["history"], meta["before"]
         print(f"resumed from the checkpoint at step {len(history)} in {run_dir / 'checkpoints'}", file=out)
-    log = (run_dir / "metrics.jsonl").open("a" if restored else "w")
+    writer = metrics_lib.MetricsWriter(
+        run_dir, append=restored is not None, tensorboard=cfg.output.tensorboard, wandb=cfg.output.wandb,
+        config=dataclasses.asdict(cfg),
+    )  # fmt: skip
+    if restored is None:
+        writer.write(0, _eval_record(0, before))
     stop = _stop_on_signals()
+    print(f"MFU against {peak / 1e12:.2f} TFLOP/s ({peak_source})", file=out)
 
     def save(step: int) -> None:
-        checkpoint.save(ckpt, step, state, {"iterator": batches.state(), "history": history, "before": before})
+        meta = {"iterator": order.state(), "history": history, "before": before}
+        checkpoint.save(ckpt, step, run.state, meta)
 
     in_a_row, tokens, t0 = 0, 0, time.perf_counter()
     for i in range(len(history), t.steps):
-        examples = next(batches)
-        parts = [collate(examples[j * micro : (j + 1) * micro]) for j in range(t.micro_batches)]
-        state, metrics = train_step(state, frozen, ref_params, _device_batch(parts, pad_id, mesh))
+        step_start = time.perf_counter()
+        indices = next(order)
+        parts = host_parts(run, "train", [indices[j * micro : (j + 1) * micro] for j in range(t.micro_batches)])
+        step_flops = flops_lib.step_flops(
+            run.model_cfg, parts, lora=spec.lora_scale is not None, reference_in_step=spec.reference_in_step
+        )
+        run.state, metrics = train_step(run.state, run.frozen, run.ref_params, batches.place(parts, run.mesh))
         m = {k: float(v) for k, v in metrics.items()}
+        step_time = time.perf_counter() - step_start
         tokens += int(m["num_tokens"]) * t.micro_batches
         in_a_row = in_a_row + 1 if m["skipped"] > (history[-1]["skipped"] if history else 0) else 0
-        m |= {"step": i + 1, "tokens_per_s": tokens / (time.perf_counter() - t0)}
+        m |= {
+            "step": i + 1,
+            "step_time": step_time,
+            "tokens_per_s": tokens / (time.perf_counter() - t0),
+            "flops": step_flops,
+            "mfu": step_flops / step_time / peak,
+        }
         history.append(m)
-        log.write(json.dumps(m) + "\n")
-        log.flush()
+        writer.write(i + 1, m)
         if (i + 1) % cfg.output.log_every == 0 or i + 1 == t.steps:
-            print(
-                f"step {i + 1:4d}/{t.steps}  loss {m['loss']:.4f}  "
-                f"reward acc {m.get('rewards/accuracies', float('nan')):.3f}  "
-                f"margin {m.get('rewards/margins', float('nan')):+.3f}  {m['tokens_per_s']:.0f} tok/s",
-                file=out,
-            )
+            metrics_lib.progress(i + 1, t.steps, m, out)
         if in_a_row >= t.max_skipped_in_a_row:
-            raise FloatingPointError(f"{in_a_row} steps in a row had a non-finite loss or gradient (step {i + 1})")
+            writer.close()
+            raise FloatingPointError(
+                f"{in_a_row} steps in a row had a non-finite loss or gradient (step {i + 1}); "
+                "lower train.learning_rate, check the data, or raise train.max_skipped_in_a_row"
+            )
         every = cfg.output.checkpoint_every
         interrupted = stop["signal"] is not None or i + 1 == stop_after
         if (every and (i + 1) % every == 0) or interrupted or i + 1 == t.steps:
             save(i + 1)
         if interrupted:
             ckpt.wait_until_finished()
-            log.close()
+            writer.close()
             print(f"stopped after step {i + 1} ({stop['signal'] or 'stop_after'}); checkpoint saved", file=out)
-            return state, history
+            return run.state, history
     ckpt.wait_until_finished()
-    log.close()
-    after = evaluate(state["trainable"])
+    after = evaluate(run, eval_step, run.state["trainable"], run.state["loss_state"])
+    writer.write(t.steps, _eval_record(t.steps, after))
+    writer.close()
     summary = {"before": before, "after": after, "seconds": time.perf_counter() - start}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"after training:  {_fmt(after)}", file=out)
     print(f"done in {summary['seconds']:.0f} s; metrics in {run_dir / 'metrics.jsonl'}", file=out)
-    return state, history
+    return run.state, history
+
+
+def evaluate_checkpoint(cfg: Config, *, out: IO | None = None) -> dict:
+    """`prefopt-jax eval`: held-out metrics of the newest checkpoint in output.dir (or of the starting
+    model when there is none)."""
+    out = out or sys.stdout
+    run = setup(cfg, make_optimizer(cfg), out)
+    ckpt = checkpoint.manager(Path(cfg.output.dir) / "checkpoints", keep=cfg.output.keep)
+    restored = checkpoint.restore_latest(ckpt, run.state)
+    where = "the starting model (no checkpoint)"
+    if restored is not None:
+        run.state, meta = restored
+        where = f"the checkpoint at step {len(meta['history'])}"
+    results = evaluate(
+        run, step_lib.make_eval_step(run.model_cfg, run.spec), run.state["trainable"], run.state["loss_state"]
+    )
+    print(f"{where}: {_fmt(results)}", file=out)
+    return results
+
+
+SHOWN = ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/kl/per_token", "eval/task_accuracy")
 
 
 def _fmt(results: dict) -> str:
-    return ", ".join(
-        f"{k.removeprefix('eval/')} {v:.3f}" if isinstance(v, float) else f"{k.removeprefix('eval/')} {v}"
-        for k, v in results.items()
+    """The headline held-out figures (everything is in metrics.jsonl and summary.json)."""
+    shown = [k for k in results if k in SHOWN or "by_length" in k] + (
+        ["eval/samples"] if "eval/samples" in results else []
     )
+    return ", ".join(
+        f"{k.removeprefix('eval/')} {results[k]:.3f}"
+        if isinstance(results[k], float)
+        else f"{k.removeprefix('eval/')} {results[k]}"
+        for k in shown
+    )
+
+
+def _eval_record(step: int, results: dict) -> dict:
+    return {"step": step, **{k: v for k, v in results.items() if isinstance(v, float)}}
+
+
+def export(cfg: Config, out_dir: str | Path, *, out: IO | None = None) -> Path:
+    """`prefopt-jax export`: the newest checkpoint's policy (LoRA merged into the base) as a Hugging Face
+    folder with the tokenizer, in model.dtype."""
+    out = out or sys.stdout
+    run = setup(cfg, make_optimizer(cfg), out)
+    ckpt = checkpoint.manager(Path(cfg.output.dir) / "checkpoints", keep=cfg.output.keep)
+    restored = checkpoint.restore_latest(ckpt, run.state)
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoint in {Path(cfg.output.dir) / 'checkpoints'} to export")
+    state, meta = restored
+    trainable = state["trainable"]
+    params = (
+        trainable if run.spec.lora_scale is None else lora_lib.merge_lora(run.frozen, trainable, run.spec.lora_scale)
+    )
+    dtype = np.float32 if cfg.model.dtype == "float32" else jnp.bfloat16
+    models.save_hf_folder(run.model_cfg, params, out_dir, dtype=dtype)
+    run.tokenizer.save_pretrained(str(out_dir))
+    print(f"exported the policy at step {len(meta['history'])} to {out_dir}", file=out)
+    return Path(out_dir)

@@ -24,6 +24,7 @@ from prefopt_jax.models.decoder import forward_hidden, unembedding
 from prefopt_jax.train.lora import with_lora
 
 sg = jax.lax.stop_gradient
+LENGTH_EDGES = (64, 128, 256, 512, 1024)  # accuracy-by-length buckets: [0, 64), [64, 128), ..., [1024, inf)
 REFERENCE_MODES = ("frozen", "lora_base", "precomputed", "none")
 # the extras the step computes: RMiPO's response-only pass, TDPO's KL, WPO's weights
 STEP_EXTRAS = {
@@ -228,9 +229,11 @@ def _paired_inputs(spec: StepSpec, cfg: ModelConfig, params, stats: dict, batch:
     metrics = {"lengths/chosen": jnp.mean(lengths[:, 0]), "lengths/rejected": jnp.mean(lengths[:, 1])}
     if reference is not None:  # likelihood displacement: how far the chosen log-prob moved
         metrics["logps/chosen_drift"] = jnp.mean(sg(policy[:, 0].sum(-1) - reference[:, 0].sum(-1)))
-        margin = (policy - reference).sum(-1)
-        metrics["reward_correct"] = sg(margin[:, 0] > margin[:, 1])  # per pair, for accuracy by length
-        metrics["pair_length"] = lengths.sum(-1)
+        margin = (policy - reference).sum(-1)  # reward accuracy by the pair's length (chosen + rejected tokens)
+        bucket = jnp.searchsorted(jnp.asarray(LENGTH_EDGES), lengths.sum(-1), side="right")
+        onehot = jax.nn.one_hot(bucket, len(LENGTH_EDGES) + 1)
+        metrics["length_bucket/correct"] = jnp.sum(onehot * sg(margin[:, 0] > margin[:, 1])[:, None], axis=0)
+        metrics["length_bucket/count"] = jnp.sum(onehot, axis=0)
     return x, metrics
 
 
@@ -291,9 +294,6 @@ def make_loss_fn(cfg: ModelConfig, spec: StepSpec) -> Callable:
     return loss_fn
 
 
-PER_EXAMPLE = ("reward_correct", "pair_length")  # metrics kept per example (not averaged) for bucketing
-
-
 def init_state(trainable: Any, optimizer: optax.GradientTransformation, loss: Loss, reference: Any = None) -> dict:
     """The train state. `reference` (TR-DPO only) is the reference the step keeps moving toward the policy."""
     state = {
@@ -331,7 +331,7 @@ def make_train_step(cfg: ModelConfig, spec: StepSpec, optimizer: optax.GradientT
         zeros = jax.tree.map(jnp.zeros_like, state["trainable"])
         (grads, loss_state), metrics = jax.lax.scan(micro, (zeros, state["loss_state"]), (batch, jnp.arange(n_micro)))
         grads = jax.tree.map(lambda g: g / n_micro, grads)
-        metrics = {k: v.reshape(-1) if k in PER_EXAMPLE else jnp.mean(v) for k, v in metrics.items()}
+        metrics = {k: jnp.mean(v) for k, v in metrics.items() if not k.startswith("length_bucket/")}
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(grad_norm) & jnp.isfinite(metrics["loss"])
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])

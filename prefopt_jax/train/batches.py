@@ -1,0 +1,111 @@
+"""From the config's data section to what the step consumes: prepared examples, collated micro-batches
+brought to one shape, and their placement on the mesh."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from prefopt_jax import data
+from prefopt_jax.config import Config
+from prefopt_jax.data.synthetic import comparison_pairs
+from prefopt_jax.train import step as step_lib
+
+ROW_AXES = ("data", "fsdp")
+PER_ROW = ("input_ids", "positions", "segment_ids", "pred_index", "scored", "mask")
+
+
+def load_data(cfg: Config, tokenizer) -> tuple[data.Prepared, list[str] | None]:
+    """The train and held-out examples (and, for the built-in task, the held-out answers). Unpaired
+    losses read pairs as two unpaired examples (chosen desirable, rejected undesirable)."""
+    d = cfg.data
+    if d.source == "builtin:compare":
+        train_rows, eval_rows = comparison_pairs(d.num_train, d.num_eval, seed=cfg.train.seed)
+        kw = dict(max_length=d.max_length, max_prompt_length=d.max_prompt_length)
+        train = data.prepare(train_rows, tokenizer, **kw)
+        held = data.prepare(eval_rows, tokenizer, **kw)
+        prepared, answers = data.Prepared(train.train, held.train, train.report), [r["answer"] for r in eval_rows]
+    else:
+        prepared = data.prepare(
+            d.source,
+            tokenizer,
+            format=d.format,
+            max_length=d.max_length,
+            max_prompt_length=d.max_prompt_length,
+            on_error=d.on_error,
+            eval_fraction=d.eval_fraction,
+            seed=cfg.train.seed,
+        )
+        answers = None
+    from prefopt_jax import losses
+
+    if losses.get(cfg.loss.name).kind == "unpaired":
+        prepared = data.Prepared(
+            data.unpaired_from_pairs(prepared.train), data.unpaired_from_pairs(prepared.eval), prepared.report
+        )
+        answers = None if answers is None else [a for a in answers for _ in range(2)]
+    return prepared, answers
+
+
+def collator(cfg: Config, pad_id: int, *, response_only: bool = False):
+    from prefopt_jax import losses
+
+    if losses.get(cfg.loss.name).kind == "unpaired":
+        return data.UnpairedCollator(cfg.data.layout, cfg.data.max_length, pad_id=pad_id)
+    return data.PairCollator(cfg.data.layout, cfg.data.max_length, pad_id=pad_id, response_only=response_only)
+
+
+def host_batch(collated: Sequence[dict], pad_id: int, row_multiple: int) -> list[dict]:
+    """Collator outputs (one per micro-batch) as the step's array dicts, all of one shape (so they stack),
+    with a row count that is a multiple of `row_multiple` (the devices the rows are split over)."""
+    parts: list[dict] = [{"weight": c["weight"]} for c in collated]
+    if "label" in collated[0]:
+        for part, c in zip(parts, collated, strict=True):
+            part["label"] = c["label"]
+    sources = {"main": "batch", "response_only": "response_only", "kl": "kl"}
+    keys = [k for k, source in sources.items() if source in collated[0]]
+    for key in keys:
+        shaped = data.common_shape([c[sources[key]] for c in collated], pad_id, row_multiple=row_multiple)
+        for part, b in zip(parts, shaped, strict=True):
+            part[key] = step_lib.batch_arrays(b)
+        width = max(p[key]["scored"].shape[1] for p in parts)  # positions scored per row differ: pad
+        for p in parts:
+            p[key]["scored"] = np.pad(
+                p[key]["scored"], ((0, 0), (0, width - p[key]["scored"].shape[1])), constant_values=-1
+            )
+    return parts
+
+
+def with_reference_logps(parts: list[dict], per_example: Sequence[Sequence[np.ndarray]]) -> list[dict]:
+    """Precomputed reference log-probs ([k, L_i] per example, micro-batch after micro-batch) laid out like
+    each micro-batch's completions, [G, k, L]."""
+    it = iter(per_example)
+    for p in parts:
+        g, k, width = p["main"]["completion_mask"].shape
+        ref = np.zeros((g, k, width), np.float32)
+        for i in range(g):
+            for j, values in enumerate(next(it)):
+                ref[i, j, : len(values)] = values
+        p["ref_logps"] = ref
+    return parts
+
+
+def place(parts: list[dict], mesh: Mesh) -> dict:
+    """Micro-batches stacked on a leading axis and placed on the mesh: rows split over data x fsdp, the
+    rest replicated. Built from each process's copy of the global batch, so it works across hosts."""
+    stacked = jax.tree.map(lambda *a: np.stack(a), *parts)
+    rows = NamedSharding(mesh, PartitionSpec(None, ROW_AXES))
+    whole = NamedSharding(mesh, PartitionSpec())
+
+    def put(a: np.ndarray, sharding: NamedSharding) -> jax.Array:
+        return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+    return {
+        key: {k: put(v, rows if k in PER_ROW else whole) for k, v in value.items()}
+        if isinstance(value, dict)
+        else put(value, whole)
+        for key, value in stacked.items()
+    }

@@ -1,0 +1,89 @@
+"""FLOPs of a preference step, counted analytically from the batch (what the model needs, not what XLA
+executes: padding, recomputation under remat and masked attention entries are not counted), and the
+peak FLOP/s that MFU is measured against."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prefopt_jax.models.config import ModelConfig
+
+# dense bf16 peak FLOP/s per device, by jax `device_kind` prefix (vendor datasheets)
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+}
+
+
+def forward_flops(cfg: ModelConfig, tokens: float, attended_pairs: float, scored: float) -> float:
+    """One forward pass: the layers' matmuls for `tokens` tokens, attention (q·k and p·v) over
+    `attended_pairs` visible (query, key) pairs, and the unembedding for `scored` tokens."""
+    d, f, h, k, e = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    per_token = 2 * (d * e * (h + 2 * k) + h * e * d + 3 * d * f)
+    return cfg.num_layers * (per_token * tokens + 4 * h * e * attended_pairs) + 2 * d * cfg.vocab_size * scored
+
+
+def batch_counts(b: dict) -> tuple[float, float, float]:
+    """(tokens, visible attention pairs, completion tokens) of one batch's arrays (`step.batch_arrays`):
+    a prompt shared by its completions in a packed row is counted once, as it is computed once."""
+    seg = np.asarray(b["segment_ids"])
+    tokens = float((seg > 0).sum())
+    if "mask" in b:
+        pairs = float(np.asarray(b["mask"]).sum())
+    else:  # causal within a segment: a token at position p sees p + 1 keys
+        pairs = float(((np.asarray(b["positions"]) + 1) * (seg > 0)).sum())
+    return tokens, pairs, float(np.asarray(b["completion_mask"]).sum())
+
+
+def step_flops(cfg: ModelConfig, micro_batches: list[dict], *, lora: bool, reference_in_step: bool) -> float:
+    """Model FLOPs of one optimizer step: the policy's forward and backward (full fine-tuning: 3 forwards'
+    worth, weight and activation gradients; LoRA: 2, activation gradients only, adapters negligible), the
+    reference's forward when it runs in the step, and forward-only side passes (RMiPO's response-only
+    sequences: policy; KTO's mismatched pairs: policy and reference)."""
+    total = 0.0
+    for mb in micro_batches:
+        fwd = forward_flops(cfg, *batch_counts(mb["main"]))
+        total += fwd * ((2 if lora else 3) + (1 if reference_in_step else 0))
+        if "response_only" in mb:
+            total += forward_flops(cfg, *batch_counts(mb["response_only"]))
+        if "kl" in mb:
+            total += forward_flops(cfg, *batch_counts(mb["kl"])) * (2 if reference_in_step else 1)
+    return total
+
+
+def measured_peak_flops(n: int = 1024, repeats: int = 10) -> float:
+    """This device's fp32 matmul FLOP/s, measured (median of `repeats` timed n x n x n products)."""
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / float(np.median(times))
+
+
+def peak_flops(override_tflops: float | None = None) -> tuple[float, str]:
+    """(peak FLOP/s of all devices together, where the figure came from)."""
+    devices = jax.devices()
+    if override_tflops:
+        return override_tflops * 1e12 * len(devices), "train.peak_tflops"
+    kind = devices[0].device_kind
+    for prefix, flops in PEAK_FLOPS.items():
+        if kind.startswith(prefix):
+            return flops * len(devices), f"{prefix} datasheet bf16 peak"
+    # CPU (simulated devices share the same cores): measure the host once
+    return measured_peak_flops(), f"measured fp32 matmul peak of this {devices[0].platform}"

@@ -1,0 +1,80 @@
+"""Where metrics go: a JSONL file (always), TensorBoard event files (tensorboardX), Weights & Biases
+(when installed and asked for), and a progress line on the terminal."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from prefopt_jax.train.step import LENGTH_EDGES
+
+
+class MetricsWriter:
+    """Writes one record per step. `append` continues a resumed run's files instead of replacing them."""
+
+    def __init__(
+        self, run_dir: Path, *, append: bool, tensorboard: bool = True, wandb: bool = False, config: Any = None
+    ):
+        self.jsonl = (run_dir / "metrics.jsonl").open("a" if append else "w")
+        self.tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(logdir=str(run_dir / "tensorboard"))
+        self.wandb = None
+        if wandb:
+            try:
+                import wandb as wandb_lib
+            except ImportError:
+                raise RuntimeError("output.wandb=true but wandb is not installed: pip install wandb") from None
+            self.wandb = wandb_lib.init(dir=str(run_dir), config=config, resume="allow", name=run_dir.name)
+
+    def write(self, step: int, record: dict) -> None:
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def accuracy_by_length(correct: np.ndarray, count: np.ndarray, prefix: str = "eval/") -> dict[str, float]:
+    """Reward accuracy per pair-length bucket (chosen + rejected tokens), from summed bucket counts."""
+    edges = (0, *LENGTH_EDGES, None)
+    out = {}
+    for i, (c, n) in enumerate(zip(correct, count, strict=True)):
+        if n:
+            name = f"{edges[i]}-{edges[i + 1]}" if edges[i + 1] else f"{edges[i]}+"
+            out[f"{prefix}rewards/accuracies_by_length/{name}"] = float(c / n)
+    return out
+
+
+def progress(step: int, total: int, m: dict, out: IO | None = None) -> None:
+    """A progress bar with loss, reward accuracy and tokens/s: redrawn in place on a terminal, one line
+    per call otherwise (logs)."""
+    out = out or sys.stdout
+    width = 20
+    done = int(width * step / total)
+    text = (
+        f"[{'#' * done}{'.' * (width - done)}] step {step}/{total}  loss {m['loss']:.4f}  "
+        f"reward acc {m.get('rewards/accuracies', float('nan')):.3f}  "
+        f"margin {m.get('rewards/margins', float('nan')):+.3f}  {m['tokens_per_s']:.0f} tok/s"
+        + (f"  MFU {m['mfu']:.1%}" if "mfu" in m else "")
+    )
+    if out.isatty():
+        print("\r" + text, end="\n" if step == total else "", file=out, flush=True)
+    else:
+        print(text, file=out, flush=True)

@@ -1,0 +1,179 @@
+"""Precomputed reference log-probs: `prefopt-jax precompute-ref` runs the reference once over the train and
+held-out examples and stores every completion's per-token log-probs with tensorstore (zarr3; a local path
+or gs://bucket/path). The cache is keyed by a content hash of the model's weight files, the dtype and the
+tokenised examples (which covers the tokenizer, the data and the truncation settings), so a change to any
+of them is a different key, never a stale hit. Training with `train.reference=precomputed` reads them and
+runs no reference forward at all.
+
+Layout of `<cache>/<key>/`: per split, `<split>.logps` (float32, every completion's tokens one after
+another) and `<split>.offsets` (int64, where each completion starts); `meta.json` is written last, so a
+cache without it is incomplete and is never read."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import tensorstore as ts
+
+from prefopt_jax.data import TokenizedPair, TokenizedUnpaired
+
+
+class ReferenceCacheError(RuntimeError):
+    """The cache for this configuration is missing or does not match the examples."""
+
+
+def completions_of(example) -> list[np.ndarray]:
+    """The completions whose reference log-probs a training example needs, in the step's order."""
+    if isinstance(example, TokenizedPair):
+        return [example.chosen, example.rejected]
+    if isinstance(example, TokenizedUnpaired):
+        return [example.completion]
+    raise TypeError(f"no precomputed reference for {type(example).__name__}")
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_digest(path: Path) -> str:
+    """Content hash of a model: the file itself, or a folder's weights and config files."""
+    if path.is_file():
+        return file_digest(path)
+    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".json", ".gguf", ".bin"))
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode() + b"\0" + file_digest(p).encode())
+    return h.hexdigest()
+
+
+def cache_key(model: str, dtype: str, splits: dict[str, Sequence]) -> str:
+    """The key of one configuration's cache: model weights digest, dtype and every tokenised example."""
+    h = hashlib.sha256(f"prefopt-jax reference cache v1\0{model}\0{dtype}\0".encode())
+    for name in sorted(splits):
+        h.update(f"split {name} {len(splits[name])}\0".encode())
+        for e in splits[name]:
+            h.update(np.asarray(e.prompt, np.int32).tobytes() + b"|")
+            for c in completions_of(e):
+                h.update(np.asarray(c, np.int32).tobytes() + b"|")
+    return h.hexdigest()[:32]
+
+
+def _kvstore(path: str) -> dict:
+    if path.startswith("gs://"):
+        bucket, _, rest = path.removeprefix("gs://").partition("/")
+        return {"driver": "gcs", "bucket": bucket, "path": rest}
+    return {"driver": "file", "path": str(Path(path).expanduser().absolute())}
+
+
+def _array(path: str, dtype: str, shape: tuple[int, ...] | None = None) -> ts.TensorStore:
+    spec = {"driver": "zarr3", "kvstore": _kvstore(path)}
+    if shape is None:
+        return ts.open(spec, open=True).result()
+    chunk = [max(1, min(shape[0], 1 << 20))]
+    return ts.open(
+        spec,
+        create=True,
+        delete_existing=True,
+        dtype=dtype,
+        shape=shape,
+        chunk_layout=ts.ChunkLayout(write_chunk_shape=chunk),
+    ).result()
+
+
+def write(root: str, key: str, splits: dict[str, list[list[np.ndarray]]], meta: dict) -> str:
+    """Store per-example reference log-probs (`splits[name][i]` = one array per completion) under
+    `root/key`; returns that location."""
+    where = f"{root.rstrip('/')}/{key}"
+    counts = {}
+    for name, examples in splits.items():
+        flat = [np.asarray(c, np.float32) for e in examples for c in e]
+        offsets = np.concatenate([[0], np.cumsum([len(c) for c in flat])]).astype(np.int64)
+        values = np.concatenate(flat) if flat else np.zeros(0, np.float32)
+        _array(f"{where}/{name}.logps", "float32", values.shape).write(values).result()
+        _array(f"{where}/{name}.offsets", "int64", offsets.shape).write(offsets).result()
+        counts[name] = {"examples": len(examples), "completions": len(flat), "tokens": len(values)}
+    meta_store = ts.KvStore.open(_kvstore(where)).result()
+    meta_store.write("meta.json", json.dumps({**meta, "key": key, "splits": counts}, indent=2).encode()).result()
+    return where
+
+
+def read(root: str, key: str, splits: dict[str, Sequence]) -> dict[str, list[list[np.ndarray]]]:
+    """The cached log-probs of each split's examples, checked against their completion lengths."""
+    where = f"{root.rstrip('/')}/{key}"
+    meta_raw = ts.KvStore.open(_kvstore(where)).result().read("meta.json").result()
+    if meta_raw.state != "value":
+        raise ReferenceCacheError(
+            f"no precomputed reference log-probs for this model, data and settings at {where}; "
+            "run `prefopt-jax precompute-ref` with the same config first"
+        )
+    out = {}
+    for name, examples in splits.items():
+        values = _array(f"{where}/{name}.logps", "float32").read().result()
+        offsets = _array(f"{where}/{name}.offsets", "int64").read().result()
+        lengths = [len(c) for e in examples for c in completions_of(e)]
+        if len(offsets) != len(lengths) + 1 or not np.array_equal(np.diff(offsets), lengths):
+            raise ReferenceCacheError(f"{where}/{name}: the cached completions do not match the examples")
+        pieces = iter(np.split(values, offsets[1:-1]))
+        out[name] = [[next(pieces) for _ in completions_of(e)] for e in examples]
+    return out
+
+
+def key_for(cfg, prepared) -> str:
+    """The cache key of a run's configuration (`prepared`: its train and held-out examples)."""
+    from prefopt_jax import models
+
+    digest = model_digest(models.resolve_source(cfg.model.source))
+    return cache_key(digest, cfg.model.dtype, {"train": prepared.train, "eval": prepared.eval})
+
+
+def precompute(cfg, out=None) -> str:
+    """Run the reference (the model at `model.source`) over the train and held-out examples once and store
+    the log-probs; returns where. Nothing is recomputed when the cache is already complete."""
+    import sys
+
+    import jax
+
+    from prefopt_jax.train import batches, runtime
+    from prefopt_jax.train import step as step_lib
+
+    out = out or sys.stdout
+    mesh, model, tokenizer = runtime.load(cfg)
+    prepared, _ = batches.load_data(cfg, tokenizer)
+    key = key_for(cfg, prepared)
+    root = cfg.train.reference_cache
+    splits = {"train": prepared.train, "eval": prepared.eval}
+    try:
+        read(root, key, splits)
+        print(f"reference log-probs already cached at {root.rstrip('/')}/{key}", file=out)
+        return f"{root.rstrip('/')}/{key}"
+    except (ReferenceCacheError, ValueError):
+        pass
+    mcfg, params = model.config, model.params()
+    pad_id = tokenizer.pad_token_id or 0
+    collate = batches.collator(cfg, pad_id)
+    n_rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    size = cfg.train.batch_size // cfg.train.micro_batches
+    logps_fn = jax.jit(lambda p, b: step_lib.completion_logps(mcfg, p, b))
+    results: dict[str, list] = {}
+    for name, examples in splits.items():
+        results[name] = []
+        for i in range(0, len(examples), size):
+            chunk = examples[i : i + size]
+            placed = batches.place(batches.host_batch([collate(chunk)], pad_id, n_rows), mesh)
+            logps = jax.device_get(logps_fn(params, jax.tree.map(lambda a: a[0], placed["main"])))
+            results[name] += [
+                [logps[g, j, : len(c)] for j, c in enumerate(completions_of(e))] for g, e in enumerate(chunk)
+            ]
+        print(f"reference log-probs: {name} {len(examples)} examples", file=out)
+    meta = {"model": cfg.model.source, "dtype": cfg.model.dtype, "data": cfg.data.source}
+    where = write(root, key, results, meta)
+    print(f"wrote {where}", file=out)
+    return where
