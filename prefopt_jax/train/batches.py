@@ -20,7 +20,8 @@ PER_ROW = ("input_ids", "positions", "segment_ids", "pred_index", "scored", "mas
 
 def load_data(cfg: Config, tokenizer) -> tuple[data.Prepared, list[str] | None]:
     """The train and held-out examples (and, for the built-in task, the held-out answers). Unpaired
-    losses read pairs as two unpaired examples (chosen desirable, rejected undesirable)."""
+    losses train on pairs read as two unpaired examples (chosen desirable, rejected undesirable); the
+    held-out pairs stay pairs, so reward accuracy is measured the same way for every loss."""
     d = cfg.data
     if d.source == "builtin:compare":
         train_rows, eval_rows = comparison_pairs(d.num_train, d.num_eval, seed=cfg.train.seed)
@@ -43,17 +44,14 @@ def load_data(cfg: Config, tokenizer) -> tuple[data.Prepared, list[str] | None]:
     from prefopt_jax import losses
 
     if losses.get(cfg.loss.name).kind == "unpaired":
-        prepared = data.Prepared(
-            data.unpaired_from_pairs(prepared.train), data.unpaired_from_pairs(prepared.eval), prepared.report
-        )
-        answers = None if answers is None else [a for a in answers for _ in range(2)]
+        prepared = data.Prepared(data.unpaired_from_pairs(prepared.train), prepared.eval, prepared.report)
     return prepared, answers
 
 
-def collator(cfg: Config, pad_id: int, *, response_only: bool = False):
+def collator(cfg: Config, pad_id: int, *, response_only: bool = False, split: str = "train"):
     from prefopt_jax import losses
 
-    if losses.get(cfg.loss.name).kind == "unpaired":
+    if losses.get(cfg.loss.name).kind == "unpaired" and split == "train":
         return data.UnpairedCollator(cfg.data.layout, cfg.data.max_length, pad_id=pad_id)
     return data.PairCollator(cfg.data.layout, cfg.data.max_length, pad_id=pad_id, response_only=response_only)
 

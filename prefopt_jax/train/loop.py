@@ -61,7 +61,8 @@ class Run:
     prepared: data.Prepared
     answers: list[str] | None
     spec: step_lib.StepSpec
-    collate: Any
+    eval_spec: step_lib.StepSpec  # unpaired losses are evaluated on held-out pairs by their implicit reward
+    collate: dict[str, Any]  # per split
     pad_id: int
     state: dict
     frozen: dict | None  # the LoRA base (also the reference in lora_base mode)
@@ -120,9 +121,26 @@ def setup(cfg: Config, optimizer: optax.GradientTransformation, out: IO) -> Run:
         lambda a: a if isinstance(a.sharding, NamedSharding) else jax.device_put(a, replicated),
         step_lib.init_state(trainable, optimizer, loss, reference=synced),
     )
-    collate = batches.collator(cfg, pad_id, response_only=response_only)
+    collate = {s: batches.collator(cfg, pad_id, response_only=response_only, split=s) for s in ("train", "eval")}
+    eval_spec = spec
+    if loss.kind == "unpaired":
+        beta = spec.loss.hyperparameters(**spec.hp).get("beta", 0.1)
+        eval_spec = dataclasses.replace(spec, loss=losses.get("dpo"), hp={"beta": beta})
     return Run(
-        cfg, mesh, mcfg, tokenizer, prepared, answers, spec, collate, pad_id, state, frozen, ref_params, ref_cache
+        cfg,
+        mesh,
+        mcfg,
+        tokenizer,
+        prepared,
+        answers,
+        spec,
+        eval_spec,
+        collate,
+        pad_id,
+        state,
+        frozen,
+        ref_params,
+        ref_cache,
     )
 
 
@@ -130,7 +148,7 @@ def host_parts(run: Run, split: str, micro_indices: list[list[int]]) -> list[dic
     """The step's arrays for micro-batches of examples (given by index into the split), as numpy."""
     examples = run.prepared.train if split == "train" else run.prepared.eval
     n_rows = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
-    collated = [run.collate([examples[i] for i in idx]) for idx in micro_indices]
+    collated = [run.collate[split]([examples[i] for i in idx]) for idx in micro_indices]
     parts = batches.host_batch(collated, run.pad_id, n_rows)
     if run.ref_cache is not None:
         batches.with_reference_logps(parts, [run.ref_cache[split][i] for idx in micro_indices for i in idx])
@@ -142,7 +160,10 @@ def evaluate(run: Run, eval_step, trainable: dict, loss_state) -> dict:
     for the built-in task, the exact-answer accuracy of greedy generations."""
     cfg, results = run.cfg, {}
     micro = cfg.train.batch_size // cfg.train.micro_batches
+    if run.eval_spec is not run.spec:  # an unpaired loss: held-out pairs, two examples each
+        micro = max(micro // 2, 1)
     reference = run.state.get("reference", run.ref_params)
+    loss_state = loss_state if run.eval_spec is run.spec else None
     if len(run.prepared.eval) >= micro:
         sums: dict[str, list] = {}
         for start in range(0, len(run.prepared.eval) - micro + 1, micro):
@@ -150,8 +171,9 @@ def evaluate(run: Run, eval_step, trainable: dict, loss_state) -> dict:
             m = eval_step(trainable, run.frozen, reference, jax.tree.map(lambda a: a[0], placed), loss_state)
             for k, v in m.items():
                 sums.setdefault(k, []).append(np.asarray(v))
+        skip = ("num_tokens", "num_completion_tokens") + (("loss",) if run.eval_spec is not run.spec else ())
         for k, v in sums.items():
-            if not k.startswith("length_bucket/") and k not in ("num_tokens", "num_completion_tokens"):
+            if not k.startswith("length_bucket/") and k not in skip:
                 results[f"eval/{k}"] = float(np.mean(v))
         if "length_bucket/count" in sums:
             count, correct = np.sum(sums["length_bucket/count"], 0), np.sum(sums["length_bucket/correct"], 0)
@@ -185,7 +207,7 @@ def train(cfg: Config, *, out: IO | None = None, stop_after: int | None = None) 
     spec, micro = run.spec, t.batch_size // t.micro_batches
     order = data.BatchIterator(list(range(len(run.prepared.train))), list, global_batch=t.batch_size, seed=t.seed)
     train_step = step_lib.make_train_step(run.model_cfg, spec, optimizer)
-    eval_step = step_lib.make_eval_step(run.model_cfg, spec)
+    eval_step = step_lib.make_eval_step(run.model_cfg, run.eval_spec)
     peak, peak_source = flops_lib.peak_flops(t.peak_tflops)
 
     ckpt = checkpoint.manager(run_dir / "checkpoints", keep=cfg.output.keep)
@@ -274,7 +296,7 @@ def evaluate_checkpoint(cfg: Config, *, out: IO | None = None) -> dict:
         run.state, meta = restored
         where = f"the checkpoint at step {len(meta['history'])}"
     results = evaluate(
-        run, step_lib.make_eval_step(run.model_cfg, run.spec), run.state["trainable"], run.state["loss_state"]
+        run, step_lib.make_eval_step(run.model_cfg, run.eval_spec), run.state["trainable"], run.state["loss_state"]
     )
     print(f"{where}: {_fmt(results)}", file=out)
     return results

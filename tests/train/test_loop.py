@@ -53,7 +53,7 @@ def test_every_shipped_config_runs_a_few_steps(path, tiny_model_dir, tmp_path, c
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
     assert [r["step"] for r in records if "loss" in r] == [1, 2]  # train steps
-    assert [r["step"] for r in records if "eval/loss" in r] == [0, 2]  # held-out before and after
+    assert [r["step"] for r in records if "eval/rewards/accuracies" in r] == [0, 2]  # held-out before and after
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert {"eval/rewards/accuracies", "eval/task_accuracy"} <= set(summary["after"])
     out = capsys.readouterr().out
@@ -82,7 +82,7 @@ def test_a_stopped_run_resumes_exactly(tiny_model_dir, tmp_path):
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5]  # nothing lost, nothing twice
-    assert [r["step"] for r in records if "eval/loss" in r] == [0, 5]
+    assert [r["step"] for r in records if "eval/rewards/accuracies" in r] == [0, 5]
     assert int(state["step"]) == 5
 
 

@@ -1,0 +1,228 @@
+"""Step features beyond plain DPO, each against a hand-written computation: TDPO's and the logged per-token
+KL (full-vocabulary softmax per sequence), WPO's weights, KTO's mismatched pairs, TR-DPO's reference sync,
+LoRA dropout, and log-probs computed only at completion positions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from prefopt_jax import data, losses, models
+from prefopt_jax.train import lora as lora_lib
+from prefopt_jax.train import step as step_lib
+from tests.train.test_step import CFG, as_batch, pairs
+
+
+@pytest.fixture(scope="module")
+def base():
+    return models.create_model(CFG, seed=0).params()
+
+
+def perturbed(params, scale=0.05):
+    return jax.tree.map(lambda a: a + scale * jnp.sin(jnp.arange(a.size).reshape(a.shape) * 0.7), params)
+
+
+def seq_logsoftmax(params, prompt, completion):
+    """Full-vocabulary log-softmax at the positions predicting each completion token, [len, V]."""
+    ids = jnp.asarray(np.concatenate([prompt, completion]))[None]
+    logits = models.logits_from_hidden(CFG, params, models.forward_hidden(CFG, params, ids))[0]
+    rows = len(prompt) - 1 + jnp.arange(len(completion))
+    return jax.nn.log_softmax(logits, -1)[rows]
+
+
+def token_logps(logp, completion):
+    return logp[jnp.arange(len(completion)), jnp.asarray(completion)]
+
+
+@pytest.mark.parametrize("tdpo2", [False, True])
+def test_tdpo_step_equals_the_formula_with_full_vocabulary_kl(base, tdpo2):
+    examples, beta, alpha = pairs(11), 0.4, 0.5
+    policy = perturbed(base)
+
+    def unfused(params):
+        terms = []
+        for e in examples:
+            s = {}
+            for name, c in (("c", e.chosen), ("r", e.rejected)):
+                lp, lr = seq_logsoftmax(params, e.prompt, c), seq_logsoftmax(base, e.prompt, c)
+                s[name] = token_logps(lp, c).sum() - token_logps(lr, c).sum()
+                s["kl" + name] = jnp.sum(jnp.exp(lr) * (lr - lp))  # KL(ref || policy) summed over tokens
+            kc = jax.lax.stop_gradient(s["klc"]) if tdpo2 else s["klc"]
+            margin = (s["c"] - s["r"]) - (alpha if tdpo2 else 1.0) * (s["klr"] - kc)
+            terms.append(-jax.nn.log_sigmoid(beta * margin))
+        return sum(terms) / len(terms)
+
+    spec = step_lib.StepSpec(losses.get("tdpo"), {"beta": beta, "alpha": alpha, "tdpo2": tdpo2}, chunk=8)
+    batch = jax.tree.map(lambda a: a[0], as_batch(examples, "packed"))
+    fn = step_lib.make_loss_fn(CFG, spec)
+    (value, _), grads = jax.value_and_grad(fn, has_aux=True)(policy, None, base, batch, None)
+    want, want_grads = jax.value_and_grad(unfused)(policy)
+    np.testing.assert_allclose(value, want, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_logged_per_token_kl_is_the_full_vocabulary_kl(base):
+    examples = pairs(12)
+    policy = perturbed(base, 0.2)
+    kls, n = 0.0, 0
+    for e in examples:
+        for c in (e.chosen, e.rejected):
+            lp, lr = seq_logsoftmax(policy, e.prompt, c), seq_logsoftmax(base, e.prompt, c)
+            kls += float(jnp.sum(jnp.exp(lp) * (lp - lr)))  # KL(policy || ref)
+            n += len(c)
+    spec = step_lib.StepSpec(losses.get("dpo"), {}, chunk=8)
+    batch = jax.tree.map(lambda a: a[0], as_batch(examples))
+    _, (metrics, _) = step_lib.make_loss_fn(CFG, spec)(policy, None, base, batch, None)
+    assert kls / n > 1e-3
+    np.testing.assert_allclose(metrics["kl/per_token"], kls / n, rtol=1e-4)
+
+
+def test_wpo_weights_come_from_the_full_softmax(base):
+    examples, beta = pairs(13), 0.3
+    policy = perturbed(base, 0.1)
+
+    def weight(params, e, c):
+        lp = seq_logsoftmax(params, e.prompt, c)
+        aligned = token_logps(lp, c) - jax.nn.logsumexp(2 * lp, axis=-1)  # log p(y) - log sum_v p(v)^2
+        return jnp.exp(jnp.mean(aligned))
+
+    def unfused(params):
+        terms = []
+        for e in examples:
+            lc = token_logps(seq_logsoftmax(params, e.prompt, e.chosen), e.chosen).sum()
+            lr = token_logps(seq_logsoftmax(params, e.prompt, e.rejected), e.rejected).sum()
+            rc = token_logps(seq_logsoftmax(base, e.prompt, e.chosen), e.chosen).sum()
+            rr = token_logps(seq_logsoftmax(base, e.prompt, e.rejected), e.rejected).sum()
+            w = jax.lax.stop_gradient(weight(params, e, e.chosen) * weight(params, e, e.rejected))
+            terms.append(-jax.nn.log_sigmoid(beta * ((lc - rc) - (lr - rr))) * w)
+        return sum(terms) / len(terms)
+
+    spec = step_lib.StepSpec(losses.get("dpo"), {"beta": beta, "use_weighting": True}, chunk=8)
+    batch = jax.tree.map(lambda a: a[0], as_batch(examples, "packed"))
+    value, _ = step_lib.make_loss_fn(CFG, spec)(policy, None, base, batch, None)
+    np.testing.assert_allclose(value, unfused(policy), rtol=1e-5)
+
+
+def test_kto_step_equals_the_formula_with_mismatched_pairs(base):
+    examples = data.unpaired_from_pairs(pairs(14, n=3))  # 6 examples: desirable, undesirable, ...
+    beta = 0.2
+    policy = perturbed(base, 0.1)
+
+    def seq(params, prompt, completion):
+        return token_logps(seq_logsoftmax(params, prompt, completion), completion).sum()
+
+    n = len(examples)
+    # KL reference point: prompt i with the previous example's completion (rotation within the batch)
+    z = np.mean(
+        [
+            seq(policy, e.prompt, examples[(i - 1) % n].completion)
+            - seq(base, e.prompt, examples[(i - 1) % n].completion)
+            for i, e in enumerate(examples)
+        ]
+    )
+    z = max(z, 0.0)
+    want = []
+    for e in examples:
+        r = seq(policy, e.prompt, e.completion) - seq(base, e.prompt, e.completion)
+        want.append(1 - jax.nn.sigmoid(beta * (r - z)) if e.label else 1 - jax.nn.sigmoid(beta * (z - r)))
+    collate = data.UnpairedCollator("padded", 32, buckets=(16, 32))
+    out = collate(examples)
+    batch = {
+        "main": step_lib.batch_arrays(out["batch"]),
+        "kl": step_lib.batch_arrays(out["kl"]),
+        "label": out["label"],
+        "weight": out["weight"],
+    }
+    spec = step_lib.StepSpec(losses.get("kto"), {"beta": beta}, chunk=8)
+    value, (metrics, _) = step_lib.make_loss_fn(CFG, spec)(policy, None, base, batch, None)
+    np.testing.assert_allclose(value, np.mean(want), rtol=1e-5)
+    np.testing.assert_allclose(metrics["kl"], z, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_tr_dpo_moves_the_reference_toward_the_policy_every_tau_steps(base, lora):
+    alpha, tau = 0.25, 2
+    opt = optax.sgd(0.5)
+    batch = as_batch(pairs(15))
+    if lora:
+        adapters = jax.tree.map(lambda a: a + 0.01, lora_lib.init_lora(CFG, rank=2, seed=3))
+        spec = step_lib.StepSpec(
+            losses.get("dpo"),
+            {},
+            reference="lora_base",
+            lora_scale=1.0,
+            ref_sync_every=tau,
+            ref_sync_alpha=alpha,
+            chunk=8,
+        )
+        state = step_lib.init_state(adapters, opt, spec.loss, reference=jax.tree.map(jnp.copy, adapters))
+        frozen = base
+    else:
+        spec = step_lib.StepSpec(losses.get("dpo"), {}, ref_sync_every=tau, ref_sync_alpha=alpha, chunk=8)
+        state = step_lib.init_state(perturbed(base), opt, spec.loss, reference=jax.tree.map(jnp.copy, base))
+        frozen = None
+    train = step_lib.make_train_step(CFG, spec, opt)
+    ref0 = jax.tree.map(np.asarray, state["reference"])
+    state, _ = train(state, frozen, None, batch)  # step 1: no sync
+    for a, b in zip(jax.tree.leaves(state["reference"]), jax.tree.leaves(ref0), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    state, _ = train(state, frozen, None, batch)  # step 2: ref <- alpha * policy + (1 - alpha) * ref
+    for r, p, r0 in zip(
+        jax.tree.leaves(state["reference"]), jax.tree.leaves(state["trainable"]), jax.tree.leaves(ref0), strict=True
+    ):
+        np.testing.assert_allclose(np.asarray(r), alpha * np.asarray(p) + (1 - alpha) * r0, rtol=1e-6, atol=1e-7)
+    # and the step uses the synced reference: the loss equals DPO against it
+    fused = step_lib.make_loss_fn(CFG, spec)
+    mb = jax.tree.map(lambda a: a[0], batch)
+    value, _ = fused(state["trainable"], frozen, state["reference"], mb, None)
+    ref_params = lora_lib.with_lora(base, state["reference"], 1.0) if lora else state["reference"]
+    plain = step_lib.StepSpec(losses.get("dpo"), {}, chunk=8)
+    pol = lora_lib.with_lora(base, state["trainable"], 1.0) if lora else state["trainable"]
+    want, _ = step_lib.make_loss_fn(CFG, plain)(pol, None, ref_params, mb, None)
+    np.testing.assert_allclose(value, want, rtol=1e-6)
+
+
+def test_lora_dropout_masks_adapter_inputs_and_is_reproducible(base):
+    adapters = jax.tree.map(lambda a: a + 0.05, lora_lib.init_lora(CFG, rank=2, seed=4))
+    ids = jnp.asarray(np.random.default_rng(0).integers(1, 40, (2, 9)))
+    key = jax.random.PRNGKey(7)
+    plain = models.forward_hidden(CFG, lora_lib.with_lora(base, adapters, 1.0), ids)
+    none = models.forward_hidden(CFG, lora_lib.with_lora(base, adapters, 1.0, dropout=0.0, key=key), ids)
+    np.testing.assert_array_equal(plain, none)
+    d1 = models.forward_hidden(CFG, lora_lib.with_lora(base, adapters, 1.0, dropout=0.5, key=key), ids)
+    d2 = models.forward_hidden(CFG, lora_lib.with_lora(base, adapters, 1.0, dropout=0.5, key=key), ids)
+    d3 = models.forward_hidden(
+        CFG, lora_lib.with_lora(base, adapters, 1.0, dropout=0.5, key=jax.random.PRNGKey(8)), ids
+    )
+    np.testing.assert_array_equal(d1, d2)
+    assert not np.allclose(d1, plain) and not np.allclose(d1, d3)
+    # one projection: dropout keeps the adapter's input unbiased (inputs scaled by 1/(1-p)), so the average
+    # adapter update over many masks approaches the update without dropout
+    from prefopt_jax.models.decoder import _proj
+
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(1, 3, CFG.hidden_size)), jnp.float32)
+    p = {"q": base["layers"]["q"][0], "lora": {"q": {"a": adapters["q"]["a"][0], "b": adapters["q"]["b"][0]}}}
+    y = jnp.tensordot(x, p["q"], 1)
+    exact = _proj(p, "q", x, 1) - y
+    draws = jax.vmap(lambda k: _proj({**p, "lora_dropout": {"rate": jnp.asarray(0.5), "key": k}}, "q", x, 1) - y)(
+        jax.random.split(jax.random.PRNGKey(1), 4000)
+    )
+    assert not np.allclose(draws[0], exact, atol=1e-3)
+    np.testing.assert_allclose(draws.mean(0), exact, atol=0.05 * float(jnp.abs(exact).max()))
+    with pytest.raises(ValueError, match="lora_dropout"):
+        step_lib.StepSpec(losses.get("dpo"), {}, lora_dropout=0.1)
+
+
+def test_log_probs_at_completion_positions_only_equal_the_full_rows(base):
+    """The step scores completion positions only; a forward over whole rows gives the same values."""
+    from prefopt_jax.logprobs import gather_completions, token_logps
+
+    for layout in ("padded", "packed"):
+        b = jax.tree.map(lambda a: a[0], as_batch(pairs(16), layout))["main"]
+        got = step_lib.completion_logps(CFG, base, b, chunk=8)
+        hidden = models.forward_hidden(CFG, base, b["input_ids"], b["positions"], b["segment_ids"], b.get("mask"))
+        full = token_logps(hidden, models.unembedding(CFG, base), b["input_ids"], b["pred_index"], chunk=8)
+        want = gather_completions(full, b["completion_index"], b["completion_mask"])
+        np.testing.assert_allclose(got, want, atol=1e-6)
