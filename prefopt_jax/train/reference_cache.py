@@ -70,7 +70,7 @@ def _kvstore(path: str) -> dict:
     if path.startswith("gs://"):
         bucket, _, rest = path.removeprefix("gs://").partition("/")
         return {"driver": "gcs", "bucket": bucket, "path": rest}
-    return {"driver": "file", "path": str(Path(path).expanduser().absolute())}
+    return {"driver": "file", "path": str(Path(path).expanduser().absolute()) + ("/" if path.endswith("/") else "")}
 
 
 def _array(path: str, dtype: str, shape: tuple[int, ...] | None = None) -> ts.TensorStore:
@@ -100,7 +100,7 @@ def write(root: str, key: str, splits: dict[str, list[list[np.ndarray]]], meta: 
         _array(f"{where}/{name}.logps", "float32", values.shape).write(values).result()
         _array(f"{where}/{name}.offsets", "int64", offsets.shape).write(offsets).result()
         counts[name] = {"examples": len(examples), "completions": len(flat), "tokens": len(values)}
-    meta_store = ts.KvStore.open(_kvstore(where)).result()
+    meta_store = ts.KvStore.open(_kvstore(where + "/")).result()
     meta_store.write("meta.json", json.dumps({**meta, "key": key, "splits": counts}, indent=2).encode()).result()
     return where
 
@@ -108,7 +108,7 @@ def write(root: str, key: str, splits: dict[str, list[list[np.ndarray]]], meta: 
 def read(root: str, key: str, splits: dict[str, Sequence]) -> dict[str, list[list[np.ndarray]]]:
     """The cached log-probs of each split's examples, checked against their completion lengths."""
     where = f"{root.rstrip('/')}/{key}"
-    meta_raw = ts.KvStore.open(_kvstore(where)).result().read("meta.json").result()
+    meta_raw = ts.KvStore.open(_kvstore(where + "/")).result().read("meta.json").result()
     if meta_raw.state != "value":
         raise ReferenceCacheError(
             f"no precomputed reference log-probs for this model, data and settings at {where}; "

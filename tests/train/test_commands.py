@@ -1,0 +1,106 @@
+"""precompute-ref, eval, export and plot, and the TensorBoard output, through the loop on a tiny model."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from prefopt_jax import cli, models
+from prefopt_jax.train import reference_cache
+from prefopt_jax.train.loop import evaluate_checkpoint, export, train
+from tests.train.test_loop import quick, tiny_model_dir  # noqa: F401  (fixture)
+
+STEPS = ["train.steps=3", "eval.generate=false"]
+
+
+def test_precomputed_reference_trains_like_the_fused_one(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+    cache = f"train.reference_cache={tmp_path / 'cache'}"
+    _, fused = train(quick(None, tiny_model_dir, tmp_path / "fused", *STEPS))
+    pre_cfg = quick(None, tiny_model_dir, tmp_path / "pre", *STEPS, "train.reference=precomputed", cache)
+    with pytest.raises(reference_cache.ReferenceCacheError, match="precompute-ref"):
+        train(pre_cfg)
+    where = reference_cache.precompute(pre_cfg)
+    meta = json.loads((tmp_path / "cache" / where.rsplit("/", 1)[-1] / "meta.json").read_text())
+    assert meta["splits"]["train"]["examples"] == 16 and meta["splits"]["train"]["completions"] == 32
+    assert reference_cache.precompute(pre_cfg) == where  # complete: not recomputed
+    assert "already cached" in capsys.readouterr().out
+    _, pre = train(pre_cfg)
+    np.testing.assert_allclose([h["loss"] for h in pre], [h["loss"] for h in fused], rtol=1e-5)
+    assert "kl/per_token" not in pre[0]  # no reference forward in the step at all
+    # other data: another key, so the cache is never stale
+    other = quick(
+        None, tiny_model_dir, tmp_path / "x", *STEPS, "train.reference=precomputed", cache, "data.num_train=24"
+    )
+    with pytest.raises(reference_cache.ReferenceCacheError, match="no precomputed reference"):
+        train(other)
+
+
+def test_the_cache_key_follows_content():
+    from prefopt_jax.data import TokenizedPair
+
+    a = [TokenizedPair(np.array([1, 2]), np.array([3]), np.array([4, 5]), 1.0, None)]
+    b = [TokenizedPair(np.array([1, 2]), np.array([3]), np.array([4, 6]), 1.0, None)]
+    key = reference_cache.cache_key("m", "float32", {"train": a, "eval": []})
+    assert key == reference_cache.cache_key("m", "float32", {"train": list(a), "eval": []})
+    assert key != reference_cache.cache_key("m", "float32", {"train": b, "eval": []})
+    assert key != reference_cache.cache_key("m", "bfloat16", {"train": a, "eval": []})
+    assert key != reference_cache.cache_key("m2", "float32", {"train": a, "eval": []})
+
+
+def test_tensorboard_events_and_plots(tiny_model_dir, tmp_path):  # noqa: F811
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(quick(None, tiny_model_dir, tmp_path, *STEPS))
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3]
+    assert [e.step for e in acc.Scalars("eval/rewards/accuracies")] == [0, 3]
+    jsonl = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in jsonl if "loss" in r]
+    np.testing.assert_allclose([e.value for e in acc.Scalars("loss")], losses, rtol=1e-6)
+    assert cli.main(["plot", str(tmp_path)]) == 0
+    written = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert {"loss.png", "reward_accuracy.png", "mfu.png"} <= set(written)
+    assert (tmp_path / "plots" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert cli.main(["plot", str(tmp_path / "nowhere")]) == 2
+
+
+def test_eval_and_export_of_the_trained_checkpoint(tiny_model_dir, tmp_path):  # noqa: F811
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    cfg = quick(None, tiny_model_dir, tmp_path / "run", *STEPS)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        export(cfg, tmp_path / "hf")
+    state, _ = train(cfg)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    again = evaluate_checkpoint(cfg)
+    assert again["eval/rewards/accuracies"] == pytest.approx(summary["after"]["eval/rewards/accuracies"])
+    assert again["eval/rewards/margins"] == pytest.approx(summary["after"]["eval/rewards/margins"], rel=1e-5)
+    export(cfg, tmp_path / "hf")
+    # the exported folder in transformers = our base model with the trained adapters applied
+    from prefopt_jax.train.lora import with_lora
+
+    base = models.load_pretrained(str(tiny_model_dir))
+    adapted = with_lora(base.params(), state["trainable"], cfg.train.lora_alpha / cfg.train.lora_rank)
+    ids = np.random.default_rng(0).integers(1, 49152, (2, 12))
+    ours = models.logits_from_hidden(
+        base.config, adapted, models.forward_hidden(base.config, adapted, jnp.asarray(ids))
+    )
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = hf(torch.tensor(ids)).logits.numpy()
+    assert (
+        np.abs(
+            np.asarray(ours)
+            - np.asarray(
+                models.logits_from_hidden(
+                    base.config, base.params(), models.forward_hidden(base.config, base.params(), jnp.asarray(ids))
+                )
+            )
+        ).max()
+        > 1e-6
+    )
+    np.testing.assert_allclose(theirs, ours, atol=2e-5)
+    assert (tmp_path / "hf" / "tokenizer.json").exists() or (tmp_path / "hf" / "tokenizer_config.json").exists()
