@@ -145,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    if args.command in ("train", "precompute-ref", "eval", "export"):
+        from prefopt_jax.sharding import initialize_distributed
+
+        initialize_distributed()  # multi-host: every process runs the same command (see launch/)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad input: a message, not a traceback

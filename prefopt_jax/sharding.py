@@ -119,6 +119,9 @@ def initialize_distributed() -> bool:
 
     Reads JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID; on TPU VMs jax finds them itself
     when PREFOPT_DISTRIBUTED=1 is set."""
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("PREFOPT_DISTRIBUTED") == "1":
+        # CPU processes (tests, CPU clusters) need a collectives backend; accelerators ignore this
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize(
             coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],

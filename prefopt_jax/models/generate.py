@@ -68,31 +68,32 @@ def generate(
         ids[i, : len(p)] = p
     cache = init_cache(cfg, len(prompts), width + max_new_tokens)
 
-    def next_token(hidden, at):
+    def next_token(params, hidden, at):
         last = jnp.take_along_axis(hidden, at[:, None, None], axis=1)
         return jnp.argmax(logits_from_hidden(cfg, params, last)[:, 0], axis=-1).astype(jnp.int32)
 
+    # parameters are arguments, not constants: they may be sharded over devices of other processes
     @jax.jit
-    def prefill(cache, ids, lengths):
+    def prefill(params, cache, ids, lengths):
         slots = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
         hidden, cache = forward_cached(cfg, params, ids, slots, cache)
-        return next_token(hidden, lengths - 1), cache
+        return next_token(params, hidden, lengths - 1), cache
 
     @jax.jit
-    def decode(cache, tok, slot):
+    def decode(params, cache, tok, slot):
         hidden, cache = forward_cached(cfg, params, tok[:, None], slot[:, None], cache)
-        return next_token(hidden, jnp.zeros_like(slot)), cache
+        return next_token(params, hidden, jnp.zeros_like(slot)), cache
 
-    tok, cache = prefill(cache, jnp.asarray(ids), jnp.asarray(lengths))
+    tok, cache = prefill(params, cache, ids, lengths)
     out = np.zeros((len(prompts), max_new_tokens), np.int32)
-    slot = jnp.asarray(lengths)
+    slot = lengths
     for j in range(max_new_tokens):
         out[:, j] = np.asarray(tok)
         if eos_id is not None and (out[:, : j + 1] == eos_id).any(axis=1).all():
             out = out[:, : j + 1]
             break
         if j + 1 < max_new_tokens:
-            tok, cache = decode(cache, tok, slot)
+            tok, cache = decode(params, cache, tok, slot)
             slot = slot + 1
     results = []
     for row in out.tolist():

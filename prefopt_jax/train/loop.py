@@ -223,7 +223,7 @@ def train(cfg: Config, *, out: IO | None = None, stop_after: int | None = None) 
         print(f"resumed from the checkpoint at step {len(history)} in {run_dir / 'checkpoints'}", file=out)
     writer = metrics_lib.MetricsWriter(
         run_dir, append=restored is not None, tensorboard=cfg.output.tensorboard, wandb=cfg.output.wandb,
-        config=dataclasses.asdict(cfg),
+        config=dataclasses.asdict(cfg), primary=jax.process_index() == 0,
     )  # fmt: skip
     if restored is None:
         writer.write(0, _eval_record(0, before))
@@ -278,7 +278,8 @@ def train(cfg: Config, *, out: IO | None = None, stop_after: int | None = None) 
     writer.write(t.steps, _eval_record(t.steps, after))
     writer.close()
     summary = {"before": before, "after": after, "seconds": time.perf_counter() - start}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if jax.process_index() == 0:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"after training:  {_fmt(after)}", file=out)
     print(f"done in {summary['seconds']:.0f} s; metrics in {run_dir / 'metrics.jsonl'}", file=out)
     return run.state, history

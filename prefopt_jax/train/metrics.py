@@ -14,13 +14,22 @@ from prefopt_jax.train.step import LENGTH_EDGES
 
 
 class MetricsWriter:
-    """Writes one record per step. `append` continues a resumed run's files instead of replacing them."""
+    """Writes one record per step. `append` continues a resumed run's files instead of replacing them.
+    `primary` is False on every host but the first of a multi-host run: they write nothing."""
 
     def __init__(
-        self, run_dir: Path, *, append: bool, tensorboard: bool = True, wandb: bool = False, config: Any = None
+        self,
+        run_dir: Path,
+        *,
+        append: bool,
+        tensorboard: bool = True,
+        wandb: bool = False,
+        config: Any = None,
+        primary: bool = True,
     ):
-        self.jsonl = (run_dir / "metrics.jsonl").open("a" if append else "w")
+        self.jsonl = (run_dir / "metrics.jsonl").open("a" if append else "w") if primary else None
         self.tb = None
+        tensorboard, wandb = tensorboard and primary, wandb and primary
         if tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -34,6 +43,8 @@ class MetricsWriter:
             self.wandb = wandb_lib.init(dir=str(run_dir), config=config, resume="allow", name=run_dir.name)
 
     def write(self, step: int, record: dict) -> None:
+        if self.jsonl is None:
+            return
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
@@ -44,7 +55,8 @@ class MetricsWriter:
             self.wandb.log(scalars, step=step)
 
     def close(self) -> None:
-        self.jsonl.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:

@@ -92,3 +92,29 @@ def test_the_mesh_is_a_config_change(tiny_model_dir, tmp_path, mesh):
     _, single = train(quick(None, tiny_model_dir, tmp_path / "one", *steps, "mesh.fsdp=1"))
     _, sharded = train(quick(None, tiny_model_dir, tmp_path / "many", *steps, *mesh))
     np.testing.assert_allclose([h["loss"] for h in sharded], [h["loss"] for h in single], rtol=1e-5)
+
+
+def test_a_run_killed_during_a_save_resumes_from_the_last_complete_checkpoint(tiny_model_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    steps = ["train.steps=5", "eval.generate=false", "output.checkpoint_every=1"]
+    _, straight = train(quick(None, tiny_model_dir, tmp_path / "a", *steps))
+    cfg = quick(None, tiny_model_dir, tmp_path / "b", *steps)
+    args = [f"{k}={v}" for k, v in [
+        ("model.source", tiny_model_dir), ("mesh.fsdp", 1), ("train.warmup_steps", 1), ("data.num_train", 16),
+        ("data.num_eval", 8), ("output.dir", tmp_path / "b"), ("train.steps", 5), ("eval.generate", "false"),
+        ("output.checkpoint_every", 1),
+    ]]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    worker = Path(__file__).with_name("killed_worker.py")
+    proc = subprocess.run([sys.executable, str(worker), "3", *args], env=env, capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stdout[-2000:] + proc.stderr[-2000:]  # died by SIGKILL
+    ckpts = tmp_path / "b" / "checkpoints"
+    leftovers = [p.name for p in ckpts.iterdir()]
+    assert "3" not in leftovers and any(name.startswith("3.") for name in leftovers), leftovers  # mid-save
+    _, resumed = train(cfg)
+    assert [h["step"] for h in resumed] == [1, 2, 3, 4, 5]
+    for a, b in zip(straight, resumed, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7), a["step"]
