@@ -40,7 +40,7 @@ class DataSection:
     max_length: int = 256
     max_prompt_length: int | None = None
     eval_fraction: float = 0.1  # ignored by builtin:compare, which has its own held-out split
-    layout: str = "packed"
+    layout: str = "packed"  # packed | padded | shared (prefix sharing only) | packed_unshared (packing only)
     on_error: str = "raise"
     num_train: int = 512  # builtin:compare sizes
     num_eval: int = 64
@@ -201,6 +201,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
 def validate(cfg: Config) -> None:
     from prefopt_jax import losses
+    from prefopt_jax.data import LAYOUTS as data_layouts
 
     loss = losses.get(cfg.loss.name)
     loss.hyperparameters(**cfg.loss.hparams)  # unknown or out-of-range hyperparameters fail here
@@ -209,7 +210,7 @@ def validate(cfg: Config) -> None:
         "train.reference": (t.reference, ("frozen", "lora_base", "precomputed", "none")),
         "train.reference_dtype": (t.reference_dtype, (None, "float32", "bfloat16")),
         "train.schedule": (t.schedule, ("cosine", "linear", "constant")),
-        "data.layout": (cfg.data.layout, ("padded", "packed")),
+        "data.layout": (cfg.data.layout, data_layouts),
         "model.dtype": (cfg.model.dtype, ("float32", "bfloat16")),
         "data.on_error": (cfg.data.on_error, ("raise", "skip")),
         "mesh.rules": (cfg.mesh.rules, ("dp", "fsdp", "fsdp_tp")),
@@ -217,7 +218,7 @@ def validate(cfg: Config) -> None:
     for key, (value, valid) in choices.items():
         if value not in valid:
             raise ConfigError(f"{key}={value!r}; valid: {list(valid)}")
-    if loss.kind not in ("paired", "unpaired"):
+    if loss.kind not in ("paired", "unpaired", "paired or ranked"):
         raise ConfigError(f"loss.name={loss.name!r} is {loss.kind}; the trainer runs paired and unpaired losses")
     if not loss.needs_reference and t.reference != "none":
         raise ConfigError(f"loss {loss.name!r} needs no reference: set train.reference=none")

@@ -45,8 +45,13 @@ def test_overrides_are_typed():
         (["train.reference=none"], r"loss 'dpo' needs a reference"),
         (["train.lora_rank=0"], r"lora_base needs LoRA"),
         (["train.micro_batches=3"], r"batch_size=8 is not divisible by train.micro_batches=3"),
-        (["data.layout=ragged"], r"data.layout='ragged'; valid: \['padded', 'packed'\]"),
-        (["loss.name=kto", "train.reference=frozen"], r"loss.name='kto' is unpaired"),
+        (["data.layout=ragged"], r"data.layout='ragged'; valid: \['padded', 'packed', 'shared', 'packed_unshared'\]"),
+        (["loss.name=kto", "train.reference=precomputed"], r"loss 'kto' needs the reference inside the step"),
+        (["train.reference=precomputed", "train.ref_sync_every=4"], r"ref_sync_every \(TR-DPO\) needs"),
+        (["train.lora_dropout=1.5"], r"train.lora_dropout must be in \[0, 1\)"),
+        (["mesh.fsdp=3"], r"mesh.data x mesh.fsdp = 3 devices, which does not divide the 8 pairs"),
+        (["mesh.data=-1"], r"at most one may be -1"),
+        (["mesh.fsdp=16"], r"does not fit the 8 devices"),
     ],
 )  # fmt: skip
 def test_mistakes_fail_at_load_naming_the_key(overrides, match):

@@ -37,6 +37,7 @@ from prefopt_jax.data.tokenize import (
 
 __all__ = [
     "FORMATS",
+    "LAYOUTS",
     "Batch",
     "BatchIterator",
     "DataError",
@@ -105,17 +106,39 @@ def prepare(
     return Prepared(train, held, report)
 
 
+LAYOUTS = ("padded", "packed", "shared", "packed_unshared")
+
+
 def _layout(groups: list[Group], layout: str, max_length: int, buckets, pad_id: int, min_rows: int) -> Batch:
+    """padded: a row per (prompt, completion); packed: groups (the prompt once, its completions after it)
+    packed into rows; shared: a row per group (prefix sharing without packing); packed_unshared: a row
+    segment per (prompt, completion), packed (packing without prefix sharing)."""
     if layout == "padded":
         return padded_batch(groups, buckets, pad_id, min_rows=min_rows)
-    if layout == "packed":
-        rows = tuple(2**i for i in range(20))  # powers of two: few distinct row counts to compile
+    if layout == "packed_unshared":
+        k = len(groups[0][1])
+        singles = [(p, [c]) for p, cs in groups for c in cs]  # group-major: g * k + j
+        b = _layout(singles, "packed", max_length, buckets, pad_id, min_rows)
+        width = b.completion_index.shape[-1]
+        index = b.completion_index.reshape(len(groups), k, width)
+        return dataclasses.replace(b, completion_index=index, completion_mask=b.completion_mask.reshape(index.shape))
+    if layout in ("packed", "shared"):
+        # few distinct row counts to compile, at most a third of the rows empty: 1, 2, 3, 4, 6, 8, 12, 16, ...
+        rows = tuple(sorted({2**i for i in range(20)} | {3 * 2**i for i in range(19)}))
         # max_length bounds prompt + one completion; a whole group (prompt + k completions) can be longer,
         # and then every row of this batch grows to the group's bucket (at most k * max_length)
         biggest = max(len(p) + sum(len(c) for c in cs) for p, cs in groups)
         row_length = bucket(biggest, (*buckets, 2 * max_length)) if biggest > max_length else max_length
-        return packed_batch(groups, row_length, buckets, pad_id, min_rows=min_rows, row_buckets=rows)
-    raise ValueError(f"layout must be 'padded' or 'packed', got {layout!r}")
+        return packed_batch(
+            groups,
+            row_length,
+            buckets,
+            pad_id,
+            min_rows=min_rows,
+            row_buckets=rows,
+            one_group_per_row=layout == "shared",
+        )
+    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
 
 def response_only_groups(completions: Sequence[np.ndarray]) -> list[Group]:

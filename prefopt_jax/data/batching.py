@@ -118,9 +118,11 @@ def packed_batch(
     min_rows: int = 0,
     row_buckets: Sequence[int] = (),
     width_buckets=None,
+    one_group_per_row: bool = False,
 ) -> Batch:
     """Groups packed first-fit (longest first) into rows of `row_length` tokens; the row count is
-    rounded up to `row_buckets` (and to at least `min_rows`) with empty rows."""
+    rounded up to `row_buckets` (and to at least `min_rows`) with empty rows. `one_group_per_row`
+    keeps the prefix sharing but not the packing (for measuring each on its own)."""
     _check_groups(groups)
     sizes = [len(p) + sum(len(c) for c in cs) for p, cs in groups]
     if max(sizes) > row_length:
@@ -128,7 +130,8 @@ def packed_batch(
     fill: list[int] = []
     place: dict[int, tuple[int, int]] = {}
     for gi in sorted(range(len(groups)), key=lambda g: -sizes[g]):
-        row = next((r for r, used in enumerate(fill) if used + sizes[gi] <= row_length), None)
+        fits = (r for r, used in enumerate(fill) if used + sizes[gi] <= row_length and not one_group_per_row)
+        row = next(fits, None)
         if row is None:
             fill.append(0)
             row = len(fill) - 1

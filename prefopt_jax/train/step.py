@@ -150,7 +150,7 @@ class StepSpec:
             raise ValueError(f"loss {self.loss.name!r} needs a reference; choose a reference mode other than 'none'")
         if self.reference == "lora_base" and self.lora_scale is None:
             raise ValueError("reference 'lora_base' needs LoRA (the base is the reference)")
-        if self.loss.kind not in ("paired", "unpaired"):
+        if self.loss.kind not in ("paired", "unpaired", "paired or ranked"):
             raise ValueError(f"loss {self.loss.name!r} is {self.loss.kind}; the step runs paired and unpaired losses")
         if self.ref_sync_every and self.reference not in ("frozen", "lora_base"):
             raise ValueError("reference sync (TR-DPO) needs a reference computed in the step: frozen or lora_base")
@@ -280,7 +280,7 @@ def make_loss_fn(cfg: ModelConfig, spec: StepSpec) -> Callable:
         )
         if not spec.token_kl and "seq_kl_chosen" not in spec.extras:
             stats.pop("kl_policy_ref", None)
-        if spec.loss.kind == "paired":
+        if spec.loss.kind != "unpaired":  # pairs (RRHF on pairs: two ranked candidates)
             x, extra_metrics = _paired_inputs(spec, cfg, params, stats, batch)
         else:
             x, extra_metrics = _unpaired_inputs(spec, cfg, params, ref, stats, batch)

@@ -133,3 +133,21 @@ def test_ranked_collator_groups_every_response():
         assert out["batch"].completion_mask.shape[:2] == (2, 3)
         assert out["batch"].completion_mask.sum(-1).tolist() == [[2, 3, 4], [2, 3, 4]]
         assert out["scores"].shape == (2, 3)
+
+
+def test_shared_and_packed_unshared_layouts_match_plain_forwards(model):
+    """The two halves of `packed` on their own: prefix sharing without packing (a row per group) and
+    packing without prefix sharing (each prompt once per completion)."""
+    examples = [data.TokenizedPair(p, cs[0], cs[1], 1.0, None) for p, cs in random_groups(9)]
+    shared = data.PairCollator("shared", 32, buckets=(16, 32))(examples)["batch"]
+    unshared = data.PairCollator("packed_unshared", 32, buckets=(16, 32))(examples)["batch"]
+    packed = data.PairCollator("packed", 32, buckets=(16, 32))(examples)["batch"]
+    padded = data.PairCollator("padded", 32, buckets=(16, 32))(examples)["batch"]
+    for b in (shared, unshared):
+        lp, _ = completion_logps(model, b)
+        for g, e in enumerate(examples):
+            for j, c in enumerate((e.chosen, e.rejected)):
+                np.testing.assert_allclose(lp[g, j, : len(c)], direct_logps(model, e.prompt, c), atol=2e-5)
+    assert ((shared.segment_ids > 0).any(1)).sum() == len(examples)  # one group per (non-empty) row
+    assert shared.num_tokens == packed.num_tokens < unshared.num_tokens == padded.num_tokens
+    assert (unshared.segment_ids.max(1) > 1).any()  # some row holds several sequences
