@@ -22,7 +22,8 @@ class ConfigError(ValueError):
 class ModelSection:
     source: str = "smollm2-135m-instruct"  # short name, local HF folder, hub id or .gguf
     dtype: str = "float32"  # parameter and compute dtype (float32 on CPU; bfloat16 on accelerators)
-    remat: str = "none"
+    remat: str = "full"  # full | none | dots | dots_no_batch; full keeps only layer inputs (less memory)
+    attention: str = "auto"  # auto | dense | block_sparse (auto: block-sparse unless rows are split over devices)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,6 +213,8 @@ def validate(cfg: Config) -> None:
         "train.schedule": (t.schedule, ("cosine", "linear", "constant")),
         "data.layout": (cfg.data.layout, data_layouts),
         "model.dtype": (cfg.model.dtype, ("float32", "bfloat16")),
+        "model.remat": (cfg.model.remat, ("none", "full", "dots", "dots_no_batch")),
+        "model.attention": (cfg.model.attention, ("auto", "dense", "block_sparse")),
         "data.on_error": (cfg.data.on_error, ("raise", "skip")),
         "mesh.rules": (cfg.mesh.rules, ("dp", "fsdp", "fsdp_tp")),
     }

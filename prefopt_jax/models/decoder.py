@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from prefopt_jax.models.block_sparse import attend_tiles
 from prefopt_jax.models.config import ModelConfig
 
 Array = jax.Array
@@ -96,11 +97,17 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     return inv.astype(np.float32)
 
 
-def apply_rope(x_BxTxNxE: Array, positions_BxT: Array, inv_freq: np.ndarray) -> Array:
+def rope_tables(cfg: ModelConfig, positions_BxT: Array) -> tuple[Array, Array]:
+    """(cos, sin) [B,T,1,E] of the rotary embedding at these positions: computed once per forward, shared
+    by every layer."""
+    angles = positions_BxT[..., None].astype(jnp.float32) * rope_inv_freq(cfg)  # [B,T,E/2]
+    angles = jnp.concatenate([angles, angles], -1)[:, :, None, :]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x_BxTxNxE: Array, rope: tuple[Array, Array]) -> Array:
     """Rotary embedding in the Hugging Face layout (the two halves of the head dim rotate together)."""
-    angles = positions_BxT[..., None].astype(jnp.float32) * inv_freq  # [B,T,E/2]
-    cos = jnp.cos(jnp.concatenate([angles, angles], -1))[:, :, None, :]
-    sin = jnp.sin(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+    cos, sin = rope
     x = x_BxTxNxE.astype(jnp.float32)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], -1)
@@ -150,8 +157,8 @@ def _proj(p: dict, name: str, x: Array, n_in: int) -> Array:
     return y
 
 
-def qkv(cfg: ModelConfig, p: dict, x: Array, positions: Array, inv_freq, constrain: Constrain = no_constraint):
-    """Queries [B,T,K,G,E] (grouped by kv head), keys and values [B,T,K,E], rotated by `positions`."""
+def qkv(cfg: ModelConfig, p: dict, x: Array, rope: tuple[Array, Array], constrain: Constrain = no_constraint):
+    """Queries [B,T,K,G,E] (grouped by kv head), keys and values [B,T,K,E], rotated by `rope` tables."""
     b, t, _ = x.shape
     q = constrain(_proj(p, "q", x, 1), ("batch", "length", "heads", None))
     k = constrain(_proj(p, "k", x, 1), ("batch", "length", "kv_heads", None))
@@ -161,7 +168,7 @@ def qkv(cfg: ModelConfig, p: dict, x: Array, positions: Array, inv_freq, constra
     if cfg.qk_norm:
         q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps, cfg.norm_offset)
         k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps, cfg.norm_offset)
-    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    q, k = apply_rope(q, rope), apply_rope(k, rope)
     g = cfg.num_heads // cfg.num_kv_heads
     return q.reshape(b, t, cfg.num_kv_heads, g, cfg.head_dim), k, v
 
@@ -185,9 +192,12 @@ def in_window(visible: Array, query_pos: Array, key_pos: Array, window) -> Array
     return visible & ((window == 0) | (dist < window))
 
 
-def _attention(cfg: ModelConfig, p: dict, x: Array, positions, allowed, window, inv_freq, constrain: Constrain):
-    q, k, v = qkv(cfg, p, x, positions, inv_freq, constrain)
-    return attend(cfg, p, q, k, v, in_window(allowed, positions, positions, window))
+def _attention(cfg: ModelConfig, p: dict, x: Array, positions, allowed, window, rope, constrain: Constrain, tiles):
+    q, k, v = qkv(cfg, p, x, rope, constrain)
+    if tiles is None:
+        return attend(cfg, p, q, k, v, in_window(allowed, positions, positions, window))
+    out = attend_tiles(q, k, v, tiles, positions, window, cfg.attention_scale, cfg.attn_logit_softcap)
+    return _proj(p, "o", out.reshape(*x.shape[:2], cfg.num_heads, cfg.head_dim), 2)
 
 
 def _mlp(cfg: ModelConfig, p: dict, x: Array, constrain: Constrain) -> Array:
@@ -234,10 +244,12 @@ def forward_hidden(
     scan_layers: bool = True,
     remat: str = "none",
     constrain: Constrain = no_constraint,
+    tiles: dict | None = None,
 ) -> Array:
     """Final-norm hidden states [B,T,D] (the unembedding is left to the caller, so log-probs can be
     computed in chunks without [B,T,V] logits). `constrain` places activations on a mesh by their
-    logical axis names (see `prefopt_jax.sharding.activation_constraint`)."""
+    logical axis names (see `prefopt_jax.sharding.activation_constraint`). `tiles` (from
+    `block_sparse.attention_blocks` of this batch's mask) computes attention on those tiles only."""
     if remat not in REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {remat!r}; choose from {sorted(REMAT_POLICIES)}")
     if positions is None:
@@ -245,14 +257,14 @@ def forward_hidden(
             positions = positions_from_segments(segment_ids)
         else:
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-    allowed = attention_mask(input_ids, segment_ids, mask)
+    allowed = attention_mask(input_ids, segment_ids, mask) if tiles is None else None
     x = constrain(embed_tokens(cfg, params, input_ids, dtype), ("batch", "length", None))
-    inv_freq = rope_inv_freq(cfg)
+    rope = rope_tables(cfg, positions)
     windows = jnp.asarray(cfg.windows, jnp.int32)
 
     def body(h, layer):
         p, window = layer
-        attention = lambda hn: (_attention(cfg, p, hn, positions, allowed, window, inv_freq, constrain), None)
+        attention = lambda hn: (_attention(cfg, p, hn, positions, allowed, window, rope, constrain, tiles), None)
         return block(cfg, h, p, attention, constrain)
 
     if remat != "none":

@@ -21,7 +21,7 @@ from prefopt_jax.models.decoder import (
     logits_from_hidden,
     qkv,
     rms_norm,
-    rope_inv_freq,
+    rope_tables,
 )
 
 
@@ -33,7 +33,7 @@ def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> d
 def forward_cached(cfg: ModelConfig, params: dict, ids_BxT, slots_BxT, cache: dict) -> tuple[jax.Array, dict]:
     """Final-norm hidden states of new tokens `ids` at cache slots (= positions) `slots`, attending to
     every earlier slot of their row; returns (hidden [B,T,D], the cache with their keys and values)."""
-    inv_freq = rope_inv_freq(cfg)
+    rope = rope_tables(cfg, slots_BxT)
     windows = jnp.asarray(cfg.windows, jnp.int32)
     n_slots = cache["k"].shape[2]
     key_pos = jnp.broadcast_to(jnp.arange(n_slots), (ids_BxT.shape[0], n_slots))
@@ -44,7 +44,7 @@ def forward_cached(cfg: ModelConfig, params: dict, ids_BxT, slots_BxT, cache: di
         p, window, ck, cv = layer
 
         def attention(hn):
-            q, k, v = qkv(cfg, p, hn, slots_BxT, inv_freq)
+            q, k, v = qkv(cfg, p, hn, rope)
             ck2 = ck.at[rows, slots_BxT].set(k.astype(ck.dtype))
             cv2 = cv.at[rows, slots_BxT].set(v.astype(cv.dtype))
             visible = in_window(causal, slots_BxT, key_pos, window)

@@ -48,6 +48,14 @@ def load_data(cfg: Config, tokenizer) -> tuple[data.Prepared, list[str] | None]:
     return prepared, answers
 
 
+def use_tiles(cfg: Config, mesh: Mesh) -> bool:
+    """Block-sparse attention: asked for, or (auto) when a batch's rows are not split over devices (the
+    tile gathers would then cross devices)."""
+    if cfg.model.attention == "auto":
+        return mesh.shape["data"] * mesh.shape["fsdp"] == 1
+    return cfg.model.attention == "block_sparse"
+
+
 def collator(cfg: Config, pad_id: int, *, response_only: bool = False, split: str = "train"):
     from prefopt_jax import losses
 
@@ -56,9 +64,10 @@ def collator(cfg: Config, pad_id: int, *, response_only: bool = False, split: st
     return data.PairCollator(cfg.data.layout, cfg.data.max_length, pad_id=pad_id, response_only=response_only)
 
 
-def host_batch(collated: Sequence[dict], pad_id: int, row_multiple: int) -> list[dict]:
+def host_batch(collated: Sequence[dict], pad_id: int, row_multiple: int, *, tiles: bool = False) -> list[dict]:
     """Collator outputs (one per micro-batch) as the step's array dicts, all of one shape (so they stack),
-    with a row count that is a multiple of `row_multiple` (the devices the rows are split over)."""
+    with a row count that is a multiple of `row_multiple` (the devices the rows are split over); with
+    `tiles`, each with its attention tile list (block-sparse attention)."""
     parts: list[dict] = [{"weight": c["weight"]} for c in collated]
     if "label" in collated[0]:
         for part, c in zip(parts, collated, strict=True):
@@ -68,12 +77,18 @@ def host_batch(collated: Sequence[dict], pad_id: int, row_multiple: int) -> list
     for key in keys:
         shaped = data.common_shape([c[sources[key]] for c in collated], pad_id, row_multiple=row_multiple)
         for part, b in zip(parts, shaped, strict=True):
-            part[key] = step_lib.batch_arrays(b)
+            part[key] = step_lib.batch_arrays(b, tiles=tiles)
         width = max(p[key]["scored"].shape[1] for p in parts)  # positions scored per row differ: pad
         for p in parts:
             p[key]["scored"] = np.pad(
                 p[key]["scored"], ((0, 0), (0, width - p[key]["scored"].shape[1])), constant_values=-1
             )
+        if "tiles" in parts[0][key]:  # tile lists differ in length: pad with empty tiles
+            n = max(len(p[key]["tiles"]["row"]) for p in parts)
+            for p in parts:
+                p[key]["tiles"] = {
+                    k: np.pad(v, [(0, n - len(v))] + [(0, 0)] * (v.ndim - 1)) for k, v in p[key]["tiles"].items()
+                }
     return parts
 
 
@@ -101,9 +116,12 @@ def place(parts: list[dict], mesh: Mesh) -> dict:
     def put(a: np.ndarray, sharding: NamedSharding) -> jax.Array:
         return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
 
-    return {
-        key: {k: put(v, rows if k in PER_ROW else whole) for k, v in value.items()}
-        if isinstance(value, dict)
-        else put(value, whole)
-        for key, value in stacked.items()
-    }
+    def put_tree(tree: dict) -> dict:  # tile lists are indexed by tile, not by row: replicated
+        return {
+            k: (put_tree(v) if k != "tiles" else {n: put(a, whole) for n, a in v.items()})
+            if isinstance(v, dict)
+            else put(v, rows if k in PER_ROW else whole)
+            for k, v in tree.items()
+        }
+
+    return put_tree(stacked)

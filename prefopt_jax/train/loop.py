@@ -68,6 +68,7 @@ class Run:
     frozen: dict | None  # the LoRA base (also the reference in lora_base mode)
     ref_params: dict | None  # the frozen reference copy (full fine-tuning)
     ref_cache: dict | None  # precomputed reference log-probs per split
+    tiles: bool  # block-sparse attention
 
 
 def setup(cfg: Config, optimizer: optax.GradientTransformation, out: IO) -> Run:
@@ -141,6 +142,7 @@ def setup(cfg: Config, optimizer: optax.GradientTransformation, out: IO) -> Run:
         frozen,
         ref_params,
         ref_cache,
+        batches.use_tiles(cfg, mesh),
     )
 
 
@@ -149,7 +151,7 @@ def host_parts(run: Run, split: str, micro_indices: list[list[int]]) -> list[dic
     examples = run.prepared.train if split == "train" else run.prepared.eval
     n_rows = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
     collated = [run.collate[split]([examples[i] for i in idx]) for idx in micro_indices]
-    parts = batches.host_batch(collated, run.pad_id, n_rows)
+    parts = batches.host_batch(collated, run.pad_id, n_rows, tiles=run.tiles)
     if run.ref_cache is not None:
         batches.with_reference_logps(parts, [run.ref_cache[split][i] for idx in micro_indices for i in idx])
     return parts

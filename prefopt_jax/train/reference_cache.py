@@ -167,7 +167,8 @@ def precompute(cfg, out=None) -> str:
         results[name] = []
         for i in range(0, len(examples), size):
             chunk = examples[i : i + size]
-            placed = batches.place(batches.host_batch([collate(chunk)], pad_id, n_rows), mesh)
+            parts = batches.host_batch([collate(chunk)], pad_id, n_rows, tiles=batches.use_tiles(cfg, mesh))
+            placed = batches.place(parts, mesh)
             logps = jax.device_get(logps_fn(params, jax.tree.map(lambda a: a[0], placed["main"])))
             results[name] += [
                 [logps[g, j, : len(c)] for j, c in enumerate(completions_of(e))] for g, e in enumerate(chunk)

@@ -19,6 +19,7 @@ import optax
 
 from prefopt_jax.logprobs import gather_completions, token_stats
 from prefopt_jax.losses import Loss, PairLogps, UnpairedLogps
+from prefopt_jax.models.block_sparse import attention_blocks, causal_mask
 from prefopt_jax.models.config import ModelConfig
 from prefopt_jax.models.decoder import forward_hidden, unembedding
 from prefopt_jax.train.lora import with_lora
@@ -54,8 +55,9 @@ def scored_positions(batch, multiple: int = 64) -> np.ndarray:
     return out
 
 
-def batch_arrays(batch) -> dict:
-    """The arrays of a `data.Batch` the step needs, as a dict (a pytree jit can take)."""
+def batch_arrays(batch, *, tiles: bool = False) -> dict:
+    """The arrays of a `data.Batch` the step needs, as a dict (a pytree jit can take); with `tiles`, the
+    non-empty attention tiles for block-sparse attention (when the rows tile)."""
     out = {
         "input_ids": batch.input_ids,
         "positions": batch.positions,
@@ -67,12 +69,25 @@ def batch_arrays(batch) -> dict:
     }
     if batch.attention is not None:
         out["mask"] = batch.attention
+    if tiles:
+        mask = batch.attention if batch.attention is not None else causal_mask(batch.segment_ids)
+        listed = attention_blocks(mask)
+        if listed is not None:
+            out["tiles"] = listed
     return out
 
 
 def _hidden(cfg: ModelConfig, params: dict, b: dict, remat: str = "none") -> jax.Array:
     return forward_hidden(
-        cfg, params, b["input_ids"], b["positions"], b["segment_ids"], b.get("mask"), remat=remat, dtype=jnp.float32
+        cfg,
+        params,
+        b["input_ids"],
+        b["positions"],
+        b["segment_ids"],
+        b.get("mask"),
+        remat=remat,
+        dtype=jnp.float32,
+        tiles=b.get("tiles"),
     )
 
 
