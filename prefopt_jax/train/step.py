@@ -19,7 +19,7 @@ import optax
 
 from prefopt_jax.logprobs import gather_completions, token_stats
 from prefopt_jax.losses import Loss, PairLogps, UnpairedLogps
-from prefopt_jax.models.block_sparse import attention_blocks, causal_mask
+from prefopt_jax.models.block_sparse import attention_blocks, causal_mask, tile_buckets
 from prefopt_jax.models.config import ModelConfig
 from prefopt_jax.models.decoder import forward_hidden, unembedding
 from prefopt_jax.train.lora import with_lora
@@ -40,13 +40,13 @@ STEP_EXTRAS = {
 
 def scored_positions(batch, multiple: int = 64) -> np.ndarray:
     """[R, C] int32: in each row, the positions of completion tokens (the only ones whose log-probs the
-    loss reads), padded with -1 to a multiple of `multiple` so few shapes compile. Log-probs are computed
+    loss reads), padded with -1 to at least `multiple`, in 1.5x steps, so few shapes compile. Log-probs are computed
     at these positions only: prompt tokens never meet the unembedding."""
     r, t = batch.input_ids.shape
     flat = batch.completion_index[batch.completion_mask]
     rows, cols = flat // t, flat % t
     counts = np.bincount(rows, minlength=r)
-    width = max(int(-(-counts.max(initial=1) // multiple) * multiple), multiple)
+    width = tile_buckets(max(int(counts.max(initial=1)), multiple))  # 64, 96, 128, 192, ...: few shapes
     out = np.full((r, width), -1, np.int32)
     order = np.lexsort((cols, rows))
     rows, cols = rows[order], cols[order]

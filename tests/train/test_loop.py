@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import prefopt_jax
 from prefopt_jax import models
 from prefopt_jax.config import load_config
 from prefopt_jax.train.loop import train
@@ -65,8 +66,10 @@ def test_full_finetuning_with_a_frozen_reference_and_accumulation(tiny_model_dir
         None, tiny_model_dir, tmp_path, "train.lora_rank=0", "train.reference=frozen", "train.micro_batches=2",
         "data.layout=padded",
     )  # fmt: skip
-    state, history = train(cfg)
+    state, history = prefopt_jax.train(cfg)  # the Python entry point
     assert "lora" not in state["trainable"].get("layers", {}) and history[-1]["step"] == 2
+    with pytest.raises(TypeError, match="Config or a YAML path"):
+        prefopt_jax.train({"train": {}})
 
 
 def test_a_stopped_run_resumes_exactly(tiny_model_dir, tmp_path):
