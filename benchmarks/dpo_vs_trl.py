@@ -4,7 +4,8 @@
 The work (issue 5): SmolLM2-135M-Instruct weights, the first 64 pairs of the helpful rows of
 ../shared/data/hh_rlhf_test.jsonl, max length 512, 8 pairs per step, DPO sigmoid (beta 0.1), fp32, full
 fine-tuning and LoRA (r 8, alpha 16, q/k/v/o/gate/up/down). Each run: 1 warm-up step (compilation), then
-`--steps` timed steps; the figure is the median step time. Peak resident memory is the process's
+`--steps` timed steps (`--side-steps` for the reference runs); the figure is the median step time (a step
+that meets a new batch shape compiles: every step's time is printed too). Peak resident memory is the process's
 ru_maxrss. MFU counts the work's useful FLOPs (prefopt_jax's analytic count for the packed layout, the
 same for both) against this machine's measured fp32 matmul peak.
 
@@ -35,6 +36,7 @@ PAIRS, BATCH, MAX_LENGTH = 64, 8, 512
 MAX_PROMPT = 384  # ours keeps a prompt's end (at most this long), then the completion up to MAX_LENGTH in all;
 # TRL keeps the start of prompt + completion up to MAX_LENGTH: the same token budget per sequence
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+MAIN = ("trl full", "full", "trl lora", "lora")  # the comparison itself; the rest is for reference
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -81,6 +83,7 @@ def child_ours(work: Path, steps: int, variant: dict) -> dict:
     timed = history[1:]
     return {
         "step_s": statistics.median(h["step_time"] for h in timed),
+        "step_times": [round(h["step_time"], 1) for h in history],
         "flops": statistics.median(h["flops"] for h in timed),
         "tokens": statistics.median(h["num_tokens"] for h in timed),
         "peak_rss_gib": peak_rss_gib(),
@@ -139,7 +142,12 @@ def child_trl(work: Path, steps: int, variant: dict) -> dict:
     )
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"step_s": statistics.median(times[1:]), "peak_rss_gib": peak_rss_gib(), "loss": losses}
+    return {
+        "step_s": statistics.median(times[1:]),
+        "step_times": [round(t, 1) for t in times],
+        "peak_rss_gib": peak_rss_gib(),
+        "loss": losses,
+    }
 
 
 # ---- parent --------------------------------------------------------------------------------------------
@@ -188,7 +196,8 @@ def run_child(python: str, kind: str, work: Path, steps: int, variant: dict) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per run, after one warm-up step")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps of the main runs, after one warm-up")
+    parser.add_argument("--side-steps", type=int, default=2, help="timed steps of TRL bf16 and the ablations")
     parser.add_argument("--trl-python", default=os.environ.get("TRL_PYTHON"), help="a Python with trl + peft + torch")
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--work", help="working folder (default: a temporary one)")
@@ -237,11 +246,13 @@ def main() -> None:
             continue
         python = args.trl_python if kind == "trl" else sys.executable
         name = variant["name"]
-        r = run_child(python, kind, work, args.steps, variant)
+        steps = args.steps if variant["name"] in MAIN else args.side_steps
+        r = run_child(python, kind, work, steps, variant)
         results[name] = r
         rate = BATCH / r["step_s"]
         print(
-            f"{name:<34} {r['step_s']:7.1f} s/step  {rate:6.3f} pairs/s  peak RSS {r['peak_rss_gib']:5.2f} GiB",
+            f"{name:<34} {r['step_s']:7.1f} s/step  {rate:6.3f} pairs/s  peak RSS {r['peak_rss_gib']:5.2f} GiB  "
+            f"(every step: {r['step_times']})",
             flush=True,
         )
 
