@@ -336,16 +336,24 @@ def make_train_step(cfg: ModelConfig, spec: StepSpec, optimizer: optax.GradientT
         reference = state.get("reference", ref_params)
         step_key = jax.random.fold_in(jax.random.PRNGKey(spec.seed), state["step"])
 
-        def micro(carry, xs):
-            grads_acc, loss_state = carry
-            mb, i = xs
+        def one(mb, i, loss_state):
             key = jax.random.fold_in(step_key, i) if spec.lora_dropout else None
             (_, (metrics, loss_state)), grads = grad_fn(state["trainable"], frozen, reference, mb, loss_state, key)
-            return (jax.tree.map(jnp.add, grads_acc, grads), loss_state), metrics
+            return grads, loss_state, metrics
 
-        zeros = jax.tree.map(jnp.zeros_like, state["trainable"])
-        (grads, loss_state), metrics = jax.lax.scan(micro, (zeros, state["loss_state"]), (batch, jnp.arange(n_micro)))
-        grads = jax.tree.map(lambda g: g / n_micro, grads)
+        if n_micro == 1:  # no accumulator: one gradient tree in memory, not two
+            grads, loss_state, metrics = one(jax.tree.map(lambda a: a[0], batch), 0, state["loss_state"])
+        else:
+
+            def micro(carry, xs):
+                grads_acc, loss_state = carry
+                grads, loss_state, metrics = one(*xs, loss_state)
+                return (jax.tree.map(jnp.add, grads_acc, grads), loss_state), metrics
+
+            zeros = jax.tree.map(jnp.zeros_like, state["trainable"])
+            carry = (zeros, state["loss_state"])
+            (grads, loss_state), metrics = jax.lax.scan(micro, carry, (batch, jnp.arange(n_micro)))
+            grads = jax.tree.map(lambda g: g / n_micro, grads)
         metrics = {k: jnp.mean(v) for k, v in metrics.items() if not k.startswith("length_bucket/")}
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(grad_norm) & jnp.isfinite(metrics["loss"])
