@@ -229,6 +229,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"loss {loss.name!r} needs a reference: train.reference must be frozen, lora_base or precomputed"
         )
+    from prefopt_jax.train.step import STEP_EXTRAS
+
+    missing = sorted(set(loss.required_extras(**cfg.loss.hparams)) - STEP_EXTRAS)
+    if missing:
+        raise ConfigError(
+            f"loss {loss.name!r} with these hyperparameters needs {missing}, which the trainer does not compute "
+            "yet" + (" (set loss.nll_over_prompt=false)" if loss.name == "orpo" else "")
+        )
     if t.reference == "lora_base" and t.lora_rank == 0:
         raise ConfigError("train.reference=lora_base needs LoRA (train.lora_rank > 0)")
     if t.reference_dtype is not None and t.reference != "frozen":

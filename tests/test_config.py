@@ -51,6 +51,7 @@ def test_overrides_are_typed():
         (["train.lora_dropout=1.5"], r"train.lora_dropout must be in \[0, 1\)"),
         (["mesh.fsdp=3"], r"mesh.data x mesh.fsdp = 3 devices, which does not divide the 8 pairs"),
         (["mesh.data=-1"], r"at most one may be -1"),
+        (["loss.name=orpo", "train.reference=none"], r"needs \['full_chosen', 'full_chosen_mask'\].*nll_over_prompt=false"),
         (["mesh.fsdp=16"], r"does not fit the 8 devices"),
     ],
 )  # fmt: skip
