@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from prefopt_jax import data
+from prefopt_jax import data, losses
 from prefopt_jax.config import Config
 from prefopt_jax.data.synthetic import comparison_pairs
 from prefopt_jax.train import step as step_lib
@@ -41,8 +41,6 @@ def load_data(cfg: Config, tokenizer) -> tuple[data.Prepared, list[str] | None]:
             seed=cfg.train.seed,
         )
         answers = None
-    from prefopt_jax import losses
-
     if losses.get(cfg.loss.name).kind == "unpaired":
         prepared = data.Prepared(data.unpaired_from_pairs(prepared.train), prepared.eval, prepared.report)
     return prepared, answers
@@ -57,8 +55,6 @@ def use_tiles(cfg: Config, mesh: Mesh) -> bool:
 
 
 def collator(cfg: Config, pad_id: int, *, response_only: bool = False, split: str = "train"):
-    from prefopt_jax import losses
-
     if losses.get(cfg.loss.name).kind == "unpaired" and split == "train":
         return data.UnpairedCollator(cfg.data.layout, cfg.data.max_length, pad_id=pad_id)
     return data.PairCollator(cfg.data.layout, cfg.data.max_length, pad_id=pad_id, response_only=response_only)

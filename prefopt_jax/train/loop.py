@@ -162,10 +162,11 @@ def evaluate(run: Run, eval_step, trainable: dict, loss_state) -> dict:
     for the built-in task, the exact-answer accuracy of greedy generations."""
     cfg, results = run.cfg, {}
     micro = cfg.train.batch_size // cfg.train.micro_batches
-    if run.eval_spec is not run.spec:  # an unpaired loss: held-out pairs, two examples each
-        micro = max(micro // 2, 1)
+    unpaired = run.eval_spec is not run.spec  # an unpaired loss: scored on held-out pairs by its implicit reward
+    if unpaired:
+        micro = max(micro // 2, 1)  # two training examples per held-out pair
     reference = run.state.get("reference", run.ref_params)
-    loss_state = loss_state if run.eval_spec is run.spec else None
+    loss_state = None if unpaired else loss_state
     if len(run.prepared.eval) >= micro:
         sums: dict[str, list] = {}
         for start in range(0, len(run.prepared.eval) - micro + 1, micro):
@@ -173,7 +174,7 @@ def evaluate(run: Run, eval_step, trainable: dict, loss_state) -> dict:
             m = eval_step(trainable, run.frozen, reference, jax.tree.map(lambda a: a[0], placed), loss_state)
             for k, v in m.items():
                 sums.setdefault(k, []).append(np.asarray(v))
-        skip = ("num_tokens", "num_completion_tokens") + (("loss",) if run.eval_spec is not run.spec else ())
+        skip = ("num_tokens", "num_completion_tokens") + (("loss",) if unpaired else ())
         for k, v in sums.items():
             if not k.startswith("length_bucket/") and k not in skip:
                 results[f"eval/{k}"] = float(np.mean(v))

@@ -153,7 +153,6 @@ class StepSpec:
     lora_dropout: float = 0.0
     ref_sync_every: int = 0
     ref_sync_alpha: float = 1.0
-    token_kl: bool = True  # log the exact per-token KL(policy || reference) when the reference runs in the step
     chunk: int = 128
     remat: str = "none"
     seed: int = 0
@@ -293,8 +292,6 @@ def make_loss_fn(cfg: ModelConfig, spec: StepSpec) -> Callable:
             chunk=spec.chunk,
             remat=spec.remat,
         )
-        if not spec.token_kl and "seq_kl_chosen" not in spec.extras:
-            stats.pop("kl_policy_ref", None)
         if spec.loss.kind != "unpaired":  # pairs (RRHF on pairs: two ranked candidates)
             x, extra_metrics = _paired_inputs(spec, cfg, params, stats, batch)
         else:
