@@ -6,6 +6,7 @@ prefopt-jax precompute-ref --config configs/X.yaml   reference log-probs once, f
 prefopt-jax eval --config configs/X.yaml            held-out metrics of the newest checkpoint
 prefopt-jax export --config configs/X.yaml OUT_DIR  Hugging Face folder (LoRA merged)
 prefopt-jax plot RUN_DIR                            PNG curves of a run's metrics
+prefopt-jax plan --config configs/X.yaml --target v5e-16   memory per device and step time, compiled ahead
 prefopt-jax losses                         every loss evaluated on a built-in batch
 prefopt-jax losses --set r_dpo.alpha=0.05 --markdown docs/losses.md
 """
@@ -105,6 +106,27 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from prefopt_jax.train import plan
+
+    tgt = plan.target(args.target)
+    needed = plan.simulated_devices_needed(tgt)
+    if needed:  # must happen before anything starts jax's CPU backend
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", needed)
+    from prefopt_jax.config import load_config
+
+    cfg = load_config(args.config, args.overrides, devices=tgt.devices)
+    result = plan.plan(cfg, args.target, mfu=args.mfu)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+    return 0 if result["fits"] is not False else 1
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config (see configs/); defaults to the built-in job")
     p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="e.g. train.steps=100 loss.beta=0.2")
@@ -136,6 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="the run's output.dir")
     p.add_argument("--out", help="where to write the PNGs (default RUN_DIR/plots)")
     p.set_defaults(func=cmd_plot)
+    p = sub.add_parser(
+        "plan",
+        help="compile the train step ahead of time for a slice: memory per device, FLOPs and step time",
+    )
+    p.add_argument(
+        "--target", required=True, help="v5e-16, v5e-32, v5p-8, v5p-64, 8xH100, ..., cpu:N, or local (this machine)"
+    )
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the step time (default 0.4)")
+    p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    _config_args(p)
+    p.set_defaults(func=cmd_plan)
     return parser
 
 

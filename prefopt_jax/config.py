@@ -21,7 +21,8 @@ class ConfigError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
     source: str = "smollm2-135m-instruct"  # short name, local HF folder, hub id or .gguf
-    dtype: str = "float32"  # parameter and compute dtype (float32 on CPU; bfloat16 on accelerators)
+    dtype: str = "float32"  # parameter (and optimizer state) dtype
+    compute_dtype: str | None = None  # the layers' matmuls; None: model.dtype (bfloat16 on accelerators)
     remat: str = "full"  # full | none | dots | dots_no_batch; full keeps only layer inputs (less memory)
     attention: str = "auto"  # auto | dense | block_sparse (auto: block-sparse unless rows are split over devices)
 
@@ -168,8 +169,9 @@ def _literal(text: str) -> Any:
         return text
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """A validated Config from YAML (or the defaults) with `section.key=value` overrides applied."""
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), devices: int | None = None) -> Config:
+    """A validated Config from YAML (or the defaults) with `section.key=value` overrides applied; the mesh
+    is checked against `devices` (default: this process's devices)."""
     raw: dict = {}
     if path is not None:
         try:
@@ -196,11 +198,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         raise ConfigError(f"unknown config section(s) {unknown}; sections: {sorted(sections)}")
     hints = typing.get_type_hints(Config)
     cfg = Config(**{name: _section(hints[name], raw.get(name, {}), name) for name in sections})
-    validate(cfg)
+    validate(cfg, devices)
     return cfg
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Config, devices: int | None = None) -> None:
     from prefopt_jax import losses
     from prefopt_jax.data import LAYOUTS as data_layouts
 
@@ -213,6 +215,7 @@ def validate(cfg: Config) -> None:
         "train.schedule": (t.schedule, ("cosine", "linear", "constant")),
         "data.layout": (cfg.data.layout, data_layouts),
         "model.dtype": (cfg.model.dtype, ("float32", "bfloat16")),
+        "model.compute_dtype": (cfg.model.compute_dtype, (None, "float32", "bfloat16")),
         "model.remat": (cfg.model.remat, ("none", "full", "dots", "dots_no_batch")),
         "model.attention": (cfg.model.attention, ("auto", "dense", "block_sparse")),
         "data.on_error": (cfg.data.on_error, ("raise", "skip")),
@@ -256,7 +259,11 @@ def validate(cfg: Config) -> None:
         )
     if t.batch_size % t.micro_batches:
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.micro_batches={t.micro_batches}")
-    _check_mesh(cfg)
+    if devices is None:
+        import jax
+
+        devices = jax.device_count()
+    check_mesh(cfg, devices)
     for key, value in (
         ("train.steps", t.steps),
         ("train.batch_size", t.batch_size),
@@ -266,11 +273,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be >= 1, got {value}")
 
 
-def _check_mesh(cfg: Config) -> None:
-    """The mesh must fit the devices and split each micro-batch's pairs evenly over data x fsdp."""
-    import jax
-
-    m, n = cfg.mesh, jax.device_count()
+def check_mesh(cfg: Config, n: int) -> None:
+    """The mesh must fit `n` devices and split each micro-batch's pairs evenly over data x fsdp."""
+    m = cfg.mesh
     sizes = {"mesh.data": m.data, "mesh.fsdp": m.fsdp, "mesh.tensor": m.tensor}
     if sum(v == -1 for v in sizes.values()) > 1 or any(v == 0 or v < -1 for v in sizes.values()):
         raise ConfigError(f"mesh sizes {sizes}: each must be >= 1, and at most one may be -1 (the rest)")

@@ -155,6 +155,14 @@ def normalize(row: Any, fmt: str, origin: Origin) -> Record:
                 _messages(row["chosen"], "chosen"), _messages(row["rejected"], "rejected")
             )
             record: Record = Pair(prompt, chosen, rejected, _weight(row), origin)
+        elif fmt in ("standard", "conversational") and all(
+            isinstance(row[k], list) and len(row[k]) > 1 for k in ("chosen", "rejected")
+        ):  # whole conversations (UltraFeedback-style, e.g. princeton-nlp/*-ultrafeedback*): their shared turns
+            # are the prompt, as chat messages, and the `prompt` column is its text
+            prompt, chosen, rejected = _split_implicit(
+                _messages(row["chosen"], "chosen"), _messages(row["rejected"], "rejected")
+            )
+            record = Pair(prompt, chosen, rejected, _weight(row), origin)
         elif fmt in ("standard", "conversational"):
             record = Pair(
                 _prompt(row), _text(row["chosen"], "chosen"), _text(row["rejected"], "rejected"), _weight(row), origin

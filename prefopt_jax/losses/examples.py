@@ -96,3 +96,43 @@ def loss_and_grad_norm(name: str, x, **hp) -> tuple[jax.Array, jax.Array]:
 
     value, grads = jax.value_and_grad(f)({k: getattr(x, k) for k in policy_fields(x)})
     return value, jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads)))
+
+
+def margin_inputs(name: str, margins, dtype=jnp.float32) -> PairLogps | UnpairedLogps:
+    """Inputs for loss `name` whose implicit-reward margin is each of `margins` [N]: one-token completions,
+    the policy at -1 + m/2 (chosen) and -1 - m/2 (rejected), the reference at -1 for both, so the log-ratio
+    margin and the policy's own margin are both m. Unpaired losses get desirable examples at
+    log-ratio m. Extras are neutral: response-only averages and WPO alignments at -1, no sequence KL."""
+    m = jnp.asarray(margins, dtype)[:, None]
+    n = m.shape[0]
+    one = jnp.ones((n, 1), bool)
+    base = jnp.full((n, 1), -1.0, dtype)
+    if get(name).kind == "unpaired":
+        zeros = jnp.zeros(n, dtype)
+        return UnpairedLogps(-1.0 + m, one, jnp.ones(n, bool), base, zeros, zeros, {"udm_prob": zeros + 0.5})
+    flat = jnp.full((n,), -1.0, dtype)
+    extras = {
+        "seq_kl_chosen": jnp.zeros(n, dtype),
+        "seq_kl_rejected": jnp.zeros(n, dtype),
+        "response_only_chosen_avg": flat,
+        "response_only_rejected_avg": flat,
+        "wpo_aligned_chosen": base,
+        "wpo_aligned_rejected": base,
+        "full_chosen": jnp.concatenate([base, -1.0 + m / 2], 1),
+        "full_chosen_mask": jnp.ones((n, 2), bool),
+    }
+    return PairLogps(-1.0 + m / 2, -1.0 - m / 2, one, one, base, base, extras)
+
+
+def margin_sweep(name: str, margins, **hp) -> tuple[np.ndarray, np.ndarray]:
+    """(loss, d loss / d margin) of loss `name` at each margin of `margins` (see `margin_inputs`); the
+    derivative is the weight a pair's gradient gets. Batch-coupled losses (AOT's sorting, running
+    moments) see the whole sweep as one batch."""
+    fn = get(name)
+
+    def total(m):
+        return jnp.sum(fn(margin_inputs(name, m), **hp).loss)
+
+    m = jnp.asarray(margins, jnp.float32)
+    per = fn(margin_inputs(name, m), **hp).loss
+    return np.asarray(per), np.asarray(jax.grad(total)(m))

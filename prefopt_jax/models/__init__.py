@@ -8,6 +8,7 @@ and GGUF import, Hugging Face export, and sharded loading.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from prefopt_jax.models.build import create_model, model_from_arrays, param_shar
 from prefopt_jax.models.config import SUPPORTED, ModelConfig, ModelConfigError, RopeConfig, from_hf_config
 from prefopt_jax.models.decoder import Decoder, forward_hidden, logits_from_hidden, param_table, unembedding
 from prefopt_jax.models.hf import load_hf_folder, save_hf_folder
+from prefopt_jax.models.hub_configs import HUB_CONFIGS
 from prefopt_jax.models.safetensors_io import CheckpointError
 from prefopt_jax.sharding import Rules
 
@@ -34,6 +36,7 @@ __all__ = [
     "load_pretrained",
     "load_tokenizer",
     "logits_from_hidden",
+    "model_config",
     "param_shardings",
     "param_table",
     "resolve_source",
@@ -107,6 +110,30 @@ def save_pretrained(model: Decoder, path: str | Path, tokenizer: Any = None) -> 
     save_hf_folder(model.config, model.params(), path)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))
+
+
+def model_config(source: str | Path) -> ModelConfig:
+    """The architecture of `source` without loading its weights: a short name, .gguf or local folder is
+    read; a hub id the recipes name comes from `hub_configs`; any other hub id's config.json is fetched."""
+    s = str(source)
+    if s in HUB_CONFIGS and not Path(s).expanduser().exists():
+        return from_hf_config(HUB_CONFIGS[s], where=s)
+    path = Path(s).expanduser()
+    if s in SHORT_NAMES or path.exists():
+        path = resolve_source(s)
+        if path.suffix == ".gguf":
+            from prefopt_jax.models.gguf import _reader, config_from_gguf
+
+            return config_from_gguf(_reader(path), path)
+        return from_hf_config(json.loads((path / "config.json").read_text()), where=str(path / "config.json"))
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return from_hf_config(json.loads(Path(hf_hub_download(s, "config.json")).read_text()), where=s)
+    except ModelConfigError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"cannot read the config of {s!r} (not local, not in hub_configs, hub: {e})") from None
 
 
 def load_tokenizer(source: str | Path):

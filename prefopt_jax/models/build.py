@@ -18,7 +18,7 @@ from prefopt_jax.models.decoder import Decoder, param_table
 from prefopt_jax.sharding import Rules, activation_constraint, named_sharding, rules_for
 
 
-def _nest(flat: Mapping[str, Any]) -> dict:
+def nest(flat: Mapping[str, Any]) -> dict:
     out: dict = {}
     for name, value in flat.items():
         node = out
@@ -34,7 +34,7 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: str | Rules = "fsdp") -
     that does not divide a dimension, raises naming the parameter."""
     r = rules_for(rules)
     table = param_table(cfg)
-    return _nest({n: named_sharding(s, axes, mesh, r, f"parameter {n!r}") for n, (s, axes, _) in table.items()})
+    return nest({n: named_sharding(s, axes, mesh, r, f"parameter {n!r}") for n, (s, axes, _) in table.items()})
 
 
 def _abstract(cfg: ModelConfig, **kw) -> Decoder:
@@ -98,4 +98,4 @@ def model_from_arrays(
                 shape, sharding, lambda idx, h=host: np.asarray(h[idx]).astype(param_dtype)
             )
     kw = dict(param_dtype=param_dtype, dtype=dtype, scan_layers=scan_layers, remat=remat)
-    return _with_params(cfg, _nest(flat), mesh, rules, **kw)
+    return _with_params(cfg, nest(flat), mesh, rules, **kw)

@@ -116,6 +116,8 @@ def _windows_from_hf(c: Mapping[str, Any], family: str, n_layers: int) -> tuple[
         return tuple(int(window) if t == "sliding_attention" else 0 for t in types)
     if family == "mistral":
         return (int(window),) * n_layers
+    if family == "gemma2":  # older config.json files have no layer_types: transformers alternates, sliding first
+        return tuple(int(window) if i % 2 == 0 else 0 for i in range(n_layers))
     if family == "qwen2" and c.get("use_sliding_window"):
         first = int(c.get("max_window_layers", n_layers))
         return tuple(int(window) if i >= first else 0 for i in range(n_layers))

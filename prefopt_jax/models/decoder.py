@@ -173,16 +173,32 @@ def qkv(cfg: ModelConfig, p: dict, x: Array, rope: tuple[Array, Array], constrai
     return q.reshape(b, t, cfg.num_kv_heads, g, cfg.head_dim), k, v
 
 
+QUERY_CHUNK = 512  # longer rows attend this many queries at a time: [chunk, S] scores live, not [T, S]
+
+
 def attend(cfg: ModelConfig, p: dict, q: Array, k: Array, v: Array, visible: Array) -> Array:
     """Attention of queries [B,T,K,G,E] over keys/values [B,S,K,E] where `visible` [B,T,S], then the
-    output projection."""
+    output projection. Rows longer than QUERY_CHUNK go a chunk of queries at a time, each chunk
+    recomputed in the backward pass (the same per-query softmax, at a fraction of the memory)."""
     b, t = q.shape[:2]
-    scores = jnp.einsum("btkge,bske->bkgts", q, k).astype(jnp.float32) * cfg.attention_scale
-    if cfg.attn_logit_softcap:
-        scores = jnp.tanh(scores / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
-    scores = jnp.where(visible[:, None, None], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out = jnp.einsum("bkgts,bske->btkge", probs, v).reshape(b, t, cfg.num_heads, cfg.head_dim)
+
+    def scored(q_c: Array, visible_c: Array) -> Array:  # [B,c,K,G,E] -> [B,c,H,E]
+        scores = jnp.einsum("btkge,bske->bkgts", q_c, k).astype(jnp.float32) * cfg.attention_scale
+        if cfg.attn_logit_softcap:
+            scores = jnp.tanh(scores / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
+        scores = jnp.where(visible_c[:, None, None], scores, NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q_c.dtype)
+        return jnp.einsum("bkgts,bske->btkge", probs, v).reshape(b, q_c.shape[1], cfg.num_heads, cfg.head_dim)
+
+    if t <= QUERY_CHUNK:
+        out = scored(q, visible)
+    else:
+        n = -(-t // QUERY_CHUNK)
+        pad = n * QUERY_CHUNK - t
+        q_n = jnp.pad(q, ((0, 0), (0, pad)) + ((0, 0),) * 3).reshape(b, n, QUERY_CHUNK, *q.shape[2:])
+        vis_n = jnp.pad(visible, ((0, 0), (0, pad), (0, 0))).reshape(b, n, QUERY_CHUNK, visible.shape[-1])
+        chunks = jax.lax.map(jax.checkpoint(lambda a: scored(*a)), (q_n.swapaxes(0, 1), vis_n.swapaxes(0, 1)))
+        out = chunks.swapaxes(0, 1).reshape(b, n * QUERY_CHUNK, cfg.num_heads, cfg.head_dim)[:, :t]
     return _proj(p, "o", out, 2)
 
 

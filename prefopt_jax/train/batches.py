@@ -102,22 +102,30 @@ def with_reference_logps(parts: list[dict], per_example: Sequence[Sequence[np.nd
     return parts
 
 
-def place(parts: list[dict], mesh: Mesh) -> dict:
-    """Micro-batches stacked on a leading axis and placed on the mesh: rows split over data x fsdp, the
-    rest replicated. Built from each process's copy of the global batch, so it works across hosts."""
-    stacked = jax.tree.map(lambda *a: np.stack(a), *parts)
+def shardings(tree: dict, mesh: Mesh) -> dict:
+    """The placement of a step's (stacked) batch arrays: rows split over data x fsdp, the rest replicated
+    (tile lists are indexed by tile, not by row)."""
     rows = NamedSharding(mesh, PartitionSpec(None, ROW_AXES))
     whole = NamedSharding(mesh, PartitionSpec())
+    return {
+        k: (shardings(v, mesh) if k != "tiles" else {n: whole for n in v})
+        if isinstance(v, dict)
+        else (rows if k in PER_ROW else whole)
+        for k, v in tree.items()
+    }
 
-    def put(a: np.ndarray, sharding: NamedSharding) -> jax.Array:
-        return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
 
-    def put_tree(tree: dict) -> dict:  # tile lists are indexed by tile, not by row: replicated
-        return {
-            k: (put_tree(v) if k != "tiles" else {n: put(a, whole) for n, a in v.items()})
-            if isinstance(v, dict)
-            else put(v, rows if k in PER_ROW else whole)
-            for k, v in tree.items()
-        }
+def stack(parts: list[dict]) -> dict:
+    """Micro-batches stacked on a leading axis."""
+    return jax.tree.map(lambda *a: np.stack(a), *parts)
 
-    return put_tree(stacked)
+
+def place(parts: list[dict], mesh: Mesh) -> dict:
+    """Micro-batches stacked and placed on the mesh (see `shardings`). Built from each process's copy of
+    the global batch, so it works across hosts."""
+    stacked = stack(parts)
+    return jax.tree.map(
+        lambda a, s: jax.make_array_from_callback(a.shape, s, lambda index: a[index]),
+        stacked,
+        shardings(stacked, mesh),
+    )

@@ -71,6 +71,57 @@ class Run:
     tiles: bool  # block-sparse attention
 
 
+def step_spec(cfg: Config) -> step_lib.StepSpec:
+    """What the train step computes, from the config."""
+    t = cfg.train
+    return step_lib.StepSpec(
+        losses.get(cfg.loss.name),
+        dict(cfg.loss.hparams),
+        reference=t.reference,
+        lora_scale=(t.lora_alpha / t.lora_rank) if t.lora_rank else None,
+        lora_dropout=t.lora_dropout,
+        ref_sync_every=t.ref_sync_every,
+        ref_sync_alpha=t.ref_sync_alpha,
+        remat=cfg.model.remat,
+        seed=t.seed,
+        compute_dtype=cfg.model.compute_dtype or cfg.model.dtype,
+    )
+
+
+def _copy_as(a, dtype):
+    """A copy of a parameter in `dtype` (the policy's buffers are donated to the step, so the reference
+    needs its own); abstract parameters (planning) stay abstract."""
+    if isinstance(a, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(a.shape, dtype, sharding=a.sharding)
+    return jnp.copy(a) if a.dtype == dtype else a.astype(dtype)
+
+
+def parameter_trees(cfg: Config, spec: step_lib.StepSpec, base: dict, adapters: dict | None, mesh: Mesh):
+    """(trainable, frozen, ref_params, synced): the parameter trees a run holds, from the loaded base (and
+    the initial LoRA adapters). `synced` is TR-DPO's moving reference; arrays or abstract shapes alike."""
+    t = cfg.train
+    if adapters is not None:  # LoRA: the adapters train (small: replicated), the base stays frozen
+        replicated = NamedSharding(mesh, PartitionSpec())
+        trainable = jax.tree.map(
+            lambda a: (
+                jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated)
+                if isinstance(a, jax.ShapeDtypeStruct)
+                else jax.device_put(a, replicated)
+            ),
+            adapters,
+        )
+        # TR-DPO with LoRA: the reference has its own adapters, starting at the base
+        synced = jax.tree.map(lambda a: _copy_as(a, a.dtype), trainable) if t.ref_sync_every else None
+        return trainable, base, None, synced
+    ref_params = None
+    if spec.reference_in_step:
+        dtype = runtime.dtype_of(t.reference_dtype or cfg.model.dtype)
+        ref_params = jax.tree.map(lambda a: _copy_as(a, dtype), base)
+    if t.ref_sync_every:  # TR-DPO: the reference lives in the state
+        return base, None, None, ref_params
+    return base, None, ref_params, None  # without a reference in the step, no second copy at all
+
+
 def setup(cfg: Config, optimizer: optax.GradientTransformation, out: IO) -> Run:
     """Load the model, the data (and the precomputed reference, if asked) and build the initial state."""
     t = cfg.train
@@ -81,18 +132,8 @@ def setup(cfg: Config, optimizer: optax.GradientTransformation, out: IO) -> Run:
         f"model {cfg.model.source} ({mcfg.num_params() / 1e6:.0f}M params) loaded; data: {prepared.report.summary()}",
         file=out,
     )
-    loss = losses.get(cfg.loss.name)
-    spec = step_lib.StepSpec(
-        loss,
-        dict(cfg.loss.hparams),
-        reference=t.reference,
-        lora_scale=(t.lora_alpha / t.lora_rank) if t.lora_rank else None,
-        lora_dropout=t.lora_dropout,
-        ref_sync_every=t.ref_sync_every,
-        ref_sync_alpha=t.ref_sync_alpha,
-        remat=cfg.model.remat,
-        seed=t.seed,
-    )
+    spec = step_spec(cfg)
+    loss = spec.loss
     pad_id = tokenizer.pad_token_id or 0
     response_only = "response_only_chosen_avg" in spec.extras
     ref_cache = None
@@ -100,24 +141,12 @@ def setup(cfg: Config, optimizer: optax.GradientTransformation, out: IO) -> Run:
         key = reference_cache.key_for(cfg, prepared)
         ref_cache = reference_cache.read(t.reference_cache, key, {"train": prepared.train, "eval": prepared.eval})
         print(f"reference log-probs from {t.reference_cache.rstrip('/')}/{key}", file=out)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    synced = None
+    adapters = None
     if t.lora_rank:
         adapters = lora_lib.init_lora(mcfg, rank=t.lora_rank, targets=t.lora_targets, seed=t.seed)
-        trainable = jax.device_put(adapters, replicated)  # small: replicated
-        frozen, ref_params = base, None
-        if t.ref_sync_every:  # TR-DPO with LoRA: the reference has its own adapters, starting at the base
-            synced = jax.tree.map(jnp.copy, trainable)
-    else:
-        frozen, ref_params = None, None
-        if spec.reference_in_step:
-            ref_dtype = runtime.dtype_of(t.reference_dtype or cfg.model.dtype)
-            # a copy: the policy's buffers are donated to the step
-            ref_params = jax.tree.map(lambda a: jnp.copy(a) if a.dtype == ref_dtype else a.astype(ref_dtype), base)
-        trainable = base  # without a reference in the step, no second copy at all
-        if t.ref_sync_every:
-            synced, ref_params = ref_params, None
+    trainable, frozen, ref_params, synced = parameter_trees(cfg, spec, base, adapters, mesh)
     # every leaf on the mesh (the optimizer's scalars replicated), so restored checkpoints land the same way
+    replicated = NamedSharding(mesh, PartitionSpec())
     state = jax.tree.map(
         lambda a: a if isinstance(a.sharding, NamedSharding) else jax.device_put(a, replicated),
         step_lib.init_state(trainable, optimizer, loss, reference=synced),

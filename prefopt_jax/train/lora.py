@@ -3,6 +3,7 @@ reference is the same base with the adapters left out, so it costs no memory at 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -31,7 +32,7 @@ def init_lora(
         shape = table[f"layers/{name}"][0]
         n_layers, w = shape[0], shape[1:]
         n_in = TARGETS[name]
-        fan_in = int(jnp.prod(jnp.asarray(w[:n_in])))
+        fan_in = math.prod(w[:n_in])  # a Python int, so this also traces (abstract planning)
         key = jax.random.fold_in(jax.random.key(seed), i)
         a = jax.random.normal(key, (n_layers, *w[:n_in], rank), jnp.float32) / jnp.sqrt(fan_in)
         out[name] = {"a": a.astype(dtype), "b": jnp.zeros((n_layers, rank, *w[n_in:]), dtype)}

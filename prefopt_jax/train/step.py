@@ -77,7 +77,7 @@ def batch_arrays(batch, *, tiles: bool = False) -> dict:
     return out
 
 
-def _hidden(cfg: ModelConfig, params: dict, b: dict, remat: str = "none") -> jax.Array:
+def _hidden(cfg: ModelConfig, params: dict, b: dict, remat: str = "none", dtype: Any = jnp.float32) -> jax.Array:
     return forward_hidden(
         cfg,
         params,
@@ -86,7 +86,7 @@ def _hidden(cfg: ModelConfig, params: dict, b: dict, remat: str = "none") -> jax
         b["segment_ids"],
         b.get("mask"),
         remat=remat,
-        dtype=jnp.float32,
+        dtype=dtype,
         tiles=b.get("tiles"),
     )
 
@@ -100,9 +100,11 @@ def completion_stats(
     sum_sq: bool = False,
     chunk: int = 128,
     remat: str = "none",
+    dtype: Any = jnp.float32,
 ) -> dict[str, jax.Array]:
     """`token_stats` of every completion of a batch, each [G, K, L] (0 outside the completion). With
-    `reference` parameters, their log-probs and the per-token KLs too (no gradient into the reference)."""
+    `reference` parameters, their log-probs and the per-token KLs too (no gradient into the reference).
+    `dtype` is the layers' compute dtype (weights are cast at use); log-softmax is always float32."""
     scored = b["scored"]  # [R, C] positions of completion tokens, -1 = none
     at = jnp.maximum(scored, 0)
     pred = jnp.take_along_axis(b["pred_index"], at, axis=1)  # the positions whose outputs predict them
@@ -112,9 +114,9 @@ def completion_stats(
 
     ref = None
     if reference is not None:
-        ref = (sg(picked(_hidden(cfg, reference, b))), sg(unembedding(cfg, reference)))
+        ref = (sg(picked(_hidden(cfg, reference, b, dtype=dtype))), sg(unembedding(cfg, reference)))
     stats = token_stats(
-        picked(_hidden(cfg, params, b, remat)),
+        picked(_hidden(cfg, params, b, remat, dtype)),
         unembedding(cfg, params),
         jnp.take_along_axis(b["input_ids"], at, axis=1),
         jnp.broadcast_to(jnp.arange(scored.shape[1]), scored.shape),
@@ -132,9 +134,11 @@ def completion_stats(
     return {k: gather_completions(per_row(v), b["completion_index"], b["completion_mask"]) for k, v in stats.items()}
 
 
-def completion_logps(cfg: ModelConfig, params: dict, b: dict, *, chunk: int = 128, remat: str = "none") -> jax.Array:
+def completion_logps(
+    cfg: ModelConfig, params: dict, b: dict, *, chunk: int = 128, remat: str = "none", dtype: Any = jnp.float32
+) -> jax.Array:
     """Per-token log-probs of every completion of a batch, [G, K, L] (0 outside the completion)."""
-    return completion_stats(cfg, params, b, chunk=chunk, remat=remat)["logps"]
+    return completion_stats(cfg, params, b, chunk=chunk, remat=remat, dtype=dtype)["logps"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +160,7 @@ class StepSpec:
     chunk: int = 128
     remat: str = "none"
     seed: int = 0
+    compute_dtype: str = "float32"  # the layers' matmuls (bfloat16 on accelerators; parameters keep their dtype)
 
     def __post_init__(self) -> None:
         if self.reference not in REFERENCE_MODES:
@@ -181,6 +186,10 @@ class StepSpec:
     @property
     def extras(self) -> tuple[str, ...]:
         return self.loss.required_extras(**self.hp)
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.compute_dtype)
 
     @property
     def reference_in_step(self) -> bool:
@@ -226,7 +235,7 @@ def _paired_inputs(spec: StepSpec, cfg: ModelConfig, params, stats: dict, batch:
     reference = batch["ref_logps"] if spec.reference == "precomputed" else stats.get("ref_logps")
     extras = {}
     if "response_only_chosen_avg" in spec.extras:  # RMiPO: the policy's avg log-prob of each response alone
-        alone = sg(completion_logps(cfg, params, batch["response_only"], chunk=spec.chunk))
+        alone = sg(completion_logps(cfg, params, batch["response_only"], chunk=spec.chunk, dtype=spec.dtype))
         alone_mask = batch["response_only"]["completion_mask"]
         avg = alone.sum(-1)[:, 0] / jnp.maximum(alone_mask.sum(-1)[:, 0], 1)
         half = avg.shape[0] // 2
@@ -257,11 +266,11 @@ def _unpaired_inputs(spec: StepSpec, cfg: ModelConfig, params, ref, stats: dict,
     kl_policy = kl_ref = None
     if spec.loss.needs_kl:  # KTO's reference point: the mismatched (prompt_i, completion_j) pairs
         kl = batch["kl"]
-        kl_policy = sg(completion_logps(cfg, params, kl, chunk=spec.chunk)).sum(-1)[:, 0]
+        kl_policy = sg(completion_logps(cfg, params, kl, chunk=spec.chunk, dtype=spec.dtype)).sum(-1)[:, 0]
         if spec.reference == "precomputed":
             kl_ref = batch["kl_ref_logps"].sum(-1)[:, 0]
         else:
-            kl_ref = sg(completion_logps(cfg, ref, kl, chunk=spec.chunk)).sum(-1)[:, 0]
+            kl_ref = sg(completion_logps(cfg, ref, kl, chunk=spec.chunk, dtype=spec.dtype)).sum(-1)[:, 0]
     x = UnpairedLogps(
         stats["logps"][:, 0],
         mask,
@@ -291,6 +300,7 @@ def make_loss_fn(cfg: ModelConfig, spec: StepSpec) -> Callable:
             sum_sq="wpo_aligned_chosen" in spec.extras,
             chunk=spec.chunk,
             remat=spec.remat,
+            dtype=spec.dtype,
         )
         if spec.loss.kind != "unpaired":  # pairs (RRHF on pairs: two ranked candidates)
             x, extra_metrics = _paired_inputs(spec, cfg, params, stats, batch)

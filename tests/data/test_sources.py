@@ -37,6 +37,21 @@ def test_formats_are_detected_and_normalised():
     assert system[0].prompt == (("system", "be brief"), ("user", "p"))
 
 
+def test_ultrafeedback_rows_take_the_prompt_from_the_conversation():
+    """princeton-nlp/llama3-ultrafeedback-armorm and friends: a prompt string plus whole conversations
+    (user turn, assistant turn) as chosen and rejected, and extra columns."""
+    row = {
+        "prompt_id": "abc",
+        "prompt": "What is 2+2?",
+        "chosen": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}],
+        "rejected": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "5"}],
+        "all_generated_responses": ["4", "5"],
+        "all_rm_scores": [0.9, 0.1],
+    }
+    pairs, _ = data.read_records([row])
+    assert pairs[0].prompt == (("user", "What is 2+2?"),) and (pairs[0].chosen, pairs[0].rejected) == ("4", "5")
+
+
 def test_format_override_and_unknown_format():
     with pytest.raises(data.DataError, match=r"row 0: missing field 'label' for the unpaired format"):
         data.read_records([{"prompt": "p", "chosen": "a", "rejected": "b"}], format="unpaired")

@@ -1,0 +1,299 @@
+"""`prefopt-jax plan`: will a config fit its accelerator slice, and how long will a step take?
+
+The real train step is compiled ahead of time for the target's devices from abstract inputs (shapes and
+shardings only, no weights allocated) and the compiled executable's own memory analysis is read back.
+TPU slices compile with the TPU compiler (libtpu, from `pip install -e ".[tpu]"`) from any host; GPU
+targets, and TPU targets without libtpu, compile for simulated CPU devices, whose figures are an
+estimate (XLA:CPU computes bfloat16 in float32 and has no reduce-scatter, so temporaries are
+overstated). FLOPs are counted analytically (`train.flops`): XLA's cost analysis counts a scanned
+layer body once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import sys
+from typing import IO
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from prefopt_jax import data, models, sharding
+from prefopt_jax.config import Config, ConfigError, check_mesh
+from prefopt_jax.data.records import Origin
+from prefopt_jax.data.tokenize import TokenizedPair
+from prefopt_jax.models.build import nest
+from prefopt_jax.train import batches, loop
+from prefopt_jax.train import flops as flops_lib
+from prefopt_jax.train import lora as lora_lib
+from prefopt_jax.train import step as step_lib
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """An accelerator slice: `topology` is libtpu's name for a TPU slice (None: GPU or CPU)."""
+
+    platform: str  # tpu | gpu | cpu
+    devices: int  # JAX devices (TPU chips; v5p slice names count TensorCores, two per chip)
+    hosts: int
+    memory: float | None  # bytes of accelerator memory per device
+    peak_flops: float | None  # dense bf16 FLOP/s per device
+    topology: str | None = None
+    accelerator: str | None = None  # gcloud's --accelerator-type
+    local: bool = False  # this process's own devices
+
+
+def _tpu(accelerator: str, topology: str, hosts: int, memory_gib: float, peak: float) -> Target:
+    chips = math.prod(int(n) for n in topology.split(":")[1].split("x"))
+    return Target("tpu", chips, hosts, memory_gib * GiB, peak, topology, accelerator)
+
+
+_V5E, _V5P, _V6E = (16, 197e12), (95, 459e12), (32, 918e12)
+TARGETS: dict[str, Target] = {
+    "v5e-8": _tpu("v5litepod-8", "v5e:2x4", 1, *_V5E),
+    "v5e-16": _tpu("v5litepod-16", "v5e:4x4", 4, *_V5E),
+    "v5e-32": _tpu("v5litepod-32", "v5e:4x8", 8, *_V5E),
+    "v5e-64": _tpu("v5litepod-64", "v5e:8x8", 16, *_V5E),
+    "v5p-8": _tpu("v5p-8", "v5p:2x2x1", 1, *_V5P),
+    "v5p-16": _tpu("v5p-16", "v5p:2x2x2", 2, *_V5P),
+    "v5p-32": _tpu("v5p-32", "v5p:2x2x4", 4, *_V5P),
+    "v5p-64": _tpu("v5p-64", "v5p:2x4x4", 8, *_V5P),
+    "v5p-128": _tpu("v5p-128", "v5p:4x4x4", 16, *_V5P),
+    "v6e-8": _tpu("v6e-8", "v6e:2x4", 1, *_V6E),
+    "v6e-16": _tpu("v6e-16", "v6e:4x4", 4, *_V6E),
+    "8xH100": Target("gpu", 8, 1, 79.6 * GiB, 989e12),  # 80 GB HBM3 (81,559 MiB usable)
+    "8xH200": Target("gpu", 8, 1, 140.4 * GiB, 989e12),
+    "16xH100": Target("gpu", 16, 2, 79.6 * GiB, 989e12),
+}
+
+
+def target(name: str) -> Target:
+    """A named slice, `cpu:N` (N simulated CPU devices, no memory limit), or `local` (this process's
+    devices, e.g. a Colab TPU, with their reported memory limit)."""
+    if name == "local":
+        devices = jax.devices()
+        stats = devices[0].memory_stats() or {}
+        kind = devices[0].device_kind
+        peak = next((f for prefix, f in flops_lib.PEAK_FLOPS.items() if kind.startswith(prefix)), None)
+        hosts = jax.process_count()
+        return Target(devices[0].platform, len(devices), hosts, stats.get("bytes_limit"), peak, local=True)
+    if name.startswith("cpu:") and name[4:].isdigit() and int(name[4:]) > 0:
+        return Target("cpu", int(name[4:]), 1, None, None)
+    if name not in TARGETS:
+        raise ConfigError(f"unknown plan target {name!r}; targets: {', '.join(TARGETS)}, cpu:N")
+    return TARGETS[name]
+
+
+def simulated_devices_needed(t: Target) -> int:
+    """How many CPU devices this process must have to plan for `t` (0: it compiles for real TPU devices)."""
+    return 0 if t.local or (t.topology and has_libtpu()) else t.devices
+
+
+def has_libtpu() -> bool:
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def target_devices(t: Target) -> tuple[list, bool]:
+    """(the devices to compile for, whether they are simulated CPU devices)."""
+    if t.local:
+        return jax.devices(), t.platform == "cpu"
+    if t.topology and has_libtpu():
+        from jax.experimental import topologies
+
+        # compile only: no chip is claimed, no metadata server asked, and libtpu is told the slice
+        for key, value in (
+            ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"),
+            ("TPU_SKIP_MDS_QUERY", "1"),
+            ("TPU_WORKER_HOSTNAMES", "localhost"),
+            ("TPU_ACCELERATOR_TYPE", t.accelerator),
+        ):
+            os.environ.setdefault(key, value)
+
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=t.topology).devices), False
+    devices = jax.devices("cpu")
+    if len(devices) != t.devices:
+        raise RuntimeError(
+            f"simulating {t.devices} devices needs a process started with that many CPU devices (this one has "
+            f"{len(devices)}): run `prefopt-jax plan` in a fresh process, or set "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={t.devices}"
+        )
+    return devices, True
+
+
+def worst_case_pairs(cfg: Config) -> list[TokenizedPair]:
+    """A micro-batch of pairs at the configured limits: a prompt of min(max_prompt_length, max_length / 2)
+    tokens and both completions filling the rest of max_length."""
+    length = cfg.data.max_length
+    prompt = min(cfg.data.max_prompt_length or length // 2, length // 2)
+    ids = np.arange(length, dtype=np.int32) % 1000 + 1  # token values do not change shapes
+    pair = TokenizedPair(ids[:prompt], ids[prompt:], ids[prompt:][::-1].copy(), 1.0, Origin("plan", 0))
+    return [pair] * (cfg.train.batch_size // cfg.train.micro_batches)
+
+
+def batch_parts(cfg: Config, spec: step_lib.StepSpec, rows: int, tiles: bool) -> list[dict]:
+    """The step's host arrays for the worst-case micro-batches, through the real collator."""
+    pairs = worst_case_pairs(cfg)
+    examples = data.unpaired_from_pairs(pairs) if spec.loss.kind == "unpaired" else pairs
+    response_only = "response_only_chosen_avg" in spec.extras
+    collate = batches.collator(cfg, 0, response_only=response_only, split="train")
+    parts = batches.host_batch([collate(examples)] * cfg.train.micro_batches, 0, rows, tiles=tiles)
+    if spec.reference == "precomputed":
+        per_example = [[e.chosen, e.rejected] for e in pairs] * cfg.train.micro_batches
+        batches.with_reference_logps(parts, [[np.zeros(len(c), np.float32) for c in e] for e in per_example])
+    return parts
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+def abstract_inputs(cfg: Config, mcfg: models.ModelConfig, spec, optimizer: optax.GradientTransformation, mesh):
+    """(state, frozen, ref_params) as shapes and shardings, laid out as `loop.setup` lays out the real ones."""
+    dtype = np.dtype(cfg.model.dtype)
+    table = models.param_table(mcfg)
+    base = _abstract(
+        nest({n: jax.ShapeDtypeStruct(shape, dtype) for n, (shape, _, _) in table.items()}),
+        models.param_shardings(mcfg, mesh, cfg.mesh.rules),
+    )
+    t = cfg.train
+    adapters = None
+    if t.lora_rank:
+        adapters = jax.eval_shape(
+            lambda: lora_lib.init_lora(mcfg, rank=t.lora_rank, targets=t.lora_targets, seed=t.seed)
+        )
+    trainable, frozen, ref_params, synced = loop.parameter_trees(cfg, spec, base, adapters, mesh)
+    shapes = jax.eval_shape(lambda tr, r: step_lib.init_state(tr, optimizer, spec.loss, reference=r), trainable, synced)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    trainable_shardings = jax.tree.map(lambda a: a.sharding, trainable)
+    state_shardings = {k: jax.tree.map(lambda _: replicated, v) for k, v in shapes.items()}
+    state_shardings["trainable"] = trainable_shardings
+    state_shardings["opt_state"] = optax.tree_utils.tree_map_params(
+        optimizer,
+        lambda _, s: s,
+        shapes["opt_state"],
+        trainable_shardings,
+        transform_non_params=lambda _: replicated,
+    )
+    if synced is not None:
+        state_shardings["reference"] = jax.tree.map(lambda a: a.sharding, synced)
+    return _abstract(shapes, state_shardings), frozen, ref_params
+
+
+def tree_bytes_per_device(tree) -> int:
+    """Bytes each device holds of abstract arrays (the largest shard, as XLA allocates)."""
+    total = 0
+    for a in jax.tree.leaves(tree):
+        shard = a.sharding.shard_shape(a.shape) if a.sharding is not None else a.shape
+        total += math.prod(shard) * np.dtype(a.dtype).itemsize
+    return total
+
+
+def plan(cfg: Config, target_name: str, *, mfu: float = 0.4, out: IO | None = None) -> dict:
+    """Compile the configured train step for `target_name` and report memory per device, FLOPs per step
+    and the step time at `mfu`. Returns the figures (bytes, FLOPs, seconds) as a dict."""
+    out = out or sys.stdout
+    tgt = target(target_name)
+    devices, simulated = target_devices(tgt)
+    check_mesh(cfg, len(devices))
+    m = cfg.mesh
+    mesh = sharding.make_mesh(m.data, m.fsdp, m.tensor, devices=devices)
+    mcfg = models.model_config(cfg.model.source)
+    spec = loop.step_spec(cfg)
+    optimizer = loop.make_optimizer(cfg)
+    state, frozen, ref_params = abstract_inputs(cfg, mcfg, spec, optimizer, mesh)
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    parts = batch_parts(cfg, spec, rows, batches.use_tiles(cfg, mesh))
+    stacked = batches.stack(parts)
+    batch = _abstract(stacked, batches.shardings(stacked, mesh))
+    train_step = step_lib.make_train_step(mcfg, spec, optimizer)
+    # XLA:CPU's default scheduler favours concurrency; the memory-minimising one is closer to an accelerator's
+    options = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"} if simulated else None
+    arguments = sum(tree_bytes_per_device(x) for x in (state, frozen, ref_params, batch) if x is not None)
+    try:
+        mem = train_step.lower(state, frozen, ref_params, batch).compile(compiler_options=options).memory_analysis()
+        sizes = (mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes, mem.temp_size_in_bytes)
+    except Exception as e:  # the TPU compiler refuses a program that cannot fit: report it as a plan
+        found = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
+        if "RESOURCE_EXHAUSTED" not in str(e) or not found:
+            raise
+        sizes = (arguments, 0, 0, int(float(found.group(1)) * GiB))  # the compiler's figure for temporaries
+    step_flops = flops_lib.step_flops(
+        mcfg, parts, lora=spec.lora_scale is not None, reference_in_step=spec.reference_in_step
+    )
+    peak = tgt.peak_flops or flops_lib.measured_peak_flops()
+    total = sizes[0] + sizes[1] - sizes[2] + sizes[3]
+    result = {
+        "target": target_name,
+        "devices": len(devices),
+        "compiled_for": (
+            f"{len(devices)} simulated CPU devices (estimate)"
+            if simulated
+            else "TPU (libtpu)"
+            if tgt.topology
+            else f"this process's {len(devices)} {devices[0].device_kind} devices"
+        ),
+        "mesh": dict(mesh.shape),
+        "params": mcfg.num_params(),
+        "state_bytes": tree_bytes_per_device(state),
+        "frozen_bytes": tree_bytes_per_device(frozen) if frozen is not None else 0,
+        "reference_bytes": tree_bytes_per_device(ref_params) if ref_params is not None else 0,
+        "batch_bytes": tree_bytes_per_device(batch),
+        "argument_bytes": sizes[0],
+        "output_bytes": sizes[1],
+        "alias_bytes": sizes[2],
+        "temp_bytes": sizes[3],
+        "total_bytes": total,
+        "device_memory": tgt.memory,
+        "fits": None if tgt.memory is None else total <= tgt.memory,
+        "flops": step_flops,
+        "mfu": mfu,
+        "step_seconds": step_flops / (peak * len(devices) * mfu),
+        "batch_shape": list(stacked["main"]["input_ids"].shape),
+    }
+    print(report(cfg, result), file=out)
+    return result
+
+
+def report(cfg: Config, r: dict) -> str:
+    def gib(n: float) -> str:
+        return f"{n / GiB:7.2f} GiB"
+
+    t = cfg.train
+    ref = f"{t.reference}" + (f" (LoRA r{t.lora_rank})" if t.lora_rank else " (full fine-tuning)")
+    lines = [
+        f"plan: {cfg.model.source} ({r['params'] / 1e9:.2f}B params), {cfg.loss.name}, reference {ref}",
+        f"target {r['target']}: compiled for {r['compiled_for']}; mesh {r['mesh']}",
+        f"batch: {t.batch_size} pairs/step in {t.micro_batches} micro-batch(es) of {r['batch_shape'][1:]} "
+        f"rows x tokens ({cfg.data.layout}; pairs at max_length {cfg.data.max_length})",
+        "per device:",
+        f"  train state (params, optimizer) {gib(r['state_bytes'])}",
+        f"  frozen base / reference copy    {gib(r['frozen_bytes'] + r['reference_bytes'])}",
+        f"  batch                           {gib(r['batch_bytes'])}",
+        f"  arguments (compiled)            {gib(r['argument_bytes'])}",
+        f"  temporaries                     {gib(r['temp_bytes'])}",
+        f"  total                           {gib(r['total_bytes'])}",
+    ]
+    if r["device_memory"] is not None:
+        verdict = "fits" if r["fits"] else "DOES NOT FIT"
+        lines.append(f"  device memory                   {gib(r['device_memory'])}  -> {verdict}")
+    lines.append(
+        f"FLOPs per step {r['flops']:.3e}; at {r['mfu']:.0%} MFU a step takes {r['step_seconds']:.2f} s "
+        f"({t.batch_size / r['step_seconds']:.1f} pairs/s)"
+    )
+    if r["compiled_for"].endswith("(estimate)"):
+        lines.append(
+            "note: compiled for simulated CPU devices; XLA:CPU computes bfloat16 in float32 and has no "
+            "reduce-scatter, so temporaries are overstated (TPU targets: pip install -e '.[tpu]')"
+        )
+    return "\n".join(lines)
