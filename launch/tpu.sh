@@ -181,7 +181,7 @@ do_setup() {
   local install
   install="set -e; [ -d ~/prefopt_jax ] || git clone $(printf '%q' "$REPO") ~/prefopt_jax; cd ~/prefopt_jax"
   install+="; git fetch --all --tags; git checkout $(printf '%q' "$REF")"
-  install+="; python3 -m venv .venv; .venv/bin/pip install -q -U pip; .venv/bin/pip install -q -e '.[tpu]'"
+  install+="; python3 -m venv .venv; .venv/bin/pip install -q -U pip; .venv/bin/pip install -q -e '.[tpu,gcs]'"
   ssh_all all "$install"
   local f
   for f in "${COPY[@]}"; do

@@ -6,7 +6,7 @@ prefopt-jax precompute-ref --config configs/X.yaml   reference log-probs once, f
 prefopt-jax eval --config configs/X.yaml            held-out metrics of the newest checkpoint
 prefopt-jax export --config configs/X.yaml OUT_DIR  Hugging Face folder (LoRA merged)
 prefopt-jax plot RUN_DIR                            PNG curves of a run's metrics
-prefopt-jax plan --config configs/X.yaml --target v5e-16   memory per device and step time, compiled ahead
+prefopt-jax plan --config configs/X.yaml --target v5e-16   per-device memory and step time, compiled ahead
 prefopt-jax losses                         every loss evaluated on a built-in batch
 prefopt-jax losses --set r_dpo.alpha=0.05 --markdown docs/losses.md
 """

@@ -277,9 +277,13 @@ def forward_hidden(
     x = constrain(embed_tokens(cfg, params, input_ids, dtype), ("batch", "length", None))
     rope = rope_tables(cfg, positions)
     windows = jnp.asarray(cfg.windows, jnp.int32)
+    layer_axes = {n.removeprefix("layers/"): a[1:] for n, (_, a, _) in param_table(cfg).items() if n[:7] == "layers/"}
 
     def body(h, layer):
         p, window = layer
+        # each layer's weights stay in their shards up to here, so a sharded model is gathered one layer
+        # at a time inside the loop, never all layers at once before it
+        p = {k: constrain(v, layer_axes[k]) if k in layer_axes else v for k, v in p.items()}
         attention = lambda hn: (_attention(cfg, p, hn, positions, allowed, window, rope, constrain, tiles), None)
         return block(cfg, h, p, attention, constrain)
 

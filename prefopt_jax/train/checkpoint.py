@@ -9,11 +9,20 @@ from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+
+def run_path(directory: str | Path) -> epath.Path:
+    """A run's output folder: local (made absolute) or a bucket URL such as gs://bucket/run, which every
+    host of a multi-host run sees (gs:// needs the `gcs` extra: gcsfs)."""
+    if "://" in str(directory):
+        return epath.Path(str(directory))
+    return epath.Path(Path(directory).expanduser().absolute())
 
 
 def manager(directory: str | Path, *, keep: int = 3) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_names=("state", "meta"))
+    return ocp.CheckpointManager(run_path(directory), options=options, item_names=("state", "meta"))
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state: dict, meta: dict) -> None:

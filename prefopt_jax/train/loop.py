@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from prefopt_jax import data, losses, models
+from prefopt_jax import data, losses, models, sharding
 from prefopt_jax.config import Config
 from prefopt_jax.models.generate import generate
 from prefopt_jax.train import batches, checkpoint, reference_cache, runtime
@@ -71,9 +71,15 @@ class Run:
     tiles: bool  # block-sparse attention
 
 
-def step_spec(cfg: Config) -> step_lib.StepSpec:
-    """What the train step computes, from the config."""
+def step_spec(cfg: Config, mesh: Mesh | None = None) -> step_lib.StepSpec:
+    """What the train step computes, from the config; with the mesh, activations and each layer's weights
+    are kept in their shards inside the step."""
     t = cfg.train
+    constrain = (
+        step_lib.no_constraint
+        if mesh is None
+        else sharding.activation_constraint(mesh, sharding.rules_for(cfg.mesh.rules))
+    )
     return step_lib.StepSpec(
         losses.get(cfg.loss.name),
         dict(cfg.loss.hparams),
@@ -85,6 +91,7 @@ def step_spec(cfg: Config) -> step_lib.StepSpec:
         remat=cfg.model.remat,
         seed=t.seed,
         compute_dtype=cfg.model.compute_dtype or cfg.model.dtype,
+        constrain=constrain,
     )
 
 
@@ -132,7 +139,7 @@ def setup(cfg: Config, optimizer: optax.GradientTransformation, out: IO) -> Run:
         f"model {cfg.model.source} ({mcfg.num_params() / 1e6:.0f}M params) loaded; data: {prepared.report.summary()}",
         file=out,
     )
-    spec = step_spec(cfg)
+    spec = step_spec(cfg, mesh)
     loss = spec.loss
     pad_id = tokenizer.pad_token_id or 0
     response_only = "response_only_chosen_avg" in spec.extras
@@ -231,7 +238,7 @@ def train(cfg: Config, *, out: IO | None = None, stop_after: int | None = None) 
     `stop_after` stops (with a checkpoint) after that step, as a preemption would."""
     out = out or sys.stdout  # looked up per call, so redirected stdout is honoured
     t = cfg.train
-    run_dir = Path(cfg.output.dir)
+    run_dir = checkpoint.run_path(cfg.output.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     optimizer = make_optimizer(cfg)
@@ -322,7 +329,7 @@ def evaluate_checkpoint(cfg: Config, *, out: IO | None = None) -> dict:
     model when there is none)."""
     out = out or sys.stdout
     run = setup(cfg, make_optimizer(cfg), out)
-    ckpt = checkpoint.manager(Path(cfg.output.dir) / "checkpoints", keep=cfg.output.keep)
+    ckpt = checkpoint.manager(checkpoint.run_path(cfg.output.dir) / "checkpoints", keep=cfg.output.keep)
     restored = checkpoint.restore_latest(ckpt, run.state)
     where = "the starting model (no checkpoint)"
     if restored is not None:
@@ -360,10 +367,10 @@ def export(cfg: Config, out_dir: str | Path, *, out: IO | None = None) -> Path:
     folder with the tokenizer, in model.dtype."""
     out = out or sys.stdout
     run = setup(cfg, make_optimizer(cfg), out)
-    ckpt = checkpoint.manager(Path(cfg.output.dir) / "checkpoints", keep=cfg.output.keep)
-    restored = checkpoint.restore_latest(ckpt, run.state)
+    checkpoints = checkpoint.run_path(cfg.output.dir) / "checkpoints"
+    restored = checkpoint.restore_latest(checkpoint.manager(checkpoints, keep=cfg.output.keep), run.state)
     if restored is None:
-        raise FileNotFoundError(f"no checkpoint in {Path(cfg.output.dir) / 'checkpoints'} to export")
+        raise FileNotFoundError(f"no checkpoint in {checkpoints} to export")
     state, meta = restored
     trainable = state["trainable"]
     params = (

@@ -5,21 +5,22 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+from etils import epath
 
 from prefopt_jax.train.step import LENGTH_EDGES
 
 
 class MetricsWriter:
     """Writes one record per step. `append` continues a resumed run's files instead of replacing them.
-    `primary` is False on every host but the first of a multi-host run: they write nothing."""
+    `primary` is False on every host but the first of a multi-host run: they write nothing. In a bucket
+    (gs://), where files cannot be appended to, metrics.jsonl is rewritten whole at every record."""
 
     def __init__(
         self,
-        run_dir: Path,
+        run_dir: epath.Path,
         *,
         append: bool,
         tensorboard: bool = True,
@@ -27,7 +28,13 @@ class MetricsWriter:
         config: Any = None,
         primary: bool = True,
     ):
-        self.jsonl = (run_dir / "metrics.jsonl").open("a" if append else "w") if primary else None
+        path = run_dir / "metrics.jsonl"
+        self.jsonl, self.remote, self.lines = None, None, []
+        if primary and "://" in str(run_dir):
+            self.remote = path
+            self.lines = path.read_text().splitlines(keepends=True) if append and path.exists() else []
+        elif primary:
+            self.jsonl = open(path, "a" if append else "w")  # closed in close()
         self.tb = None
         tensorboard, wandb = tensorboard and primary, wandb and primary
         if tensorboard:
@@ -43,10 +50,14 @@ class MetricsWriter:
             self.wandb = wandb_lib.init(dir=str(run_dir), config=config, resume="allow", name=run_dir.name)
 
     def write(self, step: int, record: dict) -> None:
-        if self.jsonl is None:
+        if self.remote is not None:
+            self.lines.append(json.dumps(record) + "\n")
+            self.remote.write_text("".join(self.lines))
+        elif self.jsonl is not None:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+        else:
             return
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         if self.tb is not None:
             for k, v in scalars.items():

@@ -144,7 +144,8 @@ def worst_case_pairs(cfg: Config) -> list[TokenizedPair]:
 def batch_parts(cfg: Config, spec: step_lib.StepSpec, rows: int, tiles: bool) -> list[dict]:
     """The step's host arrays for the worst-case micro-batches, through the real collator."""
     pairs = worst_case_pairs(cfg)
-    examples = data.unpaired_from_pairs(pairs) if spec.loss.kind == "unpaired" else pairs
+    # unpaired losses count examples, not pairs, in train.batch_size (a pair is two examples)
+    examples = data.unpaired_from_pairs(pairs)[: len(pairs)] if spec.loss.kind == "unpaired" else pairs
     response_only = "response_only_chosen_avg" in spec.extras
     collate = batches.collator(cfg, 0, response_only=response_only, split="train")
     parts = batches.host_batch([collate(examples)] * cfg.train.micro_batches, 0, rows, tiles=tiles)
@@ -209,7 +210,7 @@ def plan(cfg: Config, target_name: str, *, mfu: float = 0.4, out: IO | None = No
     m = cfg.mesh
     mesh = sharding.make_mesh(m.data, m.fsdp, m.tensor, devices=devices)
     mcfg = models.model_config(cfg.model.source)
-    spec = loop.step_spec(cfg)
+    spec = loop.step_spec(cfg, mesh)
     optimizer = loop.make_optimizer(cfg)
     state, frozen, ref_params = abstract_inputs(cfg, mcfg, spec, optimizer, mesh)
     rows = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -220,6 +221,7 @@ def plan(cfg: Config, target_name: str, *, mfu: float = 0.4, out: IO | None = No
     # XLA:CPU's default scheduler favours concurrency; the memory-minimising one is closer to an accelerator's
     options = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"} if simulated else None
     arguments = sum(tree_bytes_per_device(x) for x in (state, frozen, ref_params, batch) if x is not None)
+    refused = False
     try:
         mem = train_step.lower(state, frozen, ref_params, batch).compile(compiler_options=options).memory_analysis()
         sizes = (mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes, mem.temp_size_in_bytes)
@@ -228,6 +230,7 @@ def plan(cfg: Config, target_name: str, *, mfu: float = 0.4, out: IO | None = No
         if "RESOURCE_EXHAUSTED" not in str(e) or not found:
             raise
         sizes = (arguments, 0, 0, int(float(found.group(1)) * GiB))  # the compiler's figure for temporaries
+        refused = True
     step_flops = flops_lib.step_flops(
         mcfg, parts, lora=spec.lora_scale is not None, reference_in_step=spec.reference_in_step
     )
@@ -255,7 +258,8 @@ def plan(cfg: Config, target_name: str, *, mfu: float = 0.4, out: IO | None = No
         "temp_bytes": sizes[3],
         "total_bytes": total,
         "device_memory": tgt.memory,
-        "fits": None if tgt.memory is None else total <= tgt.memory,
+        "fits": None if tgt.memory is None else total <= tgt.memory and not refused,
+        "refused_by_compiler": refused,
         "flops": step_flops,
         "mfu": mfu,
         "step_seconds": step_flops / (peak * len(devices) * mfu),
@@ -280,12 +284,14 @@ def report(cfg: Config, r: dict) -> str:
         f"  train state (params, optimizer) {gib(r['state_bytes'])}",
         f"  frozen base / reference copy    {gib(r['frozen_bytes'] + r['reference_bytes'])}",
         f"  batch                           {gib(r['batch_bytes'])}",
-        f"  arguments (compiled)            {gib(r['argument_bytes'])}",
+        f"  arguments ({'counted' if r['refused_by_compiler'] else 'compiled'})            {gib(r['argument_bytes'])}",
         f"  temporaries                     {gib(r['temp_bytes'])}",
         f"  total                           {gib(r['total_bytes'])}",
     ]
     if r["device_memory"] is not None:
         verdict = "fits" if r["fits"] else "DOES NOT FIT"
+        if r["refused_by_compiler"]:
+            verdict += " (the TPU compiler refused it; temporaries are its figure)"
         lines.append(f"  device memory                   {gib(r['device_memory'])}  -> {verdict}")
     lines.append(
         f"FLOPs per step {r['flops']:.3e}; at {r['mfu']:.0%} MFU a step takes {r['step_seconds']:.2f} s "

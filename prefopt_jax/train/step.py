@@ -21,7 +21,7 @@ from prefopt_jax.logprobs import gather_completions, token_stats
 from prefopt_jax.losses import Loss, PairLogps, UnpairedLogps
 from prefopt_jax.models.block_sparse import attention_blocks, causal_mask, tile_buckets
 from prefopt_jax.models.config import ModelConfig
-from prefopt_jax.models.decoder import forward_hidden, unembedding
+from prefopt_jax.models.decoder import forward_hidden, no_constraint, unembedding
 from prefopt_jax.train.lora import with_lora
 
 sg = jax.lax.stop_gradient
@@ -77,7 +77,9 @@ def batch_arrays(batch, *, tiles: bool = False) -> dict:
     return out
 
 
-def _hidden(cfg: ModelConfig, params: dict, b: dict, remat: str = "none", dtype: Any = jnp.float32) -> jax.Array:
+def _hidden(
+    cfg: ModelConfig, params: dict, b: dict, remat: str = "none", dtype: Any = jnp.float32, constrain=no_constraint
+) -> jax.Array:
     return forward_hidden(
         cfg,
         params,
@@ -87,6 +89,7 @@ def _hidden(cfg: ModelConfig, params: dict, b: dict, remat: str = "none", dtype:
         b.get("mask"),
         remat=remat,
         dtype=dtype,
+        constrain=constrain,
         tiles=b.get("tiles"),
     )
 
@@ -101,10 +104,12 @@ def completion_stats(
     chunk: int = 128,
     remat: str = "none",
     dtype: Any = jnp.float32,
+    constrain=no_constraint,
 ) -> dict[str, jax.Array]:
     """`token_stats` of every completion of a batch, each [G, K, L] (0 outside the completion). With
     `reference` parameters, their log-probs and the per-token KLs too (no gradient into the reference).
-    `dtype` is the layers' compute dtype (weights are cast at use); log-softmax is always float32."""
+    `dtype` is the layers' compute dtype (weights are cast at use); log-softmax is always float32.
+    `constrain` (`sharding.activation_constraint`) keeps activations and each layer's weights on the mesh."""
     scored = b["scored"]  # [R, C] positions of completion tokens, -1 = none
     at = jnp.maximum(scored, 0)
     pred = jnp.take_along_axis(b["pred_index"], at, axis=1)  # the positions whose outputs predict them
@@ -114,9 +119,12 @@ def completion_stats(
 
     ref = None
     if reference is not None:
-        ref = (sg(picked(_hidden(cfg, reference, b, dtype=dtype))), sg(unembedding(cfg, reference)))
+        ref = (
+            sg(picked(_hidden(cfg, reference, b, dtype=dtype, constrain=constrain))),
+            sg(unembedding(cfg, reference)),
+        )
     stats = token_stats(
-        picked(_hidden(cfg, params, b, remat, dtype)),
+        picked(_hidden(cfg, params, b, remat, dtype, constrain)),
         unembedding(cfg, params),
         jnp.take_along_axis(b["input_ids"], at, axis=1),
         jnp.broadcast_to(jnp.arange(scored.shape[1]), scored.shape),
@@ -161,6 +169,7 @@ class StepSpec:
     remat: str = "none"
     seed: int = 0
     compute_dtype: str = "float32"  # the layers' matmuls (bfloat16 on accelerators; parameters keep their dtype)
+    constrain: Callable = no_constraint  # sharding.activation_constraint(mesh, rules): activations and weights
 
     def __post_init__(self) -> None:
         if self.reference not in REFERENCE_MODES:
@@ -301,6 +310,7 @@ def make_loss_fn(cfg: ModelConfig, spec: StepSpec) -> Callable:
             chunk=spec.chunk,
             remat=spec.remat,
             dtype=spec.dtype,
+            constrain=spec.constrain,
         )
         if spec.loss.kind != "unpaired":  # pairs (RRHF on pairs: two ranked candidates)
             x, extra_metrics = _paired_inputs(spec, cfg, params, stats, batch)

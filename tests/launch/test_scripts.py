@@ -72,7 +72,7 @@ def test_tpu_dry_run_lifecycle(accelerator):
     ssh = gcloud_args(setup[0])
     assert ssh[:5] == ["compute", "tpus", "tpu-vm", "ssh", "dpo-test"] and "--worker=all" in ssh
     remote = ssh[ssh.index("--command") + 1]
-    assert "git checkout v1" in remote and ".venv/bin/pip install -q -e '.[tpu]'" in remote
+    assert "git checkout v1" in remote and ".venv/bin/pip install -q -e '.[tpu,gcs]'" in remote
     assert gcloud_args(setup[1]) == [
         "compute", "tpus", "tpu-vm", "scp", "configs/default.yaml", "dpo-test:prefopt_jax/configs/",
         "--zone", zone, "--project", "proj", "--worker=all",

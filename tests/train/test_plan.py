@@ -2,6 +2,7 @@
 argument bytes per device equal a hand count of the parameters, optimizer state and reference copy."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +89,25 @@ def test_unknown_target_and_wrong_device_count():
         plan.target("v9x-8")
     with pytest.raises(RuntimeError, match="simulating 16 devices needs a process started with that many"):
         plan.target_devices(plan.Target("cpu", 16, 1, None, None))
+
+
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "configs" / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_recipes_validate_for_their_slice_and_for_8xh100(recipe):
+    slice_name = recipe.read_text().split()[2].rstrip(":")  # "# TPU v5p-8: launch/tpu.sh ..."
+    for devices in (plan.target(slice_name).devices, 8):
+        cfg = load_config(recipe, devices=devices)
+        assert cfg.train.batch_size == 128 and cfg.model.compute_dtype == "bfloat16"
+    assert plan.target(slice_name).platform == "tpu"
+
+
+@pytest.mark.skipif(not plan.has_libtpu(), reason="libtpu not installed (pip install -e '.[tpu]')")
+def test_llama3_dpo_recipe_fits_its_slice():
+    """The whole 8B step (full fine-tuning, bfloat16 reference copy, 16 pairs of 2048-token rows per
+    micro-batch) compiled by the TPU compiler for a v5p-8, from shapes alone."""
+    recipe = next(p for p in RECIPES if p.stem == "llama3-8b-instruct-dpo")
+    r = plan.plan(load_config(recipe, devices=4), "v5p-8")
+    assert r["params"] == 8_030_261_248 and r["compiled_for"] == "TPU (libtpu)"
+    assert r["fits"] is True and r["total_bytes"] <= r["device_memory"]
