@@ -26,6 +26,11 @@ class ModelSection:
     remat: str = "full"  # full | none | dots | dots_no_batch; full keeps only layer inputs (less memory)
     attention: str = "auto"  # auto | dense | block_sparse (auto: block-sparse unless rows are split over devices)
 
+    @property
+    def compute(self) -> str:
+        """The matmuls' dtype: compute_dtype, or the parameters' dtype when it is not set."""
+        return self.compute_dtype or self.dtype
+
 
 @dataclasses.dataclass(frozen=True)
 class MeshSection:

@@ -131,8 +131,8 @@ def margin_sweep(name: str, margins, **hp) -> tuple[np.ndarray, np.ndarray]:
     fn = get(name)
 
     def total(m):
-        return jnp.sum(fn(margin_inputs(name, m), **hp).loss)
+        per = fn(margin_inputs(name, m), **hp).loss
+        return jnp.sum(per), per
 
-    m = jnp.asarray(margins, jnp.float32)
-    per = fn(margin_inputs(name, m), **hp).loss
-    return np.asarray(per), np.asarray(jax.grad(total)(m))
+    grad, per = jax.grad(total, has_aux=True)(jnp.asarray(margins, jnp.float32))
+    return np.asarray(per), np.asarray(grad)

@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from prefopt_jax.models.build import create_model, model_from_arrays, param_shardings
 from prefopt_jax.models.config import SUPPORTED, ModelConfig, ModelConfigError, RopeConfig, from_hf_config
 from prefopt_jax.models.decoder import Decoder, forward_hidden, logits_from_hidden, param_table, unembedding
-from prefopt_jax.models.hf import load_hf_folder, save_hf_folder
+from prefopt_jax.models.hf import load_hf_folder, read_hf_config, save_hf_folder
 from prefopt_jax.models.hub_configs import HUB_CONFIGS
 from prefopt_jax.models.safetensors_io import CheckpointError
 from prefopt_jax.sharding import Rules
@@ -116,16 +116,15 @@ def model_config(source: str | Path) -> ModelConfig:
     """The architecture of `source` without loading its weights: a short name, .gguf or local folder is
     read; a hub id the recipes name comes from `hub_configs`; any other hub id's config.json is fetched."""
     s = str(source)
-    if s in HUB_CONFIGS and not Path(s).expanduser().exists():
-        return from_hf_config(HUB_CONFIGS[s], where=s)
-    path = Path(s).expanduser()
-    if s in SHORT_NAMES or path.exists():
+    if s in SHORT_NAMES or Path(s).expanduser().exists():
         path = resolve_source(s)
         if path.suffix == ".gguf":
-            from prefopt_jax.models.gguf import _reader, config_from_gguf
+            from prefopt_jax.models.gguf import read_gguf_config
 
-            return config_from_gguf(_reader(path), path)
-        return from_hf_config(json.loads((path / "config.json").read_text()), where=str(path / "config.json"))
+            return read_gguf_config(path)
+        return read_hf_config(path)
+    if s in HUB_CONFIGS:
+        return from_hf_config(HUB_CONFIGS[s], where=s)
     try:
         from huggingface_hub import hf_hub_download
 

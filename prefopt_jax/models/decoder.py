@@ -277,7 +277,9 @@ def forward_hidden(
     x = constrain(embed_tokens(cfg, params, input_ids, dtype), ("batch", "length", None))
     rope = rope_tables(cfg, positions)
     windows = jnp.asarray(cfg.windows, jnp.int32)
-    layer_axes = {n.removeprefix("layers/"): a[1:] for n, (_, a, _) in param_table(cfg).items() if n[:7] == "layers/"}
+    layer_axes = {
+        n.removeprefix("layers/"): a[1:] for n, (_, a, _) in param_table(cfg).items() if n.startswith("layers/")
+    }
 
     def body(h, layer):
         p, window = layer

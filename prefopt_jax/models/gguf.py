@@ -118,6 +118,11 @@ def config_from_gguf(reader, path: Path) -> ModelConfig:
     )
 
 
+def read_gguf_config(path: str | Path) -> ModelConfig:
+    """The architecture in a GGUF file's metadata (no tensors read)."""
+    return config_from_gguf(_reader(Path(path)), Path(path))
+
+
 def load_gguf(path: str | Path) -> tuple[ModelConfig, Callable[[str], np.ndarray]]:
     path = Path(path)
     reader = _reader(path)

@@ -109,16 +109,21 @@ def array_getter(
     return get
 
 
-def load_hf_folder(folder: str | Path) -> tuple[ModelConfig, Callable[[str], np.ndarray]]:
-    folder = Path(folder)
-    cfg_file = folder / "config.json"
+def read_hf_config(folder: str | Path) -> ModelConfig:
+    """The architecture in a Hugging Face folder's config.json (no weights read)."""
+    cfg_file = Path(folder) / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"{folder}: no config.json")
     try:
         raw = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from None
-    cfg = from_hf_config(raw, where=str(cfg_file))
+    return from_hf_config(raw, where=str(cfg_file))
+
+
+def load_hf_folder(folder: str | Path) -> tuple[ModelConfig, Callable[[str], np.ndarray]]:
+    folder = Path(folder)
+    cfg = read_hf_config(folder)
     tensors = read_checkpoint_folder(folder)
     return cfg, array_getter(cfg, HF_NAMES[cfg.family], tensors, str(folder))
 

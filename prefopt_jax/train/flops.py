@@ -76,14 +76,18 @@ def measured_peak_flops(n: int = 1024, repeats: int = 10) -> float:
     return 2 * n**3 / float(np.median(times))
 
 
+def datasheet_peak(device_kind: str) -> tuple[str, float] | None:
+    """(matched prefix, dense bf16 peak FLOP/s per device) for a jax `device_kind`, or None (CPU, unknown)."""
+    return next(((p, f) for p, f in PEAK_FLOPS.items() if device_kind.startswith(p)), None)
+
+
 def peak_flops(override_tflops: float | None = None) -> tuple[float, str]:
     """(peak FLOP/s of all devices together, where the figure came from)."""
     devices = jax.devices()
     if override_tflops:
         return override_tflops * 1e12 * len(devices), "train.peak_tflops"
-    kind = devices[0].device_kind
-    for prefix, flops in PEAK_FLOPS.items():
-        if kind.startswith(prefix):
-            return flops * len(devices), f"{prefix} datasheet bf16 peak"
+    known = datasheet_peak(devices[0].device_kind)
+    if known:
+        return known[1] * len(devices), f"{known[0]} datasheet bf16 peak"
     # CPU (simulated devices share the same cores): measure the host once
     return measured_peak_flops(), f"measured fp32 matmul peak of this {devices[0].platform}"

@@ -90,7 +90,7 @@ def step_spec(cfg: Config, mesh: Mesh | None = None) -> step_lib.StepSpec:
         ref_sync_alpha=t.ref_sync_alpha,
         remat=cfg.model.remat,
         seed=t.seed,
-        compute_dtype=cfg.model.compute_dtype or cfg.model.dtype,
+        compute_dtype=cfg.model.compute,
         constrain=constrain,
     )
 

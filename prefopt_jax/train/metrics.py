@@ -50,13 +50,14 @@ class MetricsWriter:
             self.wandb = wandb_lib.init(dir=str(run_dir), config=config, resume="allow", name=run_dir.name)
 
     def write(self, step: int, record: dict) -> None:
+        line = json.dumps(record) + "\n"
         if self.remote is not None:
-            self.lines.append(json.dumps(record) + "\n")
+            self.lines.append(line)
             self.remote.write_text("".join(self.lines))
         elif self.jsonl is not None:
-            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.write(line)
             self.jsonl.flush()
-        else:
+        else:  # not the primary host
             return
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         if self.tb is not None:

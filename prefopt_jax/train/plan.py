@@ -12,6 +12,7 @@ layer body once.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import re
@@ -80,10 +81,11 @@ def target(name: str) -> Target:
     if name == "local":
         devices = jax.devices()
         stats = devices[0].memory_stats() or {}
-        kind = devices[0].device_kind
-        peak = next((f for prefix, f in flops_lib.PEAK_FLOPS.items() if kind.startswith(prefix)), None)
-        hosts = jax.process_count()
-        return Target(devices[0].platform, len(devices), hosts, stats.get("bytes_limit"), peak, local=True)
+        known = flops_lib.datasheet_peak(devices[0].device_kind)
+        peak = known[1] if known else None
+        return Target(
+            devices[0].platform, len(devices), jax.process_count(), stats.get("bytes_limit"), peak, local=True
+        )
     if name.startswith("cpu:") and name[4:].isdigit() and int(name[4:]) > 0:
         return Target("cpu", int(name[4:]), 1, None, None)
     if name not in TARGETS:
@@ -97,11 +99,7 @@ def simulated_devices_needed(t: Target) -> int:
 
 
 def has_libtpu() -> bool:
-    try:
-        import libtpu  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("libtpu") is not None
 
 
 def target_devices(t: Target) -> tuple[list, bool]:

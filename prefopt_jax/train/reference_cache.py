@@ -131,7 +131,7 @@ def key_for(cfg, prepared) -> str:
     from prefopt_jax import models
 
     digest = model_digest(models.resolve_source(cfg.model.source))
-    dtypes = f"{cfg.model.dtype}/{cfg.model.compute_dtype or cfg.model.dtype}"
+    dtypes = f"{cfg.model.dtype}/{cfg.model.compute}"
     return cache_key(digest, dtypes, {"train": prepared.train, "eval": prepared.eval})
 
 
@@ -162,7 +162,7 @@ def precompute(cfg, out=None) -> str:
     collate = batches.collator(cfg, pad_id)
     n_rows = mesh.shape["data"] * mesh.shape["fsdp"]
     size = cfg.train.batch_size // cfg.train.micro_batches
-    dtype = runtime.dtype_of(cfg.model.compute_dtype or cfg.model.dtype)
+    dtype = runtime.dtype_of(cfg.model.compute)
     logps_fn = jax.jit(lambda p, b: step_lib.completion_logps(mcfg, p, b, dtype=dtype))
     results: dict[str, list] = {}
     for name, examples in splits.items():
