@@ -24,7 +24,8 @@ class ModelSection:
     dtype: str = "float32"  # parameter (and optimizer state) dtype
     compute_dtype: str | None = None  # the layers' matmuls; None: model.dtype (bfloat16 on accelerators)
     remat: str = "full"  # full | none | dots | dots_no_batch; full keeps only layer inputs (less memory)
-    attention: str = "auto"  # auto | dense | block_sparse (auto: block-sparse unless rows are split over devices)
+    # auto | dense | block_sparse | pallas | cudnn; auto: pallas on TPU, cudnn on GPU, block_sparse on CPU
+    attention: str = "auto"
 
     @property
     def compute(self) -> str:
@@ -48,6 +49,8 @@ class DataSection:
     max_prompt_length: int | None = None
     eval_fraction: float = 0.1  # ignored by builtin:compare, which has its own held-out split
     layout: str = "packed"  # packed | padded | shared (prefix sharing only) | packed_unshared (packing only)
+    pack_length: int | None = None  # tokens per batch row (a multiple of 32; 128 for TPU/GPU); None: from the data
+    micro_batch_rows: int | None = None  # rows per micro-batch; None: sized from the data (see data.derive_geometry)
     on_error: str = "raise"
     num_train: int = 512  # builtin:compare sizes
     num_eval: int = 64
@@ -222,7 +225,7 @@ def validate(cfg: Config, devices: int | None = None) -> None:
         "model.dtype": (cfg.model.dtype, ("float32", "bfloat16")),
         "model.compute_dtype": (cfg.model.compute_dtype, (None, "float32", "bfloat16")),
         "model.remat": (cfg.model.remat, ("none", "full", "dots", "dots_no_batch")),
-        "model.attention": (cfg.model.attention, ("auto", "dense", "block_sparse")),
+        "model.attention": (cfg.model.attention, ("auto", "dense", "block_sparse", "pallas", "cudnn")),
         "data.on_error": (cfg.data.on_error, ("raise", "skip")),
         "mesh.rules": (cfg.mesh.rules, ("dp", "fsdp", "fsdp_tp")),
     }
@@ -273,9 +276,12 @@ def validate(cfg: Config, devices: int | None = None) -> None:
         ("train.steps", t.steps),
         ("train.batch_size", t.batch_size),
         ("data.max_length", cfg.data.max_length),
+        ("data.micro_batch_rows", cfg.data.micro_batch_rows or 1),
     ):
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+    if cfg.data.pack_length is not None and (cfg.data.pack_length < 32 or cfg.data.pack_length % 32):
+        raise ConfigError(f"data.pack_length must be a multiple of 32 (attention tiles), got {cfg.data.pack_length}")
 
 
 def check_mesh(cfg: Config, n: int) -> None:

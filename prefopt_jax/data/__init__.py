@@ -1,8 +1,11 @@
 """Preference data, host side (numpy, datasets, tokenizers; no jax): sources and formats, chat-template
-tokenisation with truncation, padded and packed (prefix-shared) batches, resumable host-sharded iteration.
+tokenisation with truncation, fixed-shape micro-batches in four layouts (packed and prefix-shared by
+default), and a deterministic, resumable plan of which examples go where (the same on every host).
 
-    data = prepare("../shared/data/hh_rlhf_test.jsonl", tokenizer, max_length=1024, eval_fraction=0.05)
-    batches = BatchIterator(data.train, PairCollator("packed", 1024), global_batch=8, seed=0)
+    prepared = prepare("../shared/data/hh_rlhf_test.jsonl", tokenizer, max_length=1024, eval_fraction=0.05)
+    spec = batch_spec(prepared.train + prepared.eval, layout="packed", groups=8, max_length=1024)
+    plans = packer(spec, prepared.train, seed=0)
+    arrays = host_arrays(spec, plans.next_micro(), prepared.train)   # {"main": Batch, "weight": [G]}
 """
 
 from __future__ import annotations
@@ -12,19 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from prefopt_jax.data.batching import (
-    Batch,
-    Group,
-    bucket,
-    common_shape,
-    default_buckets,
-    packed_batch,
-    pad_batch,
-    padded_batch,
-)
-from prefopt_jax.data.iterator import BatchIterator
+from prefopt_jax.data.batching import LAYOUTS, TILE, Batch, Geometry, Group, RowPlan, pack, tile_bound
+from prefopt_jax.data.collate import BatchSpec, batch_spec, host_arrays, packer, parts
+from prefopt_jax.data.planner import MicroPlan, Packer, Part, TooLarge, derive_geometry
 from prefopt_jax.data.records import FORMATS, DataError, Origin, Pair, Ranked, Unpaired, detect_format, normalize
 from prefopt_jax.data.sources import DataReport, read_records, split_records
 from prefopt_jax.data.tokenize import (
@@ -38,33 +31,39 @@ from prefopt_jax.data.tokenize import (
 __all__ = [
     "FORMATS",
     "LAYOUTS",
+    "TILE",
     "Batch",
-    "BatchIterator",
+    "BatchSpec",
     "DataError",
     "DataReport",
     "Encoder",
+    "Geometry",
+    "Group",
+    "MicroPlan",
     "Origin",
+    "Packer",
     "Pair",
-    "PairCollator",
+    "Part",
     "Prepared",
     "Ranked",
-    "RankedCollator",
+    "RowPlan",
     "TokenizedPair",
     "TokenizedRanked",
     "TokenizedUnpaired",
+    "TooLarge",
     "Unpaired",
-    "UnpairedCollator",
-    "bucket",
-    "common_shape",
-    "default_buckets",
+    "batch_spec",
+    "derive_geometry",
     "detect_format",
+    "host_arrays",
     "normalize",
-    "packed_batch",
-    "pad_batch",
-    "padded_batch",
+    "pack",
+    "packer",
+    "parts",
     "prepare",
     "read_records",
     "split_records",
+    "tile_bound",
     "unpaired_from_pairs",
 ]
 
@@ -106,72 +105,6 @@ def prepare(
     return Prepared(train, held, report)
 
 
-LAYOUTS = ("padded", "packed", "shared", "packed_unshared")
-
-
-def _layout(groups: list[Group], layout: str, max_length: int, buckets, pad_id: int, min_rows: int) -> Batch:
-    """padded: a row per (prompt, completion); packed: groups (the prompt once, its completions after it)
-    packed into rows; shared: a row per group (prefix sharing without packing); packed_unshared: a row
-    segment per (prompt, completion), packed (packing without prefix sharing)."""
-    if layout == "padded":
-        return padded_batch(groups, buckets, pad_id, min_rows=min_rows)
-    if layout == "packed_unshared":
-        k = len(groups[0][1])
-        singles = [(p, [c]) for p, cs in groups for c in cs]  # group-major: g * k + j
-        b = _layout(singles, "packed", max_length, buckets, pad_id, min_rows)
-        width = b.completion_index.shape[-1]
-        index = b.completion_index.reshape(len(groups), k, width)
-        return dataclasses.replace(b, completion_index=index, completion_mask=b.completion_mask.reshape(index.shape))
-    if layout in ("packed", "shared"):
-        # few distinct row counts to compile, at most a third of the rows empty: 1, 2, 3, 4, 6, 8, 12, 16, ...
-        rows = tuple(sorted({2**i for i in range(20)} | {3 * 2**i for i in range(19)}))
-        # max_length bounds prompt + one completion; a whole group (prompt + k completions) can be longer,
-        # and then every row of this batch grows to the group's bucket (at most k * max_length)
-        biggest = max(len(p) + sum(len(c) for c in cs) for p, cs in groups)
-        row_length = bucket(biggest, (*buckets, 2 * max_length)) if biggest > max_length else max_length
-        return packed_batch(
-            groups,
-            row_length,
-            buckets,
-            pad_id,
-            min_rows=min_rows,
-            row_buckets=rows,
-            one_group_per_row=layout == "shared",
-        )
-    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-
-
-def response_only_groups(completions: Sequence[np.ndarray]) -> list[Group]:
-    """Completions scored alone (no prompt, no BOS): the first token is context, the rest are scored
-    (RMiPO's response-level log-probs)."""
-    return [(c[:1], [c[1:]]) for c in completions]
-
-
-@dataclasses.dataclass
-class PairCollator:
-    """TokenizedPairs -> {"batch": Batch (groups of [chosen, rejected]), "weight": [P],
-    "response_only": Batch of chosen then rejected completions alone, when asked}."""
-
-    layout: str = "padded"
-    max_length: int = 1024
-    buckets: Sequence[int] | None = None
-    pad_id: int = 0
-    response_only: bool = False
-    min_rows: int = 0
-
-    def __call__(self, examples: list[TokenizedPair]) -> dict:
-        buckets = self.buckets or default_buckets(self.max_length)
-        groups = [(e.prompt, [e.chosen, e.rejected]) for e in examples]
-        out = {
-            "batch": _layout(groups, self.layout, self.max_length, buckets, self.pad_id, self.min_rows),
-            "weight": np.asarray([e.weight for e in examples], np.float32),
-        }
-        if self.response_only:
-            alone = response_only_groups([e.chosen for e in examples] + [e.rejected for e in examples])
-            out["response_only"] = _layout(alone, self.layout, self.max_length, buckets, self.pad_id, self.min_rows)
-        return out
-
-
 def unpaired_from_pairs(examples: Sequence[TokenizedPair]) -> list[TokenizedUnpaired]:
     """Each pair as two unpaired examples, chosen desirable and rejected undesirable (how TRL's KTO
     trainer reads paired data)."""
@@ -180,51 +113,3 @@ def unpaired_from_pairs(examples: Sequence[TokenizedPair]) -> list[TokenizedUnpa
         for e in examples
         for completion, label in ((e.chosen, True), (e.rejected, False))
     ]
-
-
-@dataclasses.dataclass
-class RankedCollator:
-    """TokenizedRanked (the same number of responses K in a batch) -> {"batch": groups of K responses,
-    "scores": [G, K], "weight": [G]} for RRHF."""
-
-    layout: str = "padded"
-    max_length: int = 1024
-    buckets: Sequence[int] | None = None
-    pad_id: int = 0
-    min_rows: int = 0
-
-    def __call__(self, examples: list[TokenizedRanked]) -> dict:
-        buckets = self.buckets or default_buckets(self.max_length)
-        groups = [(e.prompt, list(e.responses)) for e in examples]
-        return {
-            "batch": _layout(groups, self.layout, self.max_length, buckets, self.pad_id, self.min_rows),
-            "scores": np.asarray([e.scores for e in examples], np.float32),
-            "weight": np.asarray([e.weight for e in examples], np.float32),
-        }
-
-
-@dataclasses.dataclass
-class UnpairedCollator:
-    """TokenizedUnpaired -> {"batch", "label", "weight", "kl": the mismatched (prompt_i, completion_{i-1})
-    groups whose log-probs estimate KTO's KL reference point (TRL's rotation within the batch)}."""
-
-    layout: str = "padded"
-    max_length: int = 1024
-    buckets: Sequence[int] | None = None
-    pad_id: int = 0
-    min_rows: int = 0
-
-    def __call__(self, examples: list[TokenizedUnpaired]) -> dict:
-        buckets = self.buckets or default_buckets(self.max_length)
-        groups = [(e.prompt, [e.completion]) for e in examples]
-        n = len(examples)
-        kl = [
-            (e.prompt, [examples[(i - 1) % n].completion[: self.max_length - len(e.prompt)]])
-            for i, e in enumerate(examples)
-        ]
-        return {
-            "batch": _layout(groups, self.layout, self.max_length, buckets, self.pad_id, self.min_rows),
-            "label": np.asarray([e.label for e in examples]),
-            "weight": np.asarray([e.weight for e in examples], np.float32),
-            "kl": _layout(kl, self.layout, self.max_length, buckets, self.pad_id, self.min_rows),
-        }

@@ -1,15 +1,22 @@
-"""Batch layouts. Everything to score is a *group*: one prompt and k completions of it (a pair: k = 2,
-chosen then rejected; an unpaired example or a KL pair: k = 1; a ranked set: k = K).
+"""Fixed-shape micro-batches. Everything to score is a *group*: one prompt and k completions of it (a pair:
+k = 2, chosen then rejected; an unpaired example or a KL pair: k = 1; a ranked set: k = K).
 
-padded  one row per (group, completion): prompt + completion, right-padded to a length bucket; rows
-        ordered completion-major (all chosen rows, then all rejected rows), as TRL concatenates them.
-packed  one segment per group: [prompt | completion_1 | ... | completion_k], several segments per row.
-        Completion j sees the prompt and itself, never another completion, and its positions continue
-        from the prompt, so the prompt is computed once for all k completions.
+Every micro-batch of a run has one `Geometry` (R rows of T tokens, G groups of k completions of at most L
+tokens, at most C scored tokens and P attention tiles per row), so the step compiles once. A group is laid
+out as one or more *units* of [prompt | completions] placed in rows:
 
-Both give the same contract (`Batch`): the rows to run through the model, for every token the position
-whose logits predict it (`pred_index`), and for every completion the flat indices (row * T + t) of its
-tokens, so per-token log-probs come out the same whichever layout ran.
+    padded           a unit per (group, completion), a row per unit        (no sharing, no packing)
+    shared           a unit per group [prompt | c_1 | ... | c_k], a row per unit   (prefix sharing)
+    packed_unshared  a unit per (group, completion), several units per row         (packing)
+    packed           a unit per group, several units per row              (both: the default)
+
+Completion j of a group sees its prompt and itself, never another completion, and its positions continue
+from the prompt, so in a shared unit the prompt is computed once for all k completions.
+
+What crosses to the device (`Batch`) is integers only: per token its id, position, segment id (a unit's
+number in its row, 0 = padding) and branch (0 = prompt, j + 1 = completion j); per completion its start
+(flat r*T + t) and length. The attention mask, the scored positions and which position predicts which token
+are derived on the device (`prefopt_jax.models.mask`, `prefopt_jax.train.step`).
 """
 
 from __future__ import annotations
@@ -20,17 +27,151 @@ from collections.abc import Sequence
 import numpy as np
 
 Group = tuple[np.ndarray, Sequence[np.ndarray]]  # (prompt ids, [completion ids, ...])
+LAYOUTS = ("packed", "padded", "shared", "packed_unshared")
+SPLIT = {"padded": True, "packed_unshared": True, "shared": False, "packed": False}  # a unit per completion
+ONE_PER_ROW = {"padded": True, "shared": True, "packed_unshared": False, "packed": False}
+TILE = 32  # block-sparse attention's tile side (prefopt_jax.models.block_sparse uses this one)
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """The fixed shape of a run's micro-batches. `tiles` = 0: attention tiles are not budgeted (not
+    block-sparse)."""
+
+    rows: int
+    length: int
+    groups: int
+    completions: int
+    width: int
+    scored: int
+    tiles: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.length
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """A [prompt | completions] run of tokens in one row: `group`, and which of its completions."""
+
+    group: int
+    completions: tuple[int, ...]
+    prompt_len: int
+    completion_lens: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return self.prompt_len + sum(self.completion_lens)
+
+
+def _blocks(start: int, n: int, block: int) -> int:
+    return (start + n - 1) // block - start // block + 1 if n else 0
+
+
+def tile_bound(offset: int, prompt: int, completions: Sequence[int], block: int = TILE) -> int:
+    """An upper bound of the attention tiles a unit placed at `offset` in its row makes non-empty: its
+    prompt's causal triangle, and for each completion its own triangle and its rectangle against the
+    prompt (parts that share a tile are counted twice, which only loosens the bound)."""
+    tri = lambda m: m * (m + 1) // 2
+    p = _blocks(offset, prompt, block)
+    total, start = tri(p), offset + prompt
+    for n in completions:
+        c = _blocks(start, n, block)
+        total += tri(c) + c * p
+        start += n
+    return total
+
+
+def units_of(group: int, prompt_len: int, completion_lens: Sequence[int], layout: str) -> list[Unit]:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    lens = tuple(int(n) for n in completion_lens)
+    if SPLIT[layout]:
+        return [Unit(group, (j,), prompt_len, (n,)) for j, n in enumerate(lens)]
+    return [Unit(group, tuple(range(len(lens))), prompt_len, lens)]
+
+
+class RowPlan:
+    """Units placed into the rows of one micro-batch under the geometry's per-row capacities (tokens,
+    scored tokens, attention tiles); `place` places all of a group's units or none."""
+
+    def __init__(self, geometry: Geometry, layout: str):
+        self.geometry, self.layout = geometry, layout
+        r = geometry.rows
+        self.fill = np.zeros(r, np.int64)
+        self.scored = np.zeros(r, np.int64)
+        self.tiles = np.zeros(r, np.int64)
+        self.count = np.zeros(r, np.int64)
+        self.placed: list[tuple[Unit, int, int]] = []  # (unit, row, offset)
+        blocks = geometry.length // TILE
+        self.causal = blocks * (blocks + 1) // 2  # a row has at most this many non-empty tiles
+
+    def copy(self) -> RowPlan:
+        out = RowPlan.__new__(RowPlan)
+        out.geometry, out.layout, out.placed, out.causal = self.geometry, self.layout, list(self.placed), self.causal
+        out.fill, out.scored, out.tiles, out.count = (
+            self.fill.copy(),
+            self.scored.copy(),
+            self.tiles.copy(),
+            self.count.copy(),
+        )
+        return out
+
+    def _row_for(self, u: Unit) -> int | None:
+        g = self.geometry
+        scored_u = sum(u.completion_lens)
+        for row in range(g.rows):
+            if ONE_PER_ROW[self.layout] and self.count[row]:
+                continue
+            off = int(self.fill[row])
+            if off + u.size > g.length or self.scored[row] + scored_u > g.scored:
+                continue
+            if (
+                g.tiles
+                and min(self.tiles[row] + tile_bound(off, u.prompt_len, u.completion_lens), self.causal) > g.tiles
+            ):
+                continue
+            return row
+        return None
+
+    def place(self, prompt_len: int, completion_lens: Sequence[int], slot: int) -> bool:
+        """Place the group in group slot `slot` (all its units, first fit) if it fits; True when it did."""
+        g = self.geometry
+        if not 0 <= slot < g.groups or len(completion_lens) > g.completions or max(completion_lens) > g.width:
+            return False
+        trial = self.copy()
+        for u in units_of(slot, prompt_len, completion_lens, self.layout):
+            row = trial._row_for(u)
+            if row is None:
+                return False
+            off = int(trial.fill[row])
+            if g.tiles:
+                trial.tiles[row] += tile_bound(off, u.prompt_len, u.completion_lens)
+            trial.fill[row] += u.size
+            trial.scored[row] += sum(u.completion_lens)
+            trial.count[row] += 1
+            trial.placed.append((u, row, off))
+        self.fill, self.scored, self.tiles, self.count, self.placed = (
+            trial.fill,
+            trial.scored,
+            trial.tiles,
+            trial.count,
+            trial.placed,
+        )
+        return True
 
 
 @dataclasses.dataclass(frozen=True)
 class Batch:
+    """One micro-batch's arrays (rows `rows` of the geometry's R, every group)."""
+
     input_ids: np.ndarray  # int32 [R, T]
     positions: np.ndarray  # int32 [R, T]
     segment_ids: np.ndarray  # int32 [R, T], 0 = padding
-    pred_index: np.ndarray  # int32 [R, T]: the position whose logits predict token t
-    completion_index: np.ndarray  # int32 [G, k, L]: flat r*T + t of each completion token
-    completion_mask: np.ndarray  # bool [G, k, L]
-    attention: np.ndarray | None = None  # bool [R, T, T] for packed rows; None: causal within segment
+    branch: np.ndarray  # int8 [R, T]: 0 = prompt, j + 1 = completion j
+    completion_start: np.ndarray  # int32 [G, k]: flat r * T + t of each completion's first token
+    completion_length: np.ndarray  # int32 [G, k]; 0 for the empty group slots
 
     @property
     def num_tokens(self) -> int:
@@ -40,178 +181,84 @@ class Batch:
     def padding_fraction(self) -> float:
         return 1.0 - self.num_tokens / self.input_ids.size
 
+    def completion_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """(flat index [G, k, L], mask [G, k, L]) of every completion token, for host-side checks; the
+        device computes the same from the starts and lengths."""
+        width = max(int(self.completion_length.max(initial=1)), 1)
+        steps = np.arange(width)
+        mask = steps < self.completion_length[..., None]
+        return np.where(mask, self.completion_start[..., None] + steps, 0).astype(np.int32), mask
+
     def model_inputs(self) -> dict:
         """Keyword arguments of the model call."""
-        out = {"input_ids": self.input_ids, "positions": self.positions, "segment_ids": self.segment_ids}
-        if self.attention is not None:
-            out["mask"] = self.attention
-        return out
+        return {
+            "input_ids": self.input_ids,
+            "positions": self.positions,
+            "segment_ids": self.segment_ids,
+            "branch": self.branch.astype(np.int32),
+        }
 
 
-def bucket(n: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket that holds n (so a handful of shapes compile), or n itself past the last."""
-    for b in sorted(buckets):
-        if n <= b:
-            return b
-    return n
-
-
-def default_buckets(max_length: int, smallest: int = 32) -> tuple[int, ...]:
-    out, b = [], smallest
-    while b < max_length:
-        out.append(b)
-        b *= 2
-    return (*out, max_length)
-
-
-def _completion_arrays(groups: Sequence[Group], spans: list[list[tuple[int, int]]], min_width: int):
-    """Index arrays [G, k, L] from each completion's (flat start, length)."""
-    k = len(groups[0][1])
-    width = max(min_width, max(n for g in spans for _, n in g))
-    index = np.zeros((len(groups), k, width), np.int32)
-    mask = np.zeros((len(groups), k, width), bool)
-    for gi, g in enumerate(spans):
-        for j, (start, n) in enumerate(g):
-            index[gi, j, :n] = np.arange(start, start + n)
-            mask[gi, j, :n] = True
-    return index, mask
-
-
-def _check_groups(groups: Sequence[Group]) -> None:
-    if not groups:
-        raise ValueError("a batch needs at least one group")
-    ks = {len(c) for _, c in groups}
-    if len(ks) != 1:
-        raise ValueError(f"every group in a batch must have the same number of completions, got {sorted(ks)}")
-    if any(len(p) == 0 for p, _ in groups):
-        raise ValueError("every group needs at least one prompt token (the first completion token's context)")
-
-
-def padded_batch(
-    groups: Sequence[Group], buckets: Sequence[int], pad_id: int = 0, min_rows: int = 0, width_buckets=None
-) -> Batch:
-    _check_groups(groups)
-    k = len(groups[0][1])
-    rows = [(p, c[j]) for j in range(k) for p, c in groups]  # completion-major
-    t = bucket(max(len(p) + len(c) for p, c in rows), buckets)
-    r = max(len(rows), min_rows)
-    ids = np.full((r, t), pad_id, np.int32)
-    seg = np.zeros((r, t), np.int32)
-    spans: list[list[tuple[int, int]]] = [[(0, 0)] * k for _ in groups]
-    for i, (p, c) in enumerate(rows):
-        n = len(p) + len(c)
-        ids[i, :n] = np.concatenate([p, c])
-        seg[i, :n] = 1
-        spans[i % len(groups)][i // len(groups)] = (i * t + len(p), len(c))
-    positions = np.broadcast_to(np.arange(t, dtype=np.int32), (r, t)).copy()
-    pred = np.maximum(positions - 1, 0)
-    width = bucket(max(len(c) for _, cs in groups for c in cs), width_buckets or buckets)
-    index, mask = _completion_arrays(groups, spans, width)
-    return Batch(ids, positions, seg, pred, index, mask)
-
-
-def packed_batch(
-    groups: Sequence[Group],
-    row_length: int,
-    buckets: Sequence[int] = (),
-    pad_id: int = 0,
-    min_rows: int = 0,
-    row_buckets: Sequence[int] = (),
-    width_buckets=None,
-    one_group_per_row: bool = False,
-) -> Batch:
-    """Groups packed first-fit (longest first) into rows of `row_length` tokens; the row count is
-    rounded up to `row_buckets` (and to at least `min_rows`) with empty rows. `one_group_per_row`
-    keeps the prefix sharing but not the packing (for measuring each on its own)."""
-    _check_groups(groups)
-    sizes = [len(p) + sum(len(c) for c in cs) for p, cs in groups]
-    if max(sizes) > row_length:
-        raise ValueError(f"a group of {max(sizes)} tokens does not fit a packed row of {row_length}")
-    fill: list[int] = []
-    place: dict[int, tuple[int, int]] = {}
-    for gi in sorted(range(len(groups)), key=lambda g: -sizes[g]):
-        fits = (r for r, used in enumerate(fill) if used + sizes[gi] <= row_length and not one_group_per_row)
-        row = next(fits, None)
-        if row is None:
-            fill.append(0)
-            row = len(fill) - 1
-        place[gi] = (row, fill[row])
-        fill[row] += sizes[gi]
-    t = bucket(max(fill), [b for b in buckets if b < row_length] + [row_length])
-    r = bucket(max(len(fill), min_rows), row_buckets) if row_buckets else max(len(fill), min_rows)
-    ids = np.full((r, t), pad_id, np.int32)
-    pos = np.zeros((r, t), np.int32)
-    seg = np.zeros((r, t), np.int32)
-    branch = np.zeros((r, t), np.int32)  # 0: prompt, j + 1: completion j
-    pred = np.zeros((r, t), np.int32)
-    spans: list[list[tuple[int, int]]] = []
-    next_seg = np.ones(r, np.int32)
-    for gi, (p, cs) in enumerate(groups):
-        row, start = place[gi]
-        n_p = len(p)
-        ids[row, start : start + n_p] = p
-        pos[row, start : start + n_p] = np.arange(n_p)
-        pred[row, start : start + n_p] = np.maximum(np.arange(start, start + n_p) - 1, 0)
-        cursor, g_spans = start + n_p, []
-        for j, c in enumerate(cs):
-            n = len(c)
-            sl = slice(cursor, cursor + n)
-            ids[row, sl] = c
-            pos[row, sl] = n_p + np.arange(n)
-            branch[row, sl] = j + 1
-            pred[row, sl] = np.arange(cursor - 1, cursor + n - 1)
-            pred[row, cursor] = start + n_p - 1  # the first completion token is predicted by the prompt's end
-            g_spans.append((row * t + cursor, n))
+def spans(plan: RowPlan) -> tuple[np.ndarray, np.ndarray]:
+    """Every group slot's completion (start, length), [G, k] each, from the placements."""
+    g = plan.geometry
+    start = np.zeros((g.groups, g.completions), np.int32)
+    length = np.zeros((g.groups, g.completions), np.int32)
+    for u, row, off in plan.placed:
+        cursor = row * g.length + off + u.prompt_len
+        for j, n in zip(u.completions, u.completion_lens, strict=True):
+            start[u.group, j], length[u.group, j] = cursor, n
             cursor += n
-        seg[row, start:cursor] = next_seg[row]
-        next_seg[row] += 1
-        spans.append(g_spans)
-    idx = np.arange(t)
-    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
-    causal = idx[None, :, None] >= idx[None, None, :]
-    visible_branch = (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])
-    attention = same & causal & visible_branch
-    width = bucket(max(len(c) for _, cs in groups for c in cs), width_buckets or buckets or (row_length,))
-    index, mask = _completion_arrays(groups, spans, width)
-    return Batch(ids, pos, seg, pred, index, mask, attention)
+    return start, length
 
 
-def pad_batch(b: Batch, rows: int, length: int, width: int, pad_id: int = 0) -> Batch:
-    """`b` grown to [rows, length] rows and completion width `width` (empty rows, padding tokens), with
-    its flat completion indices moved to the new row length; the per-token results are unchanged."""
-    r, t = b.input_ids.shape
-    if rows < r or length < t or width < b.completion_index.shape[-1]:
-        raise ValueError(f"cannot shrink a batch of {(r, t)} rows x tokens to {(rows, length)}")
+def build(plan: RowPlan, groups: Sequence[Group], pad_id: int = 0, rows: slice | None = None) -> Batch:
+    """The arrays of a planned micro-batch: token arrays for `rows` only (default all: each process builds
+    the rows of its own devices), spans for every group. `groups[i]` are the token ids of group i."""
+    g = plan.geometry
+    rows = rows or slice(0, g.rows)
+    r0, r1, _ = rows.indices(g.rows)
+    n = r1 - r0
+    ids = np.full((n, g.length), pad_id, np.int32)
+    pos = np.zeros((n, g.length), np.int32)
+    seg = np.zeros((n, g.length), np.int32)
+    br = np.zeros((n, g.length), np.int8)
+    next_seg: dict[int, int] = {}
+    for u, row, off in plan.placed:
+        if not r0 <= row < r1:
+            continue
+        prompt, completions = groups[u.group]
+        r, p = row - r0, u.prompt_len
+        ids[r, off : off + p] = prompt
+        pos[r, off : off + p] = np.arange(p)
+        cursor = off + p
+        for j in u.completions:
+            c = completions[j]
+            ids[r, cursor : cursor + len(c)] = c
+            pos[r, cursor : cursor + len(c)] = p + np.arange(len(c))
+            br[r, cursor : cursor + len(c)] = j + 1
+            cursor += len(c)
+        next_seg[r] = next_seg.get(r, 0) + 1
+        seg[r, off:cursor] = next_seg[r]
+    start, length = spans(plan)
+    return Batch(ids, pos, seg, br, start, length)
 
-    def grow(a: np.ndarray, fill) -> np.ndarray:
-        out = np.full((rows, length, *a.shape[2:]), fill, a.dtype)
-        out[:r, :t] = a
-        return out
 
-    attention = None
-    if b.attention is not None:
-        attention = np.zeros((rows, length, length), bool)
-        attention[:r, :t, :t] = b.attention
-    g, k, w = b.completion_index.shape
-    index = np.zeros((g, k, width), np.int32)
-    mask = np.zeros((g, k, width), bool)
-    index[..., :w] = (b.completion_index // t) * length + b.completion_index % t
-    mask[..., :w] = b.completion_mask
-    return Batch(
-        grow(b.input_ids, pad_id),
-        grow(b.positions, 0),
-        grow(b.segment_ids, 0),
-        grow(b.pred_index, 0),
-        np.where(mask, index, 0).astype(np.int32),
-        mask,
-        attention,
-    )
+def pack(
+    groups: Sequence[Group], geometry: Geometry, layout: str = "packed", pad_id: int = 0, rows: slice | None = None
+) -> Batch:
+    """`groups` (at most geometry.groups, all of which must fit) as one micro-batch."""
+    plan = RowPlan(geometry, layout)
+    for i, (p, cs) in enumerate(groups):
+        if len(p) == 0:
+            raise ValueError(f"group {i}: a group needs at least one prompt token (its first completion's context)")
+        if not plan.place(len(p), [len(c) for c in cs], slot=i):
+            raise ValueError(
+                f"group {i} ({len(p)} prompt + {[len(c) for c in cs]} completion tokens) does not fit the "
+                f"micro-batch {geometry} after {i} groups"
+            )
+    return build(plan, groups, pad_id, rows)
 
 
-def common_shape(batches: Sequence[Batch], pad_id: int = 0, row_multiple: int = 1) -> list[Batch]:
-    """Batches padded to one shape, so they stack (the micro-batches of one accumulated step), with a
-    row count that is a multiple of `row_multiple` (the devices the rows are split over)."""
-    rows = -(-max(b.input_ids.shape[0] for b in batches) // row_multiple) * row_multiple
-    length = max(b.input_ids.shape[1] for b in batches)
-    width = max(b.completion_index.shape[-1] for b in batches)
-    return [pad_batch(b, rows, length, width, pad_id) for b in batches]
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple

@@ -7,7 +7,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from prefopt_jax.losses.inputs import PairLogps, f32, policy_sums, reference_sums
+from prefopt_jax.losses.inputs import PairLogps, batch_mean, example_valid, f32, policy_sums, reference_sums
 from prefopt_jax.losses.primitives import reward_metrics, sg, smoothed_logistic
 from prefopt_jax.losses.registry import LossOutput, all_of, in_range, one_of, paired_loss
 
@@ -20,15 +20,15 @@ def _mipo(x: PairLogps, state, hp: dict) -> LossOutput:
     ref_c, ref_r = rc / s.len_c, rr / s.len_r
     k = sg(ref_c - ref_r)
     f = s.avg_c - s.avg_r
-    beta = hp["beta"]
+    beta, v = hp["beta"], example_valid(x)
     metrics = {
-        **reward_metrics(beta * (s.avg_c - ref_c), beta * (s.avg_r - ref_r)),
-        "logps/chosen": jnp.mean(sg(s.pc)),
-        "logps/rejected": jnp.mean(sg(s.pr)),
-        "logps/chosen_avg": jnp.mean(sg(s.avg_c)),
-        "logps/rejected_avg": jnp.mean(sg(s.avg_r)),
-        "mipo/K": jnp.mean(k),
-        "mipo/theta": jnp.mean(sg(f)),
+        **reward_metrics(beta * (s.avg_c - ref_c), beta * (s.avg_r - ref_r), v),
+        "logps/chosen": batch_mean(sg(s.pc), v),
+        "logps/rejected": batch_mean(sg(s.pr), v),
+        "logps/chosen_avg": batch_mean(sg(s.avg_c), v),
+        "logps/rejected_avg": batch_mean(sg(s.avg_r), v),
+        "mipo/K": batch_mean(k, v),
+        "mipo/theta": batch_mean(sg(f), v),
     }
     return LossOutput(-jax.nn.log_sigmoid(beta * (f - jax.nn.softplus(k))), metrics, None)
 
@@ -57,24 +57,28 @@ def _alpha_dpo(x: PairLogps, state: dict, hp: dict) -> LossOutput:
     ref_c, ref_r = rc / s.len_c, rr / s.len_r
     u = s.avg_c - s.avg_r
     m_gap = sg(u - (ref_c - ref_r))
+    v = example_valid(x)
     if hp["training"] or hp["update_in_eval"]:
         mom = hp["momentum"]
-        # unbiased std over the (global) batch; a single element has none, so it contributes 0
-        std = jnp.std(m_gap, ddof=1) if m_gap.shape[0] > 1 else jnp.zeros((), jnp.float32)
+        # unbiased std over the (global) batch's valid pairs; a single one has none, so it contributes 0
+        n = jnp.sum(v)
+        mean = batch_mean(m_gap, v)
+        var = jnp.sum(jnp.where(v, (m_gap - mean) ** 2, 0.0)) / jnp.maximum(n - 1, 1)
+        std = jnp.where(n > 1, jnp.sqrt(var), 0.0)
         state = {
-            "mu": mom * state["mu"] + (1.0 - mom) * jnp.mean(m_gap),
+            "mu": mom * state["mu"] + (1.0 - mom) * mean,
             "sigma": mom * state["sigma"] + (1.0 - mom) * std,
         }
     standardized = (m_gap - state["mu"]) / (state["sigma"] + hp["std_eps"])
     margin = sg(hp["gamma_beta_ratio"] + hp["alpha"] * standardized)
     beta, a = hp["beta"], hp["alpha"]
     metrics = {
-        **reward_metrics(beta * (s.avg_c - a * (s.avg_c - ref_c)), beta * (s.avg_r - a * (s.avg_r - ref_r))),
-        "logps/chosen": jnp.mean(sg(s.avg_c)),
-        "logps/rejected": jnp.mean(sg(s.avg_r)),
-        "logps/ref_chosen": jnp.mean(ref_c),
-        "logps/ref_rejected": jnp.mean(ref_r),
-        "alpha_dpo/margin": jnp.mean(margin),
+        **reward_metrics(beta * (s.avg_c - a * (s.avg_c - ref_c)), beta * (s.avg_r - a * (s.avg_r - ref_r)), v),
+        "logps/chosen": batch_mean(sg(s.avg_c), v),
+        "logps/rejected": batch_mean(sg(s.avg_r), v),
+        "logps/ref_chosen": batch_mean(ref_c, v),
+        "logps/ref_rejected": batch_mean(ref_r, v),
+        "alpha_dpo/margin": batch_mean(margin, v),
         "alpha_dpo/mu": state["mu"],
         "alpha_dpo/sigma": state["sigma"],
     }
@@ -117,13 +121,13 @@ def _rmipo(x: PairLogps, state, hp: dict) -> LossOutput:
         margin = g_lo + (g_hi - g_lo) * jnp.exp(-jnp.maximum(dpmi, 0.0))
     else:  # "tanh": the repository's earlier compiled build
         margin = hp["gamma_beta_ratio"] + 0.5 * jnp.tanh(dpmi)
-    beta = hp["beta"]
+    beta, v = hp["beta"], example_valid(x)
     metrics = {
-        **reward_metrics(beta * s.avg_c, beta * s.avg_r),
-        "logps/chosen": jnp.mean(sg(s.avg_c)),
-        "logps/rejected": jnp.mean(sg(s.avg_r)),
-        "rmipo/margin": jnp.mean(margin),
-        "rmipo/delta_pmi": jnp.mean(dpmi),
+        **reward_metrics(beta * s.avg_c, beta * s.avg_r, v),
+        "logps/chosen": batch_mean(sg(s.avg_c), v),
+        "logps/rejected": batch_mean(sg(s.avg_r), v),
+        "rmipo/margin": batch_mean(margin, v),
+        "rmipo/delta_pmi": batch_mean(dpmi, v),
     }
     return LossOutput(smoothed_logistic(beta * (u - margin), hp["label_smoothing"]), metrics, None)
 

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 from prefopt_jax.losses.inputs import (
     LossInputError,
     PairLogps,
+    batch_mean,
+    example_valid,
     f32,
     ld_sums,
     lengths,
@@ -50,6 +52,7 @@ MODIFIERS = {
 
 
 class DPOTerms(NamedTuple):
+    valid: Array  # bool [B]: not a padding slot
     pc: Array  # policy chosen summed log-prob [B] (LD-scaled when ld_alpha is set)
     pr: Array
     rc: Array  # reference chosen summed log-prob [B]
@@ -87,6 +90,7 @@ def dpo_terms(x: PairLogps, hp: dict) -> DPOTerms:
     rc, rr = sg(rc), sg(rr)
     kind, coef = hp["f_divergence_type"], hp["f_alpha_divergence_coef"]
     return DPOTerms(
+        example_valid(x),
         pc,
         pr,
         rc,
@@ -151,9 +155,9 @@ def _dpo_loss(
         loss = out.loss * wpo_weight(x, hp["wpo_clamp"]) if hp["use_weighting"] else out.loss
         beta = hp["beta"]
         metrics = {
-            **reward_metrics(beta * t.cw, beta * t.cl),
-            "logps/chosen": jnp.mean(sg(t.pc)),
-            "logps/rejected": jnp.mean(sg(t.pr)),
+            **reward_metrics(beta * t.cw, beta * t.cl, t.valid),
+            "logps/chosen": batch_mean(sg(t.pc), t.valid),
+            "logps/rejected": batch_mean(sg(t.pr), t.valid),
             **out.metrics,
         }
         return LossOutput(loss, metrics, out.state)
@@ -277,7 +281,7 @@ def _bco_pair(t: DPOTerms, x, state, hp) -> LossOutput:
     if not hp["running_shift"]:
         return LossOutput(-_log_sigmoid(rw) - _log_sigmoid(-rl), {}, state)
     if hp["update_state"]:
-        state = running_moments_update(state, sg(jnp.mean(jnp.concatenate([rw, rl])))[None])
+        state = running_moments_update(state, sg(batch_mean((rw + rl) / 2.0, t.valid))[None], jnp.any(t.valid)[None])
     delta = sg(state["mean"])
     return LossOutput(-_log_sigmoid(rw - delta) - _log_sigmoid(-(rl - delta)), {"delta": delta}, state)
 
@@ -301,19 +305,27 @@ _dpo_loss(
 )
 
 
+def _sorted_gap(a: Array, b: Array, valid: Array) -> Array:
+    """sort(a) − sort(b) over the valid examples, padding sorted last and given a gap of 0."""
+    last = lambda v: jnp.sort(jnp.where(valid, v, jnp.inf))
+    ranked_valid = jnp.arange(valid.shape[0]) < jnp.sum(valid)
+    return jnp.where(ranked_valid, last(a) - last(b), 0.0)
+
+
 def _aot(t: DPOTerms, x, s, hp) -> Array:
-    d = jnp.sort(t.pc - t.pr) - jnp.sort(t.rc - t.rr)
+    d = _sorted_gap(t.pc - t.pr, t.rc - t.rr, t.valid)
     return smoothed_logistic(hp["beta"] * d, hp["label_smoothing"])
 
 
 def _aot_unpaired(t: DPOTerms, x, s, hp) -> Array:
-    d = jnp.sort(t.cw) - jnp.sort(t.cl)
+    d = _sorted_gap(t.cw, t.cl, t.valid)
     return smoothed_logistic(hp["beta"] * d, hp["label_smoothing"])
 
 
 _AOT_NOTE = (
     "AOT (Melnyk et al. 2024, arXiv 2406.05882); paper β = 0.01. Sorting couples the batch: under jit it "
-    "sorts the whole global batch, where TRL sorts each device's batch."
+    "sorts the whole global batch, where TRL sorts each device's batch. The loss is indexed by rank: padding "
+    "examples sort last and get the last losses, which are those of a zero gap."
 )
 _dpo_loss(
     "aot",
@@ -395,9 +407,9 @@ def _tdpo(t: DPOTerms, x: PairLogps, s, hp) -> LossOutput:
         logits = t.delta - (kr - kc)
     beta = hp["beta"]
     metrics = {
-        **reward_metrics(beta * (t.cw + kc), beta * (t.cl + kr)),
-        "kl/chosen": jnp.mean(sg(kc)),
-        "kl/rejected": jnp.mean(sg(kr)),
+        **reward_metrics(beta * (t.cw + kc), beta * (t.cl + kr), t.valid),
+        "kl/chosen": batch_mean(sg(kc), t.valid),
+        "kl/rejected": batch_mean(sg(kr), t.valid),
     }
     return LossOutput(-_log_sigmoid(beta * logits), metrics, None)
 

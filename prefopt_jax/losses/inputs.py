@@ -189,6 +189,22 @@ def masked_mean(logps: Array, mask: Array) -> Array:
     return masked_sum(logps, mask) / lengths(mask)
 
 
+def example_valid(x: PairLogps | UnpairedLogps | RankedLogps) -> Array:
+    """bool [B]: the examples that have completion tokens. An example whose masks are all False is padding
+    (a fixed-shape batch's empty slot): batch means and batch statistics leave it out, and its loss is
+    finite so a zero weight removes it."""
+    if isinstance(x, PairLogps):
+        return jnp.any(x.chosen_mask, -1) | jnp.any(x.rejected_mask, -1)
+    if isinstance(x, RankedLogps):
+        return jnp.any(x.mask, axis=(-1, -2))
+    return jnp.any(x.mask, -1)
+
+
+def batch_mean(values_B: Array, valid_B: Array) -> Array:
+    """The mean over the valid examples (0 when there are none)."""
+    return jnp.sum(jnp.where(valid_B, f32(values_B), 0.0)) / jnp.maximum(jnp.sum(valid_B), 1)
+
+
 def ld_sums(logps_BxT: Array, mask_BxT: Array, shared_B: Array, alpha: float) -> Array:
     """LD-DPO: the first `shared_B` completion tokens count fully, the rest are scaled by alpha.
     Positions are counted within the completion (the mask's running count), as TRL does."""

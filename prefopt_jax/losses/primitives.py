@@ -8,6 +8,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from prefopt_jax.losses.inputs import batch_mean
+
 Array = jax.Array
 sg = jax.lax.stop_gradient
 
@@ -50,23 +52,25 @@ def running_moments_init() -> dict:
     return {"mean": jnp.zeros((), jnp.float32), "var": jnp.ones((), jnp.float32), "count": jnp.full((), 1e-24)}
 
 
-def running_moments_update(state: dict, xs: Array) -> dict:
-    """Parallel (Chan et al.) merge of the batch mean/variance into the running ones."""
-    n = jnp.asarray(xs.size, jnp.float32)
-    xs_mean = jnp.mean(xs)
-    xs_var = jnp.var(xs)
+def running_moments_update(state: dict, xs: Array, valid: Array | None = None) -> dict:
+    """Parallel (Chan et al.) merge of the batch mean/variance into the running ones (over the `valid`
+    entries only, when given; a batch without any leaves the moments as they were)."""
+    valid = jnp.ones(xs.shape, bool) if valid is None else jnp.broadcast_to(valid, xs.shape)
+    n = jnp.sum(valid).astype(jnp.float32)
+    xs_mean = jnp.sum(jnp.where(valid, xs, 0.0)) / jnp.maximum(n, 1.0)
+    xs_var = jnp.sum(jnp.where(valid, (xs - xs_mean) ** 2, 0.0)) / jnp.maximum(n, 1.0)
     delta = xs_mean - state["mean"]
     total = state["count"] + n
     m2 = state["var"] * state["count"] + delta**2 * state["count"] * n / total + xs_var * n
     return {"mean": state["mean"] + delta * n / total, "var": m2 / total, "count": total}
 
 
-def reward_metrics(chosen_B: Array, rejected_B: Array) -> dict:
-    """TRL's reward metrics: batch means, and accuracy with a strict `>`."""
+def reward_metrics(chosen_B: Array, rejected_B: Array, valid_B: Array) -> dict:
+    """TRL's reward metrics: means over the valid examples, and accuracy with a strict `>`."""
     chosen_B, rejected_B = sg(chosen_B), sg(rejected_B)
     return {
-        "rewards/chosen": jnp.mean(chosen_B),
-        "rewards/rejected": jnp.mean(rejected_B),
-        "rewards/accuracies": jnp.mean((chosen_B > rejected_B).astype(jnp.float32)),
-        "rewards/margins": jnp.mean(chosen_B - rejected_B),
+        "rewards/chosen": batch_mean(chosen_B, valid_B),
+        "rewards/rejected": batch_mean(rejected_B, valid_B),
+        "rewards/accuracies": batch_mean((chosen_B > rejected_B).astype(jnp.float32), valid_B),
+        "rewards/margins": batch_mean(chosen_B - rejected_B, valid_B),
     }

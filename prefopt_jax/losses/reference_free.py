@@ -10,6 +10,8 @@ from prefopt_jax.losses.inputs import (
     LossInputError,
     PairLogps,
     RankedLogps,
+    batch_mean,
+    example_valid,
     f32,
     lengths,
     masked_sum,
@@ -37,7 +39,7 @@ _log_sigmoid = jax.nn.log_sigmoid
 
 def _sft(x: PairLogps, state, hp: dict) -> LossOutput:
     nll = token_mean_nll(x.policy_chosen, x.chosen_mask, hp["nll_reduction"])
-    return LossOutput(nll, {"nll_loss": jnp.mean(sg(nll))}, None)
+    return LossOutput(nll, {"nll_loss": batch_mean(sg(nll), example_valid(x))}, None)
 
 
 paired_loss(
@@ -59,10 +61,11 @@ def _simpo(x: PairLogps, state, hp: dict) -> LossOutput:
     beta = hp["beta"]
     z = beta * (s.avg_c - s.avg_r - hp["gamma_beta_ratio"])
     loss = jax.nn.relu(1.0 - z) if hp["loss_variant"] == "hinge" else smoothed_logistic(z, hp["label_smoothing"])
+    v = example_valid(x)
     metrics = {
-        **reward_metrics(beta * s.avg_c, beta * s.avg_r),
-        "logps/chosen": jnp.mean(sg(s.avg_c)),
-        "logps/rejected": jnp.mean(sg(s.avg_r)),
+        **reward_metrics(beta * s.avg_c, beta * s.avg_r, v),
+        "logps/chosen": batch_mean(sg(s.avg_c), v),
+        "logps/rejected": batch_mean(sg(s.avg_r), v),
     }
     return LossOutput(loss, metrics, None)
 
@@ -96,15 +99,16 @@ def _cpo(x: PairLogps, state, hp: dict) -> LossOutput:
         loss = jax.nn.relu(1.0 - beta * logits)
     else:  # ipo
         loss = (logits - 1.0 / (2.0 * beta)) ** 2
+    v = example_valid(x)
     metrics = {
-        **reward_metrics(beta * lc, beta * lr),
-        "logps/chosen": jnp.mean(sg(s.avg_c if variant in ("ipo", "simpo") else s.pc)),
-        "logps/rejected": jnp.mean(sg(s.avg_r if variant in ("ipo", "simpo") else s.pr)),
+        **reward_metrics(beta * lc, beta * lr, v),
+        "logps/chosen": batch_mean(sg(s.avg_c if variant in ("ipo", "simpo") else s.pc), v),
+        "logps/rejected": batch_mean(sg(s.avg_r if variant in ("ipo", "simpo") else s.pr), v),
     }
     if hp["cpo_alpha"] != 0.0:
         nll = token_mean_nll(x.policy_chosen, x.chosen_mask, hp["nll_reduction"])
         loss = loss + hp["cpo_alpha"] * nll
-        metrics["nll_loss"] = jnp.mean(sg(nll))
+        metrics["nll_loss"] = batch_mean(sg(nll), v)
     return LossOutput(loss, metrics, None)
 
 
@@ -143,14 +147,14 @@ def _orpo(x: PairLogps, state, hp: dict) -> LossOutput:
         nll = token_mean_nll(x.extras["full_chosen"], x.extras["full_chosen_mask"], hp["nll_reduction"])
     else:
         nll = token_mean_nll(x.policy_chosen, x.chosen_mask, hp["nll_reduction"])
-    beta = hp["beta"]
+    beta, v = hp["beta"], example_valid(x)
     metrics = {
-        **reward_metrics(beta * a, beta * b),
-        "logps/chosen": jnp.mean(sg(a)),
-        "logps/rejected": jnp.mean(sg(b)),
-        "nll_loss": jnp.mean(sg(nll)),
-        "log_odds_ratio": jnp.mean(sg(ratio)),
-        "log_odds_chosen": jnp.mean(sg(log_odds)),
+        **reward_metrics(beta * a, beta * b, v),
+        "logps/chosen": batch_mean(sg(a), v),
+        "logps/rejected": batch_mean(sg(b), v),
+        "nll_loss": batch_mean(sg(nll), v),
+        "log_odds_ratio": batch_mean(sg(ratio), v),
+        "log_odds_chosen": batch_mean(sg(log_odds), v),
     }
     return LossOutput(nll - beta * ratio, metrics, None)
 
@@ -173,7 +177,12 @@ paired_loss(
 def _slic(x: PairLogps, state, hp: dict) -> LossOutput:
     s = policy_sums(x)
     loss = jax.nn.relu(hp["delta"] - s.pc + s.pr) - hp["lambda_coef"] * s.pc
-    metrics = {**reward_metrics(s.pc, s.pr), "logps/chosen": jnp.mean(sg(s.pc)), "logps/rejected": jnp.mean(sg(s.pr))}
+    v = example_valid(x)
+    metrics = {
+        **reward_metrics(s.pc, s.pr, v),
+        "logps/chosen": batch_mean(sg(s.pc), v),
+        "logps/rejected": batch_mean(sg(s.pr), v),
+    }
     return LossOutput(loss, metrics, None)
 
 
@@ -206,13 +215,13 @@ def _rrhf_ft(logps: Array, mask: Array, reduction: str) -> Array:
 
 
 def _rrhf(x: PairLogps | RankedLogps, state, hp: dict) -> LossOutput:
-    w, lp = hp["rrhf_weight"], hp["length_penalty"]
+    w, lp, v = hp["rrhf_weight"], hp["length_penalty"], example_valid(x)
     if isinstance(x, PairLogps):
         s_c = _rrhf_scores(x.policy_chosen, x.chosen_mask, lp)
         s_r = _rrhf_scores(x.policy_rejected, x.rejected_mask, lp)
         rank = jax.nn.relu(s_r - s_c)
         ft = _rrhf_ft(x.policy_chosen, x.chosen_mask, hp["ft_reduction"])
-        metrics = reward_metrics(s_c, s_r)
+        metrics = reward_metrics(s_c, s_r, v)
     else:
         s = _rrhf_scores(x.policy, x.mask, lp)  # [B,K]
         r = f32(x.scores)
@@ -221,8 +230,8 @@ def _rrhf(x: PairLogps | RankedLogps, state, hp: dict) -> LossOutput:
         best = jnp.argmax(r, axis=1)
         pick = jax.vmap(lambda a, i: a[i])
         ft = _rrhf_ft(pick(x.policy, best), pick(x.mask, best), hp["ft_reduction"])
-        metrics = {"rrhf/best_score": jnp.mean(sg(pick(s, best)))}
-    metrics = {**metrics, "rrhf/rank_loss": jnp.mean(sg(rank)), "rrhf/ft_loss": jnp.mean(sg(ft))}
+        metrics = {"rrhf/best_score": batch_mean(sg(pick(s, best)), v)}
+    metrics = {**metrics, "rrhf/rank_loss": batch_mean(sg(rank), v), "rrhf/ft_loss": batch_mean(sg(ft), v)}
     return LossOutput(w * rank + ft, metrics, None)
 
 

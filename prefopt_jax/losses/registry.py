@@ -7,9 +7,7 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-import jax.numpy as jnp
-
-from prefopt_jax.losses.inputs import LossInputError, validate_pair
+from prefopt_jax.losses.inputs import LossInputError, batch_mean, example_valid, validate_pair
 
 
 class LossOutput(NamedTuple):
@@ -187,7 +185,7 @@ def combine(terms: Sequence[tuple]) -> Loss:
             total = total + weight * out.loss
             for k, v in out.metrics.items():
                 metrics.setdefault(k, v)
-            metrics[f"loss/{loss.name}"] = jnp.mean(out.loss)
+            metrics[f"loss/{loss.name}"] = batch_mean(out.loss, example_valid(inputs))
             if loss.stateful:
                 new_state[loss.name] = out.state
         return LossOutput(total, metrics, new_state or None)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from prefopt_jax.losses.inputs import UnpairedLogps, f32, masked_sum, validate_unpaired
+from prefopt_jax.losses.inputs import UnpairedLogps, batch_mean, example_valid, f32, masked_sum, validate_unpaired
 from prefopt_jax.losses.primitives import running_moments_init, running_moments_update, sg
 from prefopt_jax.losses.registry import Loss, LossOutput, all_of, in_range, positive, register
 
@@ -20,19 +20,19 @@ def _log_ratios(x: UnpairedLogps) -> tuple[Array, Array]:
     return policy, policy - sg(masked_sum(x.ref, x.mask))
 
 
-def _labelled_means(values_B: Array, label_B: Array) -> tuple[Array, Array]:
-    """Means over the desirable and undesirable examples; NaN for an empty half (TRL logs nothing)."""
-    label = label_B.astype(bool)
-    n_d = jnp.sum(label)
-    n_u = label.shape[0] - n_d
-    mean_d = jnp.where(n_d > 0, jnp.sum(jnp.where(label, values_B, 0.0)) / jnp.maximum(n_d, 1), jnp.nan)
-    mean_u = jnp.where(n_u > 0, jnp.sum(jnp.where(label, 0.0, values_B)) / jnp.maximum(n_u, 1), jnp.nan)
+def _labelled_means(values_B: Array, label_B: Array, valid_B: Array) -> tuple[Array, Array]:
+    """Means over the (valid) desirable and undesirable examples; NaN for an empty half (TRL logs nothing)."""
+    desirable = label_B.astype(bool) & valid_B
+    undesirable = ~label_B.astype(bool) & valid_B
+    n_d, n_u = jnp.sum(desirable), jnp.sum(undesirable)
+    mean_d = jnp.where(n_d > 0, jnp.sum(jnp.where(desirable, values_B, 0.0)) / jnp.maximum(n_d, 1), jnp.nan)
+    mean_u = jnp.where(n_u > 0, jnp.sum(jnp.where(undesirable, values_B, 0.0)) / jnp.maximum(n_u, 1), jnp.nan)
     return mean_d, mean_u
 
 
-def _unpaired_metrics(rewards_B: Array, policy_B: Array, label_B: Array) -> dict:
-    rc, rr = _labelled_means(sg(rewards_B), label_B)
-    lc, lr = _labelled_means(sg(policy_B), label_B)
+def _unpaired_metrics(rewards_B: Array, policy_B: Array, label_B: Array, valid_B: Array) -> dict:
+    rc, rr = _labelled_means(sg(rewards_B), label_B, valid_B)
+    lc, lr = _labelled_means(sg(policy_B), label_B, valid_B)
     return {
         "rewards/chosen": rc,
         "rewards/rejected": rr,
@@ -80,12 +80,12 @@ def _unpaired_loss(
 
 def _kto(x: UnpairedLogps, state, hp: dict) -> LossOutput:
     policy, r = _log_ratios(x)
-    beta, label = hp["beta"], x.label.astype(bool)
-    z = sg(jnp.maximum(jnp.mean(f32(x.kl_policy) - f32(x.kl_ref)), 0.0))
+    beta, label, valid = hp["beta"], x.label.astype(bool), example_valid(x)
+    z = sg(jnp.maximum(batch_mean(f32(x.kl_policy) - f32(x.kl_ref), valid), 0.0))
     desirable = hp["desirable_weight"] * (1.0 - jax.nn.sigmoid(beta * (r - z)))
     undesirable = hp["undesirable_weight"] * (1.0 - jax.nn.sigmoid(beta * (z - r)))
     loss = jnp.where(label, desirable, undesirable)
-    return LossOutput(loss, {"kl": z, **_unpaired_metrics(beta * r, policy, label)}, None)
+    return LossOutput(loss, {"kl": z, **_unpaired_metrics(beta * r, policy, label, valid)}, None)
 
 
 _WEIGHTS = all_of(in_range("desirable_weight", 0.0, float("inf")), in_range("undesirable_weight", 0.0, float("inf")))
@@ -109,7 +109,7 @@ def _apo_zero_unpaired(x: UnpairedLogps, state, hp: dict) -> LossOutput:
     beta, label = hp["beta"], x.label.astype(bool)
     desirable = hp["desirable_weight"] * (1.0 - jax.nn.sigmoid(beta * r))
     undesirable = hp["undesirable_weight"] * jax.nn.sigmoid(beta * r)
-    metrics = {"kl": jnp.zeros((), jnp.float32), **_unpaired_metrics(beta * r, policy, label)}  # TRL logs kl = 0
+    metrics = {"kl": jnp.zeros((), jnp.float32), **_unpaired_metrics(beta * r, policy, label, example_valid(x))}
     return LossOutput(jnp.where(label, desirable, undesirable), metrics, None)
 
 
@@ -128,8 +128,9 @@ _unpaired_loss(
 def _bco(x: UnpairedLogps, state, hp: dict) -> LossOutput:
     policy, logratio = _log_ratios(x)
     r = hp["beta"] * logratio
+    valid = example_valid(x)
     if hp["training"]:
-        state = running_moments_update(state, sg(r))
+        state = running_moments_update(state, sg(r), valid)
     delta = sg(state["mean"])
     label = x.label.astype(bool)
     undesirable = -_log_sigmoid(-(r - delta))
@@ -138,7 +139,7 @@ def _bco(x: UnpairedLogps, state, hp: dict) -> LossOutput:
         ratio = jnp.clip(p / (1.0 - p + 1e-8), hp["min_density_ratio"], hp["max_density_ratio"])
         undesirable = undesirable * sg(ratio)
     loss = jnp.where(label, -_log_sigmoid(r - delta), undesirable)
-    return LossOutput(loss, {"delta": delta, **_unpaired_metrics(r, policy, label)}, state)
+    return LossOutput(loss, {"delta": delta, **_unpaired_metrics(r, policy, label, valid)}, state)
 
 
 _unpaired_loss(

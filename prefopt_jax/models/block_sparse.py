@@ -2,29 +2,24 @@
 
 Packed preference rows hold several prompts with their completions; a dense [T, T] attention spends most
 of its time on masked tiles (other groups, the future, padding) — on CPU the softmax over those tiles costs
-more than the model's matmuls. The host knows the mask, so it lists the tiles that are not empty
-(`attention_blocks`); the device gathers those tiles' queries and keys, softmaxes each query over all of its
-tiles at once (one shared maximum per query, so tiles combine exactly) and scatters the outputs back.
-The result equals dense attention (a test holds it to 1e-5); the tile list is padded to few distinct
-lengths so few shapes compile."""
+more than the model's matmuls. The device lists each row's non-empty tiles from the per-token arrays
+(`tiles_from_tokens`, the mask of `mask.visible` reduced per tile), gathers those tiles' queries and
+keys, softmaxes each query over all of its tiles at once (one shared maximum per query, so tiles combine
+exactly) and scatters the outputs back. The list has a static length per row, `tiles_per_row`, which the
+packer guarantees with `data.batching.tile_bound` (an upper bound of a unit's tiles from its lengths), so one
+shape compiles and no tile is ever dropped. The result equals dense attention."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from prefopt_jax.data.batching import TILE
+from prefopt_jax.models.mask import Tokens, visible
 
 Array = jax.Array
-BLOCK = 32  # measured on CPU (SmolLM2, packed 1024-token rows): 32 beats 64 and 128
+BLOCK = TILE  # 32, measured on CPU (SmolLM2, packed 1024-token rows): 32 beats 64 and 128
 NEG_INF = -1e30
-
-
-def tile_buckets(n: int) -> int:
-    """Tile counts rounded up to 16, 24, 32, 48, 64, ... (at most a third wasted; few shapes)."""
-    b = 16
-    while b < n:
-        b = b * 3 // 2 if (b & (b - 1)) == 0 else (b // 3) * 4
-    return b
 
 
 def block_size(length: int, block: int = BLOCK) -> int | None:
@@ -33,34 +28,38 @@ def block_size(length: int, block: int = BLOCK) -> int | None:
     return b if length % b == 0 else None
 
 
-def causal_mask(segment_ids_RxT: np.ndarray) -> np.ndarray:
-    """[R, T, T] bool: causal, within a segment, never a padding key (the padded layout's structure)."""
-    t = segment_ids_RxT.shape[1]
-    causal = np.tri(t, dtype=bool)[None]
-    same = segment_ids_RxT[:, :, None] == segment_ids_RxT[:, None, :]
-    return causal & same & (segment_ids_RxT[:, None, :] > 0)
+def tiles_from_tokens(tokens, per_row: int, block: int = BLOCK) -> dict[str, Array]:
+    """Each row's non-empty tiles (real queries only; the window is applied per layer by `attend_tiles`):
+    "row", "q", "k" (tile indices, int32 [R * per_row]) and "mask" (bool [R * per_row, B, B]). Unused
+    slots point at tile (row, 0, 0) with an empty mask."""
+    seg = tokens.segment_ids
+    r, t = seg.shape
+    nb = t // block
+    index = jnp.broadcast_to(jnp.arange(t), (r, t))
+    base = Tokens(tokens.segment_ids, tokens.branch, jnp.zeros_like(tokens.positions))  # no window here
+    real = (seg > 0)[:, :, None]
+    mask = visible(base, index, base, index, 0) & real  # [R, T, T]: only inside this reduction
+    occupied = mask.reshape(r, nb, block, nb, block).any(axis=(2, 4)).reshape(r, nb * nb)
+    flat = jax.vmap(lambda o: jnp.nonzero(o, size=per_row, fill_value=-1)[0])(occupied)  # [R, per_row]
+    used = flat >= 0
+    flat = jnp.where(used, flat, 0)
+    rows = jnp.broadcast_to(jnp.arange(r)[:, None], flat.shape)
+    qi, kj = flat // nb, flat % nb
 
+    def block_tokens(a: Array, which: Array) -> Array:  # [R, T] -> [R, per_row, B]
+        return jnp.take_along_axis(a.reshape(r, nb, block), which[..., None], axis=1)
 
-def attention_blocks(mask_RxTxT: np.ndarray, block: int = BLOCK) -> dict[str, np.ndarray] | None:
-    """The non-empty tiles of a batch's attention mask: "row", "q", "k" (tile indices, int32 [P]) and
-    "mask" (bool [P, B, B]); padding tiles are empty (all False). None when the rows do not tile."""
-    r, t, _ = mask_RxTxT.shape
-    b = block_size(t, block)
-    if b is None:
-        return None
-    nb = t // b
-    tiles = mask_RxTxT.reshape(r, nb, b, nb, b).transpose(0, 1, 3, 2, 4)  # [R, nb, nb, B, B]
-    row, q, k = np.nonzero(tiles.any(axis=(3, 4)))
-    p = tile_buckets(len(row))
-    out = {
-        "row": np.zeros(p, np.int32),
-        "q": np.zeros(p, np.int32),
-        "k": np.zeros(p, np.int32),
-        "mask": np.zeros((p, b, b), bool),
+    q_tok = Tokens(*(block_tokens(a, qi) for a in base))
+    k_tok = Tokens(*(block_tokens(a, kj) for a in base))
+    q_idx = qi[..., None] * block + jnp.arange(block)
+    k_idx = kj[..., None] * block + jnp.arange(block)
+    tile_mask = visible(q_tok, q_idx, k_tok, k_idx, 0) & (q_tok.segment_ids > 0)[..., :, None] & used[..., None, None]
+    return {
+        "row": rows.reshape(-1).astype(jnp.int32),
+        "q": qi.reshape(-1).astype(jnp.int32),
+        "k": kj.reshape(-1).astype(jnp.int32),
+        "mask": tile_mask.reshape(-1, block, block),
     }
-    out["row"][: len(row)], out["q"][: len(row)], out["k"][: len(row)] = row, q, k
-    out["mask"][: len(row)] = tiles[row, q, k]
-    return out
 
 
 def attend_tiles(

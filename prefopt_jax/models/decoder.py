@@ -17,11 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from prefopt_jax.models.block_sparse import attend_tiles
+from prefopt_jax.models import attention as attention_lib
 from prefopt_jax.models.config import ModelConfig
+from prefopt_jax.models.mask import Tokens
 
 Array = jax.Array
-NEG_INF = -1e30  # finite, so a fully masked (padding) query row gives a uniform softmax, not NaN
 # (array, logical axis names) -> array: a sharding constraint on an activation, or nothing
 Constrain = Callable[[Array, tuple], Array]
 
@@ -124,22 +124,6 @@ def positions_from_segments(segment_ids_BxT: Array) -> Array:
     return t - first
 
 
-def attention_mask(input_ids_BxT: Array, segment_ids: Array | None, mask: Array | None) -> Array:
-    """Which keys each query may see, bool [B,T,S]. A 3-D `mask` is taken as the full structure (packed,
-    prefix-shared batches); otherwise causal, within a segment, and never a padding key (segment 0 or a
-    0 in a [B,T] `mask`)."""
-    b, t = input_ids_BxT.shape
-    if mask is not None and mask.ndim == 3:
-        return mask.astype(bool)
-    idx = jnp.arange(t)
-    allowed = jnp.broadcast_to(idx[None, :, None] >= idx[None, None, :], (b, t, t))
-    if segment_ids is not None:
-        allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
-    if mask is not None:
-        allowed = allowed & mask.astype(bool)[:, None, :]
-    return allowed
-
-
 def _proj(p: dict, name: str, x: Array, n_in: int) -> Array:
     """x contracted with the projection `name` over its last `n_in` axes, plus the LoRA update
     (x·A)·B when the layer carries adapters for it (`p["lora"][name]`, scale already applied to B), with
@@ -173,47 +157,17 @@ def qkv(cfg: ModelConfig, p: dict, x: Array, rope: tuple[Array, Array], constrai
     return q.reshape(b, t, cfg.num_kv_heads, g, cfg.head_dim), k, v
 
 
-QUERY_CHUNK = 512  # longer rows attend this many queries at a time: [chunk, S] scores live, not [T, S]
-
-
 def attend(cfg: ModelConfig, p: dict, q: Array, k: Array, v: Array, visible: Array) -> Array:
-    """Attention of queries [B,T,K,G,E] over keys/values [B,S,K,E] where `visible` [B,T,S], then the
-    output projection. Rows longer than QUERY_CHUNK go a chunk of queries at a time, each chunk
-    recomputed in the backward pass (the same per-query softmax, at a fraction of the memory)."""
-    b, t = q.shape[:2]
-
-    def scored(q_c: Array, visible_c: Array) -> Array:  # [B,c,K,G,E] -> [B,c,H,E]
-        scores = jnp.einsum("btkge,bske->bkgts", q_c, k).astype(jnp.float32) * cfg.attention_scale
-        if cfg.attn_logit_softcap:
-            scores = jnp.tanh(scores / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
-        scores = jnp.where(visible_c[:, None, None], scores, NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(q_c.dtype)
-        return jnp.einsum("bkgts,bske->btkge", probs, v).reshape(b, q_c.shape[1], cfg.num_heads, cfg.head_dim)
-
-    if t <= QUERY_CHUNK:
-        out = scored(q, visible)
-    else:
-        n = -(-t // QUERY_CHUNK)
-        pad = n * QUERY_CHUNK - t
-        q_n = jnp.pad(q, ((0, 0), (0, pad)) + ((0, 0),) * 3).reshape(b, n, QUERY_CHUNK, *q.shape[2:])
-        vis_n = jnp.pad(visible, ((0, 0), (0, pad), (0, 0))).reshape(b, n, QUERY_CHUNK, visible.shape[-1])
-        chunks = jax.lax.map(jax.checkpoint(lambda a: scored(*a)), (q_n.swapaxes(0, 1), vis_n.swapaxes(0, 1)))
-        out = chunks.swapaxes(0, 1).reshape(b, n * QUERY_CHUNK, cfg.num_heads, cfg.head_dim)[:, :t]
-    return _proj(p, "o", out, 2)
+    """Attention of queries [B,T,K,G,E] over keys/values [B,S,K,E] under an explicit mask [B,T,S], then the
+    output projection (the KV-cache decoding path; training derives its mask inside attention)."""
+    return _proj(p, "o", attention_lib.masked_attention(cfg, q, k, v, visible), 2)
 
 
-def in_window(visible: Array, query_pos: Array, key_pos: Array, window) -> Array:
-    """`visible` [B,T,S] limited to keys less than `window` positions back (window 0: no limit)."""
-    dist = query_pos[:, :, None] - key_pos[:, None, :]
-    return visible & ((window == 0) | (dist < window))
-
-
-def _attention(cfg: ModelConfig, p: dict, x: Array, positions, allowed, window, rope, constrain: Constrain, tiles):
+def _attention(cfg: ModelConfig, p: dict, x: Array, tokens: Tokens, window, rope, constrain: Constrain, spec):
     q, k, v = qkv(cfg, p, x, rope, constrain)
-    if tiles is None:
-        return attend(cfg, p, q, k, v, in_window(allowed, positions, positions, window))
-    out = attend_tiles(q, k, v, tiles, positions, window, cfg.attention_scale, cfg.attn_logit_softcap)
-    return _proj(p, "o", out.reshape(*x.shape[:2], cfg.num_heads, cfg.head_dim), 2)
+    mesh, rules = getattr(constrain, "mesh", None), getattr(constrain, "rules", None)
+    out = attention_lib.attention(cfg, spec, q, k, v, tokens, window, mesh, rules)
+    return _proj(p, "o", out, 2)
 
 
 def _mlp(cfg: ModelConfig, p: dict, x: Array, constrain: Constrain) -> Array:
@@ -254,26 +208,32 @@ def forward_hidden(
     input_ids: Array,
     positions: Array | None = None,
     segment_ids: Array | None = None,
-    mask: Array | None = None,
+    branch: Array | None = None,
     *,
+    mask: Array | None = None,
     dtype: Any = jnp.float32,
     scan_layers: bool = True,
     remat: str = "none",
     constrain: Constrain = no_constraint,
-    tiles: dict | None = None,
+    attention: attention_lib.AttentionSpec = attention_lib.AttentionSpec(),
 ) -> Array:
     """Final-norm hidden states [B,T,D] (the unembedding is left to the caller, so log-probs can be
-    computed in chunks without [B,T,V] logits). `constrain` places activations on a mesh by their
-    logical axis names (see `prefopt_jax.sharding.activation_constraint`). `tiles` (from
-    `block_sparse.attention_blocks` of this batch's mask) computes attention on those tiles only."""
+    computed in chunks without [B,T,V] logits). Which token sees which is derived inside attention from
+    `segment_ids` (default: one segment per row; 0 is padding), `branch` (default 0: plain causal rows; a
+    packed group's completion j is branch j + 1) and `positions` (default: restarting at each segment);
+    `mask` [B,T] (1 = token, 0 = padding) is another way to give padding. `constrain` places activations
+    on a mesh by their logical axis names (see `prefopt_jax.sharding.activation_constraint`); `attention`
+    picks the implementation (`prefopt_jax.models.attention`)."""
     if remat not in REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {remat!r}; choose from {sorted(REMAT_POLICIES)}")
+    if segment_ids is None:
+        segment_ids = jnp.ones(input_ids.shape, jnp.int32)
+    if mask is not None:
+        segment_ids = jnp.where(mask.astype(bool), segment_ids, 0)
     if positions is None:
-        if segment_ids is not None:
-            positions = positions_from_segments(segment_ids)
-        else:
-            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-    allowed = attention_mask(input_ids, segment_ids, mask) if tiles is None else None
+        positions = positions_from_segments(segment_ids)
+    branch = jnp.zeros(input_ids.shape, jnp.int32) if branch is None else branch
+    tokens = Tokens(segment_ids.astype(jnp.int32), branch.astype(jnp.int32), positions.astype(jnp.int32))
     x = constrain(embed_tokens(cfg, params, input_ids, dtype), ("batch", "length", None))
     rope = rope_tables(cfg, positions)
     windows = jnp.asarray(cfg.windows, jnp.int32)
@@ -286,8 +246,8 @@ def forward_hidden(
         # each layer's weights stay in their shards up to here, so a sharded model is gathered one layer
         # at a time inside the loop, never all layers at once before it
         p = {k: constrain(v, layer_axes[k]) if k in layer_axes else v for k, v in p.items()}
-        attention = lambda hn: (_attention(cfg, p, hn, positions, allowed, window, rope, constrain, tiles), None)
-        return block(cfg, h, p, attention, constrain)
+        attend_layer = lambda hn: (_attention(cfg, p, hn, tokens, window, rope, constrain, attention), None)
+        return block(cfg, h, p, attend_layer, constrain)
 
     if remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat])
@@ -325,8 +285,9 @@ def _init_value(kind: str, key: Array, shape: tuple[int, ...], dtype: Any) -> Ar
 
 
 class Decoder(nnx.Module):
-    """A decoder-only LM. `model(input_ids, positions=None, segment_ids=None, mask=None)` -> logits
-    [B,T,V] (float32); `model.hidden_states(...)` -> [B,T,D] for chunked log-probs."""
+    """A decoder-only LM. `model(input_ids, positions=None, segment_ids=None, branch=None, mask=None)` ->
+    logits [B,T,V] (float32); `model.hidden_states(...)` -> [B,T,D] for chunked log-probs (the arguments
+    are `forward_hidden`'s)."""
 
     def __init__(
         self,
@@ -351,20 +312,21 @@ class Decoder(nnx.Module):
         """The parameters as a plain nested dict of arrays (what the pure forward takes)."""
         return nnx.to_pure_dict(nnx.state(self, nnx.Param))
 
-    def hidden_states(self, input_ids, positions=None, segment_ids=None, mask=None) -> Array:
+    def hidden_states(self, input_ids, positions=None, segment_ids=None, branch=None, mask=None) -> Array:
         return forward_hidden(
             self.config,
             self.params(),
             input_ids,
             positions,
             segment_ids,
-            mask,
+            branch,
+            mask=mask,
             dtype=self.dtype,
             scan_layers=self.scan_layers,
             remat=self.remat,
             constrain=self.constrain,
         )
 
-    def __call__(self, input_ids, positions=None, segment_ids=None, mask=None) -> Array:
-        hidden = self.hidden_states(input_ids, positions, segment_ids, mask)
+    def __call__(self, input_ids, positions=None, segment_ids=None, branch=None, mask=None) -> Array:
+        hidden = self.hidden_states(input_ids, positions, segment_ids, branch, mask)
         return logits_from_hidden(self.config, self.params(), hidden)

@@ -6,6 +6,7 @@ during prefill but never attended: each new token is written to the row's next s
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -17,7 +18,6 @@ from prefopt_jax.models.decoder import (
     attend,
     block,
     embed_tokens,
-    in_window,
     logits_from_hidden,
     qkv,
     rms_norm,
@@ -47,7 +47,7 @@ def forward_cached(cfg: ModelConfig, params: dict, ids_BxT, slots_BxT, cache: di
             q, k, v = qkv(cfg, p, hn, rope)
             ck2 = ck.at[rows, slots_BxT].set(k.astype(ck.dtype))
             cv2 = cv.at[rows, slots_BxT].set(v.astype(cv.dtype))
-            visible = in_window(causal, slots_BxT, key_pos, window)
+            visible = causal & ((window == 0) | (slots_BxT[:, :, None] - key_pos[:, None, :] < window))
             return attend(cfg, p, q, ck2.astype(q.dtype), cv2.astype(q.dtype), visible), (ck2, cv2)
 
         return block(cfg, h, p, attention)
@@ -55,6 +55,26 @@ def forward_cached(cfg: ModelConfig, params: dict, ids_BxT, slots_BxT, cache: di
     x = embed_tokens(cfg, params, ids_BxT)
     x, (k, v) = jax.lax.scan(body, x, (params["layers"], windows, cache["k"], cache["v"]))
     return rms_norm(x, params["final_norm"], cfg.rms_norm_eps, cfg.norm_offset), {"k": k, "v": v}
+
+
+def _next_token(cfg: ModelConfig, params: dict, hidden, at):
+    last = jnp.take_along_axis(hidden, at[:, None, None], axis=1)
+    return jnp.argmax(logits_from_hidden(cfg, params, last)[:, 0], axis=-1).astype(jnp.int32)
+
+
+# compiled once per model config and shape; parameters are arguments, not constants (they may be sharded over
+# devices of other processes)
+@functools.partial(jax.jit, static_argnums=0)
+def _prefill(cfg: ModelConfig, params: dict, cache: dict, ids, lengths):
+    slots = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+    hidden, cache = forward_cached(cfg, params, ids, slots, cache)
+    return _next_token(cfg, params, hidden, lengths - 1), cache
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode(cfg: ModelConfig, params: dict, cache: dict, tok, slot):
+    hidden, cache = forward_cached(cfg, params, tok[:, None], slot[:, None], cache)
+    return _next_token(cfg, params, hidden, jnp.zeros_like(slot)), cache
 
 
 def generate(
@@ -67,24 +87,7 @@ def generate(
     for i, p in enumerate(prompts):
         ids[i, : len(p)] = p
     cache = init_cache(cfg, len(prompts), width + max_new_tokens)
-
-    def next_token(params, hidden, at):
-        last = jnp.take_along_axis(hidden, at[:, None, None], axis=1)
-        return jnp.argmax(logits_from_hidden(cfg, params, last)[:, 0], axis=-1).astype(jnp.int32)
-
-    # parameters are arguments, not constants: they may be sharded over devices of other processes
-    @jax.jit
-    def prefill(params, cache, ids, lengths):
-        slots = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
-        hidden, cache = forward_cached(cfg, params, ids, slots, cache)
-        return next_token(params, hidden, lengths - 1), cache
-
-    @jax.jit
-    def decode(params, cache, tok, slot):
-        hidden, cache = forward_cached(cfg, params, tok[:, None], slot[:, None], cache)
-        return next_token(params, hidden, jnp.zeros_like(slot)), cache
-
-    tok, cache = prefill(params, cache, ids, lengths)
+    tok, cache = _prefill(cfg, params, cache, ids, lengths)
     out = np.zeros((len(prompts), max_new_tokens), np.int32)
     slot = lengths
     for j in range(max_new_tokens):
@@ -93,7 +96,7 @@ def generate(
             out = out[:, : j + 1]
             break
         if j + 1 < max_new_tokens:
-            tok, cache = decode(params, cache, tok, slot)
+            tok, cache = _decode(cfg, params, cache, tok, slot)
             slot = slot + 1
     results = []
     for row in out.tolist():

@@ -1,8 +1,10 @@
-"""From the config's data section to what the step consumes: prepared examples, collated micro-batches
-brought to one shape, and their placement on the mesh."""
+"""From the config's data section to what the step consumes: prepared examples, the run's fixed batch
+geometry, and planned micro-batches built on the host (each process only the rows of its own devices) and
+placed on the mesh."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import jax
@@ -12,10 +14,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from prefopt_jax import data, losses
 from prefopt_jax.config import Config
 from prefopt_jax.data.synthetic import comparison_pairs
-from prefopt_jax.train import step as step_lib
 
 ROW_AXES = ("data", "fsdp")
-PER_ROW = ("input_ids", "positions", "segment_ids", "pred_index", "scored", "mask")
+TOKEN_ARRAYS = ("input_ids", "positions", "segment_ids", "branch")
 
 
 def load_data(cfg: Config, tokenizer) -> tuple[data.Prepared, list[str] | None]:
@@ -46,86 +47,127 @@ def load_data(cfg: Config, tokenizer) -> tuple[data.Prepared, list[str] | None]:
     return prepared, answers
 
 
-def use_tiles(cfg: Config, mesh: Mesh) -> bool:
-    """Block-sparse attention: asked for, or (auto) when a batch's rows are not split over devices (the
-    tile gathers would then cross devices)."""
-    if cfg.model.attention == "auto":
-        return mesh.shape["data"] * mesh.shape["fsdp"] == 1
-    return cfg.model.attention == "block_sparse"
+def rows_per_device_group(mesh: Mesh) -> int:
+    """How many devices a micro-batch's rows are split over (rows come in multiples of it)."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def collator(cfg: Config, pad_id: int, *, response_only: bool = False, split: str = "train"):
-    if losses.get(cfg.loss.name).kind == "unpaired" and split == "train":
-        return data.UnpairedCollator(cfg.data.layout, cfg.data.max_length, pad_id=pad_id)
-    return data.PairCollator(cfg.data.layout, cfg.data.max_length, pad_id=pad_id, response_only=response_only)
+def batch_spec(cfg: Config, examples: Sequence, mesh: Mesh, *, attention: str, response_only: bool) -> data.BatchSpec:
+    """The run's micro-batch geometry, sized from `examples` (train and held-out together, so every one
+    fits) and the config (`data.pack_length`, `data.micro_batch_rows`; None derives them). Rows are a
+    multiple of 128 tokens for the accelerator kernels, of 32 (the CPU tile) otherwise."""
+    return data.batch_spec(
+        examples,
+        layout=cfg.data.layout,
+        groups=cfg.train.batch_size // cfg.train.micro_batches,
+        max_length=cfg.data.max_length,
+        response_only=response_only,
+        row_multiple=rows_per_device_group(mesh),
+        length=cfg.data.pack_length,
+        rows=cfg.data.micro_batch_rows,
+        tiles=attention == "block_sparse",
+        seed=cfg.train.seed,
+        length_multiple=128 if attention in ("pallas", "cudnn") else data.TILE,
+    )
 
 
-def host_batch(collated: Sequence[dict], pad_id: int, row_multiple: int, *, tiles: bool = False) -> list[dict]:
-    """Collator outputs (one per micro-batch) as the step's array dicts, all of one shape (so they stack),
-    with a row count that is a multiple of `row_multiple` (the devices the rows are split over); with
-    `tiles`, each with its attention tile list (block-sparse attention)."""
-    parts: list[dict] = [{"weight": c["weight"]} for c in collated]
-    if "label" in collated[0]:
-        for part, c in zip(parts, collated, strict=True):
-            part["label"] = c["label"]
-    sources = {"main": "batch", "response_only": "response_only", "kl": "kl"}
-    keys = [k for k, source in sources.items() if source in collated[0]]
-    for key in keys:
-        shaped = data.common_shape([c[sources[key]] for c in collated], pad_id, row_multiple=row_multiple)
-        for part, b in zip(parts, shaped, strict=True):
-            part[key] = step_lib.batch_arrays(b, tiles=tiles)
-        width = max(p[key]["scored"].shape[1] for p in parts)  # positions scored per row differ: pad
-        for p in parts:
-            p[key]["scored"] = np.pad(
-                p[key]["scored"], ((0, 0), (0, width - p[key]["scored"].shape[1])), constant_values=-1
-            )
-        if "tiles" in parts[0][key]:  # tile lists differ in length: pad with empty tiles
-            n = max(len(p[key]["tiles"]["row"]) for p in parts)
-            for p in parts:
-                p[key]["tiles"] = {
-                    k: np.pad(v, [(0, n - len(v))] + [(0, 0)] * (v.ndim - 1)) for k, v in p[key]["tiles"].items()
-                }
-    return parts
+def _row_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(None, ROW_AXES))
 
 
-def with_reference_logps(parts: list[dict], per_example: Sequence[Sequence[np.ndarray]]) -> list[dict]:
-    """Precomputed reference log-probs ([k, L_i] per example, micro-batch after micro-batch) laid out like
-    each micro-batch's completions, [G, k, L]."""
-    it = iter(per_example)
-    for p in parts:
-        g, k, width = p["main"]["completion_mask"].shape
-        ref = np.zeros((g, k, width), np.float32)
-        for i in range(g):
-            for j, values in enumerate(next(it)):
-                ref[i, j, : len(values)] = values
-        p["ref_logps"] = ref
-    return parts
+def local_rows(mesh: Mesh, rows: int) -> slice:
+    """The rows of a micro-batch this process's devices hold (the span covering all of them)."""
+    index = _row_sharding(mesh).addressable_devices_indices_map((1, rows))
+    spans = [idx[1].indices(rows) for idx in index.values()]
+    return slice(min(s[0] for s in spans), max(s[1] for s in spans))
 
 
-def shardings(tree: dict, mesh: Mesh) -> dict:
-    """The placement of a step's (stacked) batch arrays: rows split over data x fsdp, the rest replicated
-    (tile lists are indexed by tile, not by row)."""
-    rows = NamedSharding(mesh, PartitionSpec(None, ROW_AXES))
-    whole = NamedSharding(mesh, PartitionSpec())
-    return {
-        k: (shardings(v, mesh) if k != "tiles" else {n: whole for n in v})
-        if isinstance(v, dict)
-        else (rows if k in PER_ROW else whole)
-        for k, v in tree.items()
-    }
+def reference_logps(
+    spec: data.BatchSpec, plan: data.MicroPlan, per_example: Sequence[Sequence[np.ndarray]]
+) -> np.ndarray:
+    """Precomputed reference log-probs ([k, L_i] per example) laid out like a micro-batch's completions."""
+    g = spec.geometries["main"]
+    out = np.zeros((g.groups, g.completions, g.width), np.float32)
+    for slot, i in enumerate(plan.examples):
+        for j, values in enumerate(per_example[i]):
+            out[slot, j, : len(values)] = values
+    return out
 
 
-def stack(parts: list[dict]) -> dict:
-    """Micro-batches stacked on a leading axis."""
+def host_step(
+    spec: data.BatchSpec,
+    plans: Sequence[data.MicroPlan],
+    examples: Sequence,
+    mesh: Mesh,
+    pad_id: int,
+    ref_cache: Sequence | None = None,
+) -> dict:
+    """One step's micro-batches as host arrays stacked on a leading axis: token arrays for this process's
+    rows only ([M, R_local, T]), group arrays whole ([M, G, ...])."""
+    rows = {part: local_rows(mesh, g.rows) for part, g in spec.geometries.items()}
+    parts = []
+    for plan in plans:
+        one = step_arrays(data.host_arrays(spec, plan, examples, pad_id, rows))
+        if ref_cache is not None:
+            one["ref_logps"] = reference_logps(spec, plan, ref_cache)
+        parts.append(one)
     return jax.tree.map(lambda *a: np.stack(a), *parts)
 
 
-def place(parts: list[dict], mesh: Mesh) -> dict:
-    """Micro-batches stacked and placed on the mesh (see `shardings`). Built from each process's copy of
-    the global batch, so it works across hosts."""
-    stacked = stack(parts)
-    return jax.tree.map(
-        lambda a, s: jax.make_array_from_callback(a.shape, s, lambda index: a[index]),
-        stacked,
-        shardings(stacked, mesh),
-    )
+def step_arrays(host: dict) -> dict:
+    """`data.host_arrays` as the step's pytree: each part's `Batch` as a dict of its arrays."""
+    return {k: dataclasses.asdict(v) if isinstance(v, data.Batch) else v for k, v in host.items()}
+
+
+def global_shape(spec: data.BatchSpec, part: str, local: np.ndarray) -> tuple[int, ...]:
+    return (local.shape[0], spec.geometries[part].rows, *local.shape[2:])
+
+
+def place(spec: data.BatchSpec, host: dict, mesh: Mesh) -> dict:
+    """A step's host arrays (`host_step`) on the mesh: token arrays split by rows over data x fsdp (each
+    process supplies its own rows), everything else replicated."""
+    rows, whole = _row_sharding(mesh), NamedSharding(mesh, PartitionSpec())
+    out = {}
+    for key, value in host.items():
+        if isinstance(value, dict):
+            n_rows = spec.geometries[key].rows
+            start = local_rows(mesh, n_rows).start
+            out[key] = {}
+            for name, a in value.items():
+                if name in TOKEN_ARRAYS:
+
+                    def local(idx, a=a, n_rows=n_rows, start=start):  # global row slice -> this process's block
+                        r0, r1, _ = idx[1].indices(n_rows)
+                        return a[idx[0], r0 - start : r1 - start, idx[2]]
+
+                    out[key][name] = jax.make_array_from_callback(global_shape(spec, key, a), rows, local)
+                else:
+                    out[key][name] = jax.make_array_from_callback(a.shape, whole, lambda idx, a=a: a[idx])
+        else:
+            out[key] = jax.make_array_from_callback(value.shape, whole, lambda idx, a=value: a[idx])
+    return out
+
+
+def abstract_batch(spec: data.BatchSpec, micro_batches: int, mesh: Mesh, *, unpaired: bool, precomputed: bool):
+    """The step's batch as shapes and shardings (planning: no data)."""
+    rows, whole = _row_sharding(mesh), NamedSharding(mesh, PartitionSpec())
+    m = micro_batches
+    sds = jax.ShapeDtypeStruct
+    out = {}
+    for part, g in spec.geometries.items():
+        token = lambda dtype, g=g: sds((m, g.rows, g.length), dtype, sharding=rows)
+        out[part] = {
+            "input_ids": token(np.int32),
+            "positions": token(np.int32),
+            "segment_ids": token(np.int32),
+            "branch": token(np.int8),
+            "completion_start": sds((m, g.groups, g.completions), np.int32, sharding=whole),
+            "completion_length": sds((m, g.groups, g.completions), np.int32, sharding=whole),
+        }
+    g = spec.geometries["main"]
+    out["weight"] = sds((m, g.groups), np.float32, sharding=whole)
+    if unpaired:
+        out["label"] = sds((m, g.groups), np.bool_, sharding=whole)
+    if precomputed:
+        out["ref_logps"] = sds((m, g.groups, g.completions, g.width), np.float32, sharding=whole)
+    return out

@@ -35,31 +35,32 @@ def forward_flops(cfg: ModelConfig, tokens: float, attended_pairs: float, scored
     return cfg.num_layers * (per_token * tokens + 4 * h * e * attended_pairs) + 2 * d * cfg.vocab_size * scored
 
 
-def batch_counts(b: dict) -> tuple[float, float, float]:
-    """(tokens, visible attention pairs, completion tokens) of one batch's arrays (`step.batch_arrays`):
-    a prompt shared by its completions in a packed row is counted once, as it is computed once."""
-    seg = np.asarray(b["segment_ids"])
-    tokens = float((seg > 0).sum())
-    if "mask" in b:
-        pairs = float(np.asarray(b["mask"]).sum())
-    else:  # causal within a segment: a token at position p sees p + 1 keys
-        pairs = float(((np.asarray(b["positions"]) + 1) * (seg > 0)).sum())
-    return tokens, pairs, float(np.asarray(b["completion_mask"]).sum())
+def plan_counts(plan) -> tuple[float, float, float]:
+    """(tokens, visible attention pairs, completion tokens) of a planned micro-batch part (`data.RowPlan`),
+    from its units' lengths: a prompt shared by its completions is counted once, as it is computed once;
+    a prompt token at position p sees p + 1 keys, a completion token its prompt and its own past."""
+    tokens = pairs = scored = 0
+    for u, _, _ in plan.placed:
+        p = u.prompt_len
+        tokens += u.size
+        pairs += p * (p + 1) // 2 + sum(c * p + c * (c + 1) // 2 for c in u.completion_lens)
+        scored += sum(u.completion_lens)
+    return float(tokens), float(pairs), float(scored)
 
 
-def step_flops(cfg: ModelConfig, micro_batches: list[dict], *, lora: bool, reference_in_step: bool) -> float:
-    """Model FLOPs of one optimizer step: the policy's forward and backward (full fine-tuning: 3 forwards'
-    worth, weight and activation gradients; LoRA: 2, activation gradients only, adapters negligible), the
-    reference's forward when it runs in the step, and forward-only side passes (RMiPO's response-only
-    sequences: policy; KTO's mismatched pairs: policy and reference)."""
+def step_flops(cfg: ModelConfig, plans: list, *, lora: bool, reference_in_step: bool) -> float:
+    """Model FLOPs of one optimizer step (`plans`: its micro-batches' `data.MicroPlan`s): the policy's forward
+    and backward (full fine-tuning: 3 forwards' worth, weight and activation gradients; LoRA: 2, activation
+    gradients only, adapters negligible), the reference's forward when it runs in the step, and forward-only
+    side passes (RMiPO's response-only sequences: policy; KTO's mismatched pairs: policy and reference)."""
     total = 0.0
-    for mb in micro_batches:
-        fwd = forward_flops(cfg, *batch_counts(mb["main"]))
+    for plan in plans:
+        fwd = forward_flops(cfg, *plan_counts(plan.parts["main"]))
         total += fwd * ((2 if lora else 3) + (1 if reference_in_step else 0))
-        if "response_only" in mb:
-            total += forward_flops(cfg, *batch_counts(mb["response_only"]))
-        if "kl" in mb:
-            total += forward_flops(cfg, *batch_counts(mb["kl"])) * (2 if reference_in_step else 1)
+        if "response_only" in plan.parts:
+            total += forward_flops(cfg, *plan_counts(plan.parts["response_only"]))
+        if "kl" in plan.parts:
+            total += forward_flops(cfg, *plan_counts(plan.parts["kl"])) * (2 if reference_in_step else 1)
     return total
 
 

@@ -19,11 +19,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from prefopt_jax import data, losses, models, sharding
 from prefopt_jax.config import Config
+from prefopt_jax.models import attention as attention_lib
 from prefopt_jax.models.generate import generate
 from prefopt_jax.train import batches, checkpoint, reference_cache, runtime
 from prefopt_jax.train import flops as flops_lib
 from prefopt_jax.train import lora as lora_lib
 from prefopt_jax.train import metrics as metrics_lib
+from prefopt_jax.train import pipeline as pipeline_lib
 from prefopt_jax.train import step as step_lib
 
 
@@ -60,18 +62,19 @@ class Run:
     tokenizer: Any
     prepared: data.Prepared
     answers: list[str] | None
+    batch_specs: dict[str, data.BatchSpec]  # per split: the fixed micro-batch geometry
     spec: step_lib.StepSpec
     eval_spec: step_lib.StepSpec  # unpaired losses are evaluated on held-out pairs by their implicit reward
-    collate: dict[str, Any]  # per split
     pad_id: int
     state: dict
     frozen: dict | None  # the LoRA base (also the reference in lora_base mode)
     ref_params: dict | None  # the frozen reference copy (full fine-tuning)
     ref_cache: dict | None  # precomputed reference log-probs per split
-    tiles: bool  # block-sparse attention
 
 
-def step_spec(cfg: Config, mesh: Mesh | None = None) -> step_lib.StepSpec:
+def step_spec(
+    cfg: Config, geometries: dict, attention: str, mesh: Mesh | None = None, *, loss=None, hp=None
+) -> step_lib.StepSpec:
     """What the train step computes, from the config; with the mesh, activations and each layer's weights
     are kept in their shards inside the step."""
     t = cfg.train
@@ -80,9 +83,12 @@ def step_spec(cfg: Config, mesh: Mesh | None = None) -> step_lib.StepSpec:
         if mesh is None
         else sharding.activation_constraint(mesh, sharding.rules_for(cfg.mesh.rules))
     )
+    platform = mesh.devices.flat[0].platform if mesh is not None else "cpu"
     return step_lib.StepSpec(
-        losses.get(cfg.loss.name),
-        dict(cfg.loss.hparams),
+        loss or losses.get(cfg.loss.name),
+        dict(cfg.loss.hparams) if hp is None else hp,
+        geometries,
+        attention_lib.AttentionSpec(attention, interpret=attention == "pallas" and platform == "cpu"),
         reference=t.reference,
         lora_scale=(t.lora_alpha / t.lora_rank) if t.lora_rank else None,
         lora_dropout=t.lora_dropout,
@@ -93,6 +99,20 @@ def step_spec(cfg: Config, mesh: Mesh | None = None) -> step_lib.StepSpec:
         compute_dtype=cfg.model.compute,
         constrain=constrain,
     )
+
+
+def batch_specs(cfg: Config, prepared: data.Prepared, mesh: Mesh, attention: str) -> dict[str, data.BatchSpec]:
+    """Per split, the fixed micro-batch geometry. Paired runs size one from train and held-out examples
+    together; an unpaired run's held-out split is pairs, with a geometry of its own."""
+    loss = losses.get(cfg.loss.name)
+    response_only = "response_only_chosen_avg" in loss.required_extras(**cfg.loss.hparams)
+    kw = dict(attention=attention, response_only=response_only)
+    if loss.kind == "unpaired":
+        train = batches.batch_spec(cfg, prepared.train, mesh, **kw)
+        held = batches.batch_spec(cfg, prepared.eval, mesh, **kw) if prepared.eval else train
+        return {"train": train, "eval": held}
+    both = batches.batch_spec(cfg, prepared.train + prepared.eval, mesh, **kw)
+    return {"train": both, "eval": both}
 
 
 def _copy_as(a, dtype):
@@ -139,10 +159,10 @@ def setup(cfg: Config, optimizer: optax.GradientTransformation, out: IO) -> Run:
         f"model {cfg.model.source} ({mcfg.num_params() / 1e6:.0f}M params) loaded; data: {prepared.report.summary()}",
         file=out,
     )
-    spec = step_spec(cfg, mesh)
+    attention = attention_lib.resolve(cfg.model.attention, mesh.devices.flat[0].platform, mcfg, cfg.model.compute)
+    specs = batch_specs(cfg, prepared, mesh, attention)
+    spec = step_spec(cfg, specs["train"].geometries, attention, mesh)
     loss = spec.loss
-    pad_id = tokenizer.pad_token_id or 0
-    response_only = "response_only_chosen_avg" in spec.extras
     ref_cache = None
     if t.reference == "precomputed":
         key = reference_cache.key_for(cfg, prepared)
@@ -158,11 +178,16 @@ def setup(cfg: Config, optimizer: optax.GradientTransformation, out: IO) -> Run:
         lambda a: a if isinstance(a.sharding, NamedSharding) else jax.device_put(a, replicated),
         step_lib.init_state(trainable, optimizer, loss, reference=synced),
     )
-    collate = {s: batches.collator(cfg, pad_id, response_only=response_only, split=s) for s in ("train", "eval")}
-    eval_spec = spec
+    eval_spec = dataclasses.replace(spec, geometries=specs["eval"].geometries)
     if loss.kind == "unpaired":
         beta = spec.loss.hyperparameters(**spec.hp).get("beta", 0.1)
-        eval_spec = dataclasses.replace(spec, loss=losses.get("dpo"), hp={"beta": beta})
+        eval_spec = dataclasses.replace(eval_spec, loss=losses.get("dpo"), hp={"beta": beta})
+    g = specs["train"].geometries["main"]
+    print(
+        f"micro-batches: {g.rows} rows x {g.length} tokens, {g.groups} groups, {g.scored} scored tokens per row; "
+        f"attention: {attention}",
+        file=out,
+    )
     return Run(
         cfg,
         mesh,
@@ -170,53 +195,43 @@ def setup(cfg: Config, optimizer: optax.GradientTransformation, out: IO) -> Run:
         tokenizer,
         prepared,
         answers,
+        specs,
         spec,
         eval_spec,
-        collate,
-        pad_id,
+        tokenizer.pad_token_id or 0,
         state,
         frozen,
         ref_params,
         ref_cache,
-        batches.use_tiles(cfg, mesh),
     )
 
 
-def host_parts(run: Run, split: str, micro_indices: list[list[int]]) -> list[dict]:
-    """The step's arrays for micro-batches of examples (given by index into the split), as numpy."""
-    examples = run.prepared.train if split == "train" else run.prepared.eval
-    n_rows = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
-    collated = [run.collate[split]([examples[i] for i in idx]) for idx in micro_indices]
-    parts = batches.host_batch(collated, run.pad_id, n_rows, tiles=run.tiles)
-    if run.ref_cache is not None:
-        batches.with_reference_logps(parts, [run.ref_cache[split][i] for idx in micro_indices for i in idx])
-    return parts
-
-
 def evaluate(run: Run, eval_step, trainable: dict, loss_state) -> dict:
-    """Held-out metrics (every scalar the loss reports, averaged; reward accuracy by pair length) and,
-    for the built-in task, the exact-answer accuracy of greedy generations."""
+    """Held-out metrics over every held-out example (every scalar the loss reports, averaged over them;
+    reward accuracy by pair length) and, for the built-in task, the exact-answer accuracy of greedy
+    generations."""
     cfg, results = run.cfg, {}
-    micro = cfg.train.batch_size // cfg.train.micro_batches
-    unpaired = run.eval_spec is not run.spec  # an unpaired loss: scored on held-out pairs by its implicit reward
-    if unpaired:
-        micro = max(micro // 2, 1)  # two training examples per held-out pair
+    unpaired = run.eval_spec.loss is not run.spec.loss  # an unpaired loss: scored on held-out pairs
     reference = run.state.get("reference", run.ref_params)
     loss_state = None if unpaired else loss_state
-    if len(run.prepared.eval) >= micro:
-        sums: dict[str, list] = {}
-        for start in range(0, len(run.prepared.eval) - micro + 1, micro):
-            placed = batches.place(host_parts(run, "eval", [list(range(start, start + micro))]), run.mesh)
-            m = eval_step(trainable, run.frozen, reference, jax.tree.map(lambda a: a[0], placed), loss_state)
-            for k, v in m.items():
-                sums.setdefault(k, []).append(np.asarray(v))
-        skip = ("num_tokens", "num_completion_tokens") + (("loss",) if unpaired else ())
-        for k, v in sums.items():
+    spec, examples = run.batch_specs["eval"], run.prepared.eval
+    if examples:
+        plans = data.packer(spec, examples, seed=0, shuffle=False)
+        ref = run.ref_cache["eval"] if run.ref_cache is not None else None
+        collected = []
+        while (plan := plans.next_micro()) is not None:
+            host = batches.host_step(spec, [plan], examples, run.mesh, run.pad_id, ref)
+            placed = jax.tree.map(lambda a: a[0], batches.place(spec, host, run.mesh))
+            collected.append(eval_step(trainable, run.frozen, reference, placed, loss_state))
+        summed = step_lib.combine_metrics(jax.tree.map(lambda *a: jnp.stack(a), *collected))
+        skip = ("num_tokens", "num_completion_tokens", "num_groups") + (("loss",) if unpaired else ())
+        for k, v in summed.items():
             if not k.startswith("length_bucket/") and k not in skip:
-                results[f"eval/{k}"] = float(np.mean(v))
-        if "length_bucket/count" in sums:
-            count, correct = np.sum(sums["length_bucket/count"], 0), np.sum(sums["length_bucket/correct"], 0)
-            results |= metrics_lib.accuracy_by_length(correct, count)
+                results[f"eval/{k}"] = float(v)
+        if "length_bucket/count" in summed:
+            results |= metrics_lib.accuracy_by_length(
+                np.asarray(summed["length_bucket/correct"]), np.asarray(summed["length_bucket/count"])
+            )
     if cfg.eval.generate and run.answers:
         n = min(cfg.eval.num_generate, len(run.prepared.eval))
         prompts = [list(e.prompt) for e in run.prepared.eval[:n]]
@@ -233,9 +248,17 @@ def evaluate(run: Run, eval_step, trainable: dict, loss_state) -> dict:
     return results
 
 
+def compilations(*fns) -> int:
+    """How many times these jitted functions compiled (one per distinct input shape)."""
+    return sum(f._cache_size() for f in fns)
+
+
 def train(cfg: Config, *, out: IO | None = None, stop_after: int | None = None) -> tuple[dict, list[dict]]:
     """Train as configured; returns the final state and the metric history (also in output.dir).
-    `stop_after` stops (with a checkpoint) after that step, as a preemption would."""
+    `stop_after` stops (with a checkpoint) after that step, as a preemption would.
+
+    The next steps' batches are built in the background (`pipeline`), and a step's metrics are read
+    after the next step has been dispatched, so the device never waits for the host between steps."""
     out = out or sys.stdout  # looked up per call, so redirected stdout is honoured
     t = cfg.train
     run_dir = checkpoint.run_path(cfg.output.dir)
@@ -243,21 +266,22 @@ def train(cfg: Config, *, out: IO | None = None, stop_after: int | None = None) 
     start = time.perf_counter()
     optimizer = make_optimizer(cfg)
     run = setup(cfg, optimizer, out)
-    spec, micro = run.spec, t.batch_size // t.micro_batches
-    order = data.BatchIterator(list(range(len(run.prepared.train))), list, global_batch=t.batch_size, seed=t.seed)
+    spec = run.spec
     train_step = step_lib.make_train_step(run.model_cfg, spec, optimizer)
     eval_step = step_lib.make_eval_step(run.model_cfg, run.eval_spec)
     peak, peak_source = flops_lib.peak_flops(t.peak_tflops)
+    geometry = run.batch_specs["train"].geometries["main"]
 
     ckpt = checkpoint.manager(run_dir / "checkpoints", keep=cfg.output.keep)
     restored = checkpoint.restore_latest(ckpt, run.state) if cfg.output.resume else None
+    packer = data.packer(run.batch_specs["train"], run.prepared.train, seed=t.seed)
     if restored is None:
         history: list[dict] = []
         before = evaluate(run, eval_step, run.state["trainable"], run.state["loss_state"])
         print(f"before training: {_fmt(before)}", file=out)
     else:
         run.state, meta = restored
-        order.restore(meta["iterator"])
+        packer.restore(meta["iterator"])
         history, before = meta["history"], meta["before"]
         print(f"resumed from the checkpoint at step {len(history)} in {run_dir / 'checkpoints'}", file=out)
     writer = metrics_lib.MetricsWriter(
@@ -268,59 +292,94 @@ def train(cfg: Config, *, out: IO | None = None, stop_after: int | None = None) 
         writer.write(0, _eval_record(0, before))
     stop = _stop_on_signals()
     print(f"MFU against {peak / 1e12:.2f} TFLOP/s ({peak_source})", file=out)
+    ref = run.ref_cache["train"] if run.ref_cache is not None else None
+    inputs = pipeline_lib.StepPipeline(
+        run.batch_specs["train"], packer, run.prepared.train, run.mesh, micro_batches=t.micro_batches,
+        pad_id=run.pad_id, ref_cache=ref,
+    )  # fmt: skip
+    iterator_state = packer.state()  # where the data stream stands after the last finished step
+    progress = {"in_a_row": 0, "tokens": 0, "last": time.perf_counter(), "t0": time.perf_counter()}
 
-    def save(step: int) -> None:
-        meta = {"iterator": order.state(), "history": history, "before": before}
-        checkpoint.save(ckpt, step, run.state, meta)
-
-    in_a_row, tokens, t0 = 0, 0, time.perf_counter()
-    for i in range(len(history), t.steps):
-        step_start = time.perf_counter()
-        indices = next(order)
-        parts = host_parts(run, "train", [indices[j * micro : (j + 1) * micro] for j in range(t.micro_batches)])
-        step_flops = flops_lib.step_flops(
-            run.model_cfg, parts, lora=spec.lora_scale is not None, reference_in_step=spec.reference_in_step
-        )
-        run.state, metrics = train_step(run.state, run.frozen, run.ref_params, batches.place(parts, run.mesh))
+    def finish(i: int, metrics, item: pipeline_lib.StepInput) -> None:
+        """Read step i's metrics (the device has the next step queued by now), log them, check them."""
+        nonlocal iterator_state
         m = {k: float(v) for k, v in metrics.items()}
-        step_time = time.perf_counter() - step_start
-        tokens += int(m["num_tokens"]) * t.micro_batches
-        in_a_row = in_a_row + 1 if m["skipped"] > (history[-1]["skipped"] if history else 0) else 0
+        now = time.perf_counter()
+        step_time, progress["last"] = now - progress["last"], now
+        tokens = sum(flops_lib.plan_counts(p.parts["main"])[0] for p in item.plans)
+        progress["tokens"] += tokens
+        step_flops = flops_lib.step_flops(
+            run.model_cfg, item.plans, lora=spec.lora_scale is not None, reference_in_step=spec.reference_in_step
+        )
+        skipped_before = history[-1]["skipped"] if history else 0
+        progress["in_a_row"] = progress["in_a_row"] + 1 if m["skipped"] > skipped_before else 0
         m |= {
             "step": i + 1,
             "step_time": step_time,
-            "tokens_per_s": tokens / (time.perf_counter() - t0),
+            "host_time": item.host_seconds,
+            "padding_fraction": 1.0 - tokens / (t.micro_batches * geometry.tokens),
+            "tokens_per_s": progress["tokens"] / (now - progress["t0"]),
             "flops": step_flops,
             "mfu": step_flops / step_time / peak,
+            "compilations": compilations(train_step),
         }
         history.append(m)
+        iterator_state = item.packer_state
         writer.write(i + 1, m)
         if (i + 1) % cfg.output.log_every == 0 or i + 1 == t.steps:
             metrics_lib.progress(i + 1, t.steps, m, out)
-        if in_a_row >= t.max_skipped_in_a_row:
+        if progress["in_a_row"] >= t.max_skipped_in_a_row:
+            inputs.close()
             writer.close()
             raise FloatingPointError(
-                f"{in_a_row} steps in a row had a non-finite loss or gradient (step {i + 1}); "
+                f"{progress['in_a_row']} steps in a row had a non-finite loss or gradient (step {i + 1}); "
                 "lower train.learning_rate, check the data, or raise train.max_skipped_in_a_row"
             )
+
+    def save(step: int) -> None:
+        meta = {"iterator": iterator_state, "history": history, "before": before}
+        checkpoint.save(ckpt, step, run.state, meta)
+
+    pending = None  # (step index, its metrics on the device, its input)
+    for i in range(len(history), t.steps):
+        item = next(inputs)
+        run.state, metrics = train_step(run.state, run.frozen, run.ref_params, item.batch)
+        if pending is not None:
+            finish(*pending)
+        pending = (i, metrics, item)
         every = cfg.output.checkpoint_every
         interrupted = stop["signal"] is not None or i + 1 == stop_after
         if (every and (i + 1) % every == 0) or interrupted or i + 1 == t.steps:
+            finish(*pending)
+            pending = None
             save(i + 1)
         if interrupted:
+            inputs.close()
             ckpt.wait_until_finished()
             writer.close()
             print(f"stopped after step {i + 1} ({stop['signal'] or 'stop_after'}); checkpoint saved", file=out)
             return run.state, history
+    inputs.close()
     ckpt.wait_until_finished()
     after = evaluate(run, eval_step, run.state["trainable"], run.state["loss_state"])
     writer.write(t.steps, _eval_record(t.steps, after))
     writer.close()
-    summary = {"before": before, "after": after, "seconds": time.perf_counter() - start}
+    summary = {
+        "before": before,
+        "after": after,
+        "seconds": time.perf_counter() - start,
+        "compilations": {"train_step": compilations(train_step), "eval_step": compilations(eval_step)},
+        "geometry": dataclasses.asdict(geometry),
+        "attention": spec.attention.impl,
+    }
     if jax.process_index() == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"after training:  {_fmt(after)}", file=out)
-    print(f"done in {summary['seconds']:.0f} s; metrics in {run_dir / 'metrics.jsonl'}", file=out)
+    print(
+        f"done in {summary['seconds']:.0f} s ({summary['compilations']['train_step']} train-step and "
+        f"{summary['compilations']['eval_step']} eval-step compilations); metrics in {run_dir / 'metrics.jsonl'}",
+        file=out,
+    )
     return run.state, history
 
 

@@ -17,6 +17,7 @@ import math
 import os
 import re
 import sys
+import time
 from typing import IO
 
 import jax
@@ -24,10 +25,11 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from prefopt_jax import data, models, sharding
+from prefopt_jax import data, losses, models, sharding
 from prefopt_jax.config import Config, ConfigError, check_mesh
 from prefopt_jax.data.records import Origin
 from prefopt_jax.data.tokenize import TokenizedPair
+from prefopt_jax.models import attention as attention_lib
 from prefopt_jax.models.build import nest
 from prefopt_jax.train import batches, loop
 from prefopt_jax.train import flops as flops_lib
@@ -139,18 +141,26 @@ def worst_case_pairs(cfg: Config) -> list[TokenizedPair]:
     return [pair] * (cfg.train.batch_size // cfg.train.micro_batches)
 
 
-def batch_parts(cfg: Config, spec: step_lib.StepSpec, rows: int, tiles: bool) -> list[dict]:
-    """The step's host arrays for the worst-case micro-batches, through the real collator."""
+def worst_case_examples(cfg: Config, unpaired: bool) -> list:
+    """The worst-case micro-batch's examples: unpaired losses count examples, not pairs, in
+    train.batch_size (a pair is two examples)."""
     pairs = worst_case_pairs(cfg)
-    # unpaired losses count examples, not pairs, in train.batch_size (a pair is two examples)
-    examples = data.unpaired_from_pairs(pairs)[: len(pairs)] if spec.loss.kind == "unpaired" else pairs
-    response_only = "response_only_chosen_avg" in spec.extras
-    collate = batches.collator(cfg, 0, response_only=response_only, split="train")
-    parts = batches.host_batch([collate(examples)] * cfg.train.micro_batches, 0, rows, tiles=tiles)
-    if spec.reference == "precomputed":
-        per_example = [[e.chosen, e.rejected] for e in pairs] * cfg.train.micro_batches
-        batches.with_reference_logps(parts, [[np.zeros(len(c), np.float32) for c in e] for e in per_example])
-    return parts
+    return data.unpaired_from_pairs(pairs)[: len(pairs)] if unpaired else pairs
+
+
+def host_seconds(cfg: Config, bspec: data.BatchSpec, examples: list, hosts: int, repeats: int = 5) -> float:
+    """Median host time to plan one step and build one process's share of it (its rows; the group arrays
+    whole), for a process of a `hosts`-process run: what each process does per step, in the background."""
+    timings = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        packer = data.packer(bspec, examples, seed=0)
+        plans = packer.next_step(cfg.train.micro_batches)
+        share = {part: slice(0, max(g.rows // hosts, 1)) for part, g in bspec.geometries.items()}
+        for plan in plans:
+            data.host_arrays(bspec, plan, examples, 0, share)
+        timings.append(time.perf_counter() - t0)
+    return float(np.median(timings))
 
 
 def _abstract(tree, shardings):
@@ -208,20 +218,35 @@ def plan(cfg: Config, target_name: str, *, mfu: float = 0.4, out: IO | None = No
     m = cfg.mesh
     mesh = sharding.make_mesh(m.data, m.fsdp, m.tensor, devices=devices)
     mcfg = models.model_config(cfg.model.source)
-    spec = loop.step_spec(cfg, mesh)
+    loss = losses.get(cfg.loss.name)
+    # a GPU target compiled for simulated CPU devices runs XLA's attention here (cuDNN needs the GPU)
+    platform = tgt.platform if not simulated else "cpu"
+    attention = attention_lib.resolve(cfg.model.attention, platform, mcfg, cfg.model.compute)
+    if simulated and attention in ("block_sparse", "pallas"):
+        attention = "dense" if tgt.platform != "cpu" else attention
+    examples = worst_case_examples(cfg, loss.kind == "unpaired")
+    response_only = "response_only_chosen_avg" in loss.required_extras(**cfg.loss.hparams)
+    bspec = batches.batch_spec(cfg, examples, mesh, attention=attention, response_only=response_only)
+    spec = loop.step_spec(cfg, bspec.geometries, attention, mesh)
     optimizer = loop.make_optimizer(cfg)
     state, frozen, ref_params = abstract_inputs(cfg, mcfg, spec, optimizer, mesh)
-    rows = mesh.shape["data"] * mesh.shape["fsdp"]
-    parts = batch_parts(cfg, spec, rows, batches.use_tiles(cfg, mesh))
-    stacked = batches.stack(parts)
-    batch = _abstract(stacked, batches.shardings(stacked, mesh))
+    batch = batches.abstract_batch(
+        bspec,
+        cfg.train.micro_batches,
+        mesh,
+        unpaired=loss.kind == "unpaired",
+        precomputed=spec.reference == "precomputed",
+    )
+    plans = data.packer(bspec, examples, seed=0).next_step(cfg.train.micro_batches)
     train_step = step_lib.make_train_step(mcfg, spec, optimizer)
     # XLA:CPU's default scheduler favours concurrency; the memory-minimising one is closer to an accelerator's
     options = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"} if simulated else None
     arguments = sum(tree_bytes_per_device(x) for x in (state, frozen, ref_params, batch) if x is not None)
     refused = False
     try:
-        mem = train_step.lower(state, frozen, ref_params, batch).compile(compiler_options=options).memory_analysis()
+        with jax.set_mesh(mesh):  # Pallas kernels read the target chip from the mesh's devices
+            compiled = train_step.lower(state, frozen, ref_params, batch).compile(compiler_options=options)
+        mem = compiled.memory_analysis()
         sizes = (mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes, mem.temp_size_in_bytes)
     except Exception as e:  # the TPU compiler refuses a program that cannot fit: report it as a plan
         found = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
@@ -230,7 +255,7 @@ def plan(cfg: Config, target_name: str, *, mfu: float = 0.4, out: IO | None = No
         sizes = (arguments, 0, 0, int(float(found.group(1)) * GiB))  # the compiler's figure for temporaries
         refused = True
     step_flops = flops_lib.step_flops(
-        mcfg, parts, lora=spec.lora_scale is not None, reference_in_step=spec.reference_in_step
+        mcfg, plans, lora=spec.lora_scale is not None, reference_in_step=spec.reference_in_step
     )
     peak = tgt.peak_flops or flops_lib.measured_peak_flops()
     total = sizes[0] + sizes[1] - sizes[2] + sizes[3]
@@ -250,6 +275,12 @@ def plan(cfg: Config, target_name: str, *, mfu: float = 0.4, out: IO | None = No
         "frozen_bytes": tree_bytes_per_device(frozen) if frozen is not None else 0,
         "reference_bytes": tree_bytes_per_device(ref_params) if ref_params is not None else 0,
         "batch_bytes": tree_bytes_per_device(batch),
+        "batch_bytes_total": sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(batch)),
+        "host_seconds": host_seconds(cfg, bspec, examples, tgt.hosts),
+        "hosts": tgt.hosts,
+        "attention": attention,
+        "geometry": dataclasses.asdict(bspec.geometries["main"]),
+        "shapes": 1,
         "argument_bytes": sizes[0],
         "output_bytes": sizes[1],
         "alias_bytes": sizes[2],
@@ -261,7 +292,7 @@ def plan(cfg: Config, target_name: str, *, mfu: float = 0.4, out: IO | None = No
         "flops": step_flops,
         "mfu": mfu,
         "step_seconds": step_flops / (peak * len(devices) * mfu),
-        "batch_shape": list(stacked["main"]["input_ids"].shape),
+        "batch_shape": list(batch["main"]["input_ids"].shape),
     }
     print(report(cfg, result), file=out)
     return result
@@ -277,7 +308,11 @@ def report(cfg: Config, r: dict) -> str:
         f"plan: {cfg.model.source} ({r['params'] / 1e9:.2f}B params), {cfg.loss.name}, reference {ref}",
         f"target {r['target']}: compiled for {r['compiled_for']}; mesh {r['mesh']}",
         f"batch: {t.batch_size} pairs/step in {t.micro_batches} micro-batch(es) of {r['batch_shape'][1:]} "
-        f"rows x tokens ({cfg.data.layout}; pairs at max_length {cfg.data.max_length})",
+        f"rows x tokens ({cfg.data.layout}; worst-case pairs at max_length {cfg.data.max_length}); "
+        f"{r['shapes']} shape for every step (fixed geometry: {r['geometry']['scored']} scored tokens per row)",
+        f"attention: {r['attention']}; batch arrays {r['batch_bytes_total'] / 2**20:.2f} MiB per step in all "
+        f"(integers only, no mask); host time to plan and build one process's share "
+        f"({r['hosts']} process(es)): {r['host_seconds'] * 1e3:.1f} ms per step, in the background",
         "per device:",
         f"  train state (params, optimizer) {gib(r['state_bytes'])}",
         f"  frozen base / reference copy    {gib(r['frozen_bytes'] + r['reference_bytes'])}",

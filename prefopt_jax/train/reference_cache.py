@@ -142,7 +142,9 @@ def precompute(cfg, out=None) -> str:
 
     import jax
 
-    from prefopt_jax.train import batches, runtime
+    from prefopt_jax import data
+    from prefopt_jax.models import attention as attention_lib
+    from prefopt_jax.train import batches, loop, runtime
     from prefopt_jax.train import step as step_lib
 
     out = out or sys.stdout
@@ -159,22 +161,25 @@ def precompute(cfg, out=None) -> str:
         pass
     mcfg, params = model.config, model.params()
     pad_id = tokenizer.pad_token_id or 0
-    collate = batches.collator(cfg, pad_id)
-    n_rows = mesh.shape["data"] * mesh.shape["fsdp"]
-    size = cfg.train.batch_size // cfg.train.micro_batches
-    dtype = runtime.dtype_of(cfg.model.compute)
-    logps_fn = jax.jit(lambda p, b: step_lib.completion_logps(mcfg, p, b, dtype=dtype))
+    attention = attention_lib.resolve(cfg.model.attention, mesh.devices.flat[0].platform, mcfg, cfg.model.compute)
+    specs = loop.batch_specs(cfg, prepared, mesh, attention)
     results: dict[str, list] = {}
     for name, examples in splits.items():
-        results[name] = []
-        for i in range(0, len(examples), size):
-            chunk = examples[i : i + size]
-            parts = batches.host_batch([collate(chunk)], pad_id, n_rows, tiles=batches.use_tiles(cfg, mesh))
-            placed = batches.place(parts, mesh)
+        spec = specs[name]
+        step_spec = loop.step_spec(cfg, spec.geometries, attention, mesh)
+        geometry, attn = spec.geometries["main"], step_spec.attention_for("main")
+        logps_fn = jax.jit(
+            lambda p, b, g=geometry, a=attn, s=step_spec: step_lib.completion_logps(
+                mcfg, p, b, g, a, dtype=s.dtype, constrain=s.constrain
+            )[0]
+        )
+        results[name] = [None] * len(examples)
+        plans = data.packer(spec, examples, seed=0, shuffle=False) if examples else None
+        while plans is not None and (plan := plans.next_micro()) is not None:
+            placed = batches.place(spec, batches.host_step(spec, [plan], examples, mesh, pad_id), mesh)
             logps = jax.device_get(logps_fn(params, jax.tree.map(lambda a: a[0], placed["main"])))
-            results[name] += [
-                [logps[g, j, : len(c)] for j, c in enumerate(completions_of(e))] for g, e in enumerate(chunk)
-            ]
+            for slot, i in enumerate(plan.examples):
+                results[name][i] = [logps[slot, j, : len(c)] for j, c in enumerate(completions_of(examples[i]))]
         print(f"reference log-probs: {name} {len(examples)} examples", file=out)
     meta = {"model": cfg.model.source, "dtype": cfg.model.dtype, "data": cfg.data.source}
     where = write(root, key, results, meta)

@@ -1,25 +1,27 @@
 """The fused train step: policy forward/backward, reference forward and the loss in one `jit`.
 
 The step is built per configuration (reference mode, LoRA or full fine-tuning, what the loss declares),
-never branched on flags inside the compiled function. Batches are the data pipeline's contract
-(`prefopt_jax.data.Batch` arrays: rows, `pred_index`, completion indices), so padded and packed
-layouts run through the same step.
+never branched on flags inside the compiled function. A micro-batch is the data pipeline's integer-only
+contract (`prefopt_jax.data.Batch`: per token its id, position, segment id and branch; per completion its
+start and length), of one fixed geometry per run, so the step compiles once. Everything else is derived
+here, on the device: the attention mask (inside attention), which positions are scored, which position
+predicts each scored token, and every completion's per-token values.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from prefopt_jax.logprobs import gather_completions, token_stats
+from prefopt_jax.data.batching import Geometry
+from prefopt_jax.logprobs import token_stats
 from prefopt_jax.losses import Loss, PairLogps, UnpairedLogps
-from prefopt_jax.models.block_sparse import attention_blocks, causal_mask, tile_buckets
+from prefopt_jax.models.attention import AttentionSpec
 from prefopt_jax.models.config import ModelConfig
 from prefopt_jax.models.decoder import forward_hidden, no_constraint, unembedding
 from prefopt_jax.train.lora import with_lora
@@ -36,61 +38,56 @@ STEP_EXTRAS = {
     "wpo_aligned_chosen",
     "wpo_aligned_rejected",
 }
+# metrics that add up over a step's micro-batches; every other one is a mean over the valid groups
+SUMMED = ("num_tokens", "num_completion_tokens", "num_groups", "length_bucket/correct", "length_bucket/count")
 
 
-def scored_positions(batch, multiple: int = 64) -> np.ndarray:
-    """[R, C] int32: in each row, the positions of completion tokens (the only ones whose log-probs the
-    loss reads), padded with -1 to at least `multiple`, in 1.5x steps, so few shapes compile. Log-probs are computed
-    at these positions only: prompt tokens never meet the unembedding."""
-    r, t = batch.input_ids.shape
-    flat = batch.completion_index[batch.completion_mask]
+def token_layout(b: dict, scored: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """From a micro-batch's token arrays: the scored positions of each row [R, C] (completion tokens, in
+    order; -1 past the last), each token's rank among its row's scored tokens [R, T], and the position whose
+    output predicts each token [R, T] (the previous one within a completion; the prompt's last token for a
+    completion's first)."""
+    seg, branch = b["segment_ids"], b["branch"].astype(jnp.int32)
+    r, t = seg.shape
+    idx = jnp.arange(t, dtype=jnp.int32)
+    is_scored = (branch > 0) & (seg > 0)
+    rank = jnp.cumsum(is_scored, axis=1, dtype=jnp.int32) - 1
+    rows = jnp.arange(r)[:, None]
+    slot = jnp.where(is_scored, rank, scored)  # out of bounds: dropped by the scatter
+    positions = jnp.full((r, scored), -1, jnp.int32).at[rows, slot].set(jnp.broadcast_to(idx, (r, t)), mode="drop")
+    continues = (branch[:, 1:] == branch[:, :-1]) & (seg[:, 1:] == seg[:, :-1])
+    continues = jnp.concatenate([jnp.zeros((r, 1), bool), continues], axis=1)
+    last_prompt = jax.lax.cummax(jnp.where(branch == 0, idx, -1), axis=1)
+    return positions, rank, jnp.where(continues, idx - 1, jnp.maximum(last_prompt, 0))
+
+
+def completion_mask(b: dict, width: int) -> jax.Array:
+    """bool [G, k, L]: the completion tokens of every group slot."""
+    return jnp.arange(width) < b["completion_length"][..., None]
+
+
+def per_completion(values_RxC: jax.Array, rank_RxT: jax.Array, b: dict, width: int) -> jax.Array:
+    """Per-scored-position values [R, C] laid out per completion [G, k, L] (0 past each completion)."""
+    t = rank_RxT.shape[1]
+    steps = jnp.arange(width)
+    mask = steps < b["completion_length"][..., None]
+    flat = jnp.where(mask, b["completion_start"][..., None] + steps, 0)
     rows, cols = flat // t, flat % t
-    counts = np.bincount(rows, minlength=r)
-    width = tile_buckets(max(int(counts.max(initial=1)), multiple))  # 64, 96, 128, 192, ...: few shapes
-    out = np.full((r, width), -1, np.int32)
-    order = np.lexsort((cols, rows))
-    rows, cols = rows[order], cols[order]
-    slot = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
-    out[rows, slot] = cols
-    return out
+    return jnp.where(mask, values_RxC[rows, rank_RxT[rows, cols]], 0.0)
 
 
-def batch_arrays(batch, *, tiles: bool = False) -> dict:
-    """The arrays of a `data.Batch` the step needs, as a dict (a pytree jit can take); with `tiles`, the
-    non-empty attention tiles for block-sparse attention (when the rows tile)."""
-    out = {
-        "input_ids": batch.input_ids,
-        "positions": batch.positions,
-        "segment_ids": batch.segment_ids,
-        "pred_index": batch.pred_index,
-        "scored": scored_positions(batch),
-        "completion_index": batch.completion_index,
-        "completion_mask": batch.completion_mask,
-    }
-    if batch.attention is not None:
-        out["mask"] = batch.attention
-    if tiles:
-        mask = batch.attention if batch.attention is not None else causal_mask(batch.segment_ids)
-        listed = attention_blocks(mask)
-        if listed is not None:
-            out["tiles"] = listed
-    return out
-
-
-def _hidden(
-    cfg: ModelConfig, params: dict, b: dict, remat: str = "none", dtype: Any = jnp.float32, constrain=no_constraint
-) -> jax.Array:
+def _hidden(cfg, params, b, attention: AttentionSpec, remat="none", dtype=jnp.float32, constrain=no_constraint):
     return forward_hidden(
         cfg,
         params,
         b["input_ids"],
         b["positions"],
         b["segment_ids"],
-        b.get("mask"),
+        b["branch"],
         remat=remat,
         dtype=dtype,
         constrain=constrain,
-        tiles=b.get("tiles"),
+        attention=attention,
     )
 
 
@@ -98,6 +95,8 @@ def completion_stats(
     cfg: ModelConfig,
     params: dict,
     b: dict,
+    geometry: Geometry,
+    attention: AttentionSpec,
     *,
     reference: dict | None = None,
     sum_sq: bool = False,
@@ -105,48 +104,44 @@ def completion_stats(
     remat: str = "none",
     dtype: Any = jnp.float32,
     constrain=no_constraint,
-) -> dict[str, jax.Array]:
-    """`token_stats` of every completion of a batch, each [G, K, L] (0 outside the completion). With
-    `reference` parameters, their log-probs and the per-token KLs too (no gradient into the reference).
-    `dtype` is the layers' compute dtype (weights are cast at use); log-softmax is always float32.
-    `constrain` (`sharding.activation_constraint`) keeps activations and each layer's weights on the mesh."""
-    scored = b["scored"]  # [R, C] positions of completion tokens, -1 = none
+) -> tuple[dict[str, jax.Array], jax.Array]:
+    """(`token_stats` of every completion of a micro-batch, each [G, K, L] (0 outside the completion), and
+    the completion mask [G, K, L]). Log-probs are computed at the scored positions only: prompt tokens never
+    meet the unembedding. With `reference` parameters, their log-probs and the per-token KLs too (no
+    gradient into the reference). `dtype` is the layers' compute dtype (weights are cast at use); log-softmax
+    is always float32. `constrain` (`sharding.activation_constraint`) keeps activations and each layer's
+    weights on the mesh."""
+    scored, rank, predictor = token_layout(b, geometry.scored)
     at = jnp.maximum(scored, 0)
-    pred = jnp.take_along_axis(b["pred_index"], at, axis=1)  # the positions whose outputs predict them
+    pred = jnp.take_along_axis(predictor, at, axis=1)
 
     def picked(hidden):  # [R, C, D]: only these hidden states meet the unembedding
         return jnp.take_along_axis(hidden, pred[..., None], axis=1)
 
     ref = None
     if reference is not None:
-        ref = (
-            sg(picked(_hidden(cfg, reference, b, dtype=dtype, constrain=constrain))),
-            sg(unembedding(cfg, reference)),
-        )
+        hidden_ref = _hidden(cfg, reference, b, attention, dtype=dtype, constrain=constrain)
+        ref = (sg(picked(hidden_ref)), sg(unembedding(cfg, reference)))
     stats = token_stats(
-        picked(_hidden(cfg, params, b, remat, dtype, constrain)),
+        picked(_hidden(cfg, params, b, attention, remat, dtype, constrain)),
         unembedding(cfg, params),
         jnp.take_along_axis(b["input_ids"], at, axis=1),
         jnp.broadcast_to(jnp.arange(scored.shape[1]), scored.shape),
         reference=ref,
         sum_sq=sum_sq,
-        chunk=chunk,
+        chunk=min(chunk, scored.shape[1]),  # rows with few scored slots: no padded chunk of logits
         softcap=cfg.final_logit_softcap,
     )
-    rows = jnp.arange(scored.shape[0])[:, None]
-    cols = jnp.where(scored >= 0, scored, b["input_ids"].shape[1])  # out of bounds: dropped by the scatter
-
-    def per_row(v):  # [R, C] -> [R, T], 0 at unscored positions
-        return jnp.zeros(b["input_ids"].shape, v.dtype).at[rows, cols].set(v, mode="drop")
-
-    return {k: gather_completions(per_row(v), b["completion_index"], b["completion_mask"]) for k, v in stats.items()}
+    out = {k: per_completion(v, rank, b, geometry.width) for k, v in stats.items()}
+    return out, completion_mask(b, geometry.width)
 
 
 def completion_logps(
-    cfg: ModelConfig, params: dict, b: dict, *, chunk: int = 128, remat: str = "none", dtype: Any = jnp.float32
-) -> jax.Array:
-    """Per-token log-probs of every completion of a batch, [G, K, L] (0 outside the completion)."""
-    return completion_stats(cfg, params, b, chunk=chunk, remat=remat, dtype=dtype)["logps"]
+    cfg: ModelConfig, params: dict, b: dict, geometry: Geometry, attention: AttentionSpec, **kw
+) -> tuple[jax.Array, jax.Array]:
+    """(per-token log-probs of every completion [G, K, L], completion mask [G, K, L])."""
+    stats, mask = completion_stats(cfg, params, b, geometry, attention, **kw)
+    return stats["logps"], mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,10 +151,13 @@ class StepSpec:
     `ref_sync_every` > 0 turns on TR-DPO: every that many steps, inside the step, the reference moves to
     `ref_sync_alpha`·policy + (1 − α)·reference (with LoRA: the reference's own adapters, mixed factor
     by factor; exact for α = 1). `lora_dropout` drops out adapter inputs while training, with a key drawn
-    from `seed` and the step number (so a resumed run draws the same masks)."""
+    from `seed` and the step number (so a resumed run draws the same masks). `geometries` are the micro-batch
+    parts' fixed shapes (`data.BatchSpec.geometries`), `attention` the implementation the layers use."""
 
     loss: Loss
     hp: dict
+    geometries: Mapping[str, Geometry]
+    attention: AttentionSpec = dataclasses.field(default_factory=AttentionSpec)
     reference: str = "frozen"  # frozen | lora_base | precomputed | none
     lora_scale: float | None = None  # None: full fine-tuning
     lora_dropout: float = 0.0
@@ -204,6 +202,10 @@ class StepSpec:
     def reference_in_step(self) -> bool:
         return self.loss.needs_reference and self.reference in ("frozen", "lora_base")
 
+    def attention_for(self, part: str) -> AttentionSpec:
+        """The attention spec of a micro-batch part (block-sparse tile budgets differ per part)."""
+        return dataclasses.replace(self.attention, tiles_per_row=self.geometries[part].tiles)
+
 
 def policy_params(spec: StepSpec, trainable: dict, frozen: dict | None, key: jax.Array | None = None) -> dict:
     """The policy's parameter tree: the trained parameters, or the frozen base with the trained adapters
@@ -229,24 +231,26 @@ def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def _common_metrics(stats: dict, mask: jax.Array, main: dict) -> dict:
-    lengths = mask.sum(-1)
-    out = {"num_tokens": jnp.sum(main["segment_ids"] > 0), "num_completion_tokens": jnp.sum(mask)}
+    out = {
+        "num_tokens": jnp.sum(main["segment_ids"] > 0),
+        "num_completion_tokens": jnp.sum(mask),
+        "num_groups": jnp.sum(main["completion_length"][:, 0] > 0),
+    }
     if "kl_policy_ref" in stats:
         out["kl/per_token"] = _masked_mean(sg(stats["kl_policy_ref"]), mask)
-    out["lengths/mean"] = jnp.mean(lengths)
+    lengths = mask.sum(-1)
+    out["lengths/mean"] = _masked_mean(lengths.astype(jnp.float32), lengths > 0)
     return out
 
 
-def _paired_inputs(spec: StepSpec, cfg: ModelConfig, params, stats: dict, batch: dict) -> tuple[PairLogps, dict]:
-    main = batch["main"]
-    mask = main["completion_mask"]
+def _paired_inputs(spec: StepSpec, stats: dict, mask: jax.Array, batch: dict, alone) -> tuple[PairLogps, dict]:
     policy = stats["logps"]
     reference = batch["ref_logps"] if spec.reference == "precomputed" else stats.get("ref_logps")
+    valid = mask[:, 0].any(-1)
     extras = {}
-    if "response_only_chosen_avg" in spec.extras:  # RMiPO: the policy's avg log-prob of each response alone
-        alone = sg(completion_logps(cfg, params, batch["response_only"], chunk=spec.chunk, dtype=spec.dtype))
-        alone_mask = batch["response_only"]["completion_mask"]
-        avg = alone.sum(-1)[:, 0] / jnp.maximum(alone_mask.sum(-1)[:, 0], 1)
+    if alone is not None:  # RMiPO: the policy's avg log-prob of each response alone (chosen slots, then rejected)
+        logps, alone_mask = alone
+        avg = logps.sum(-1)[:, 0] / jnp.maximum(alone_mask.sum(-1)[:, 0], 1)
         half = avg.shape[0] // 2
         extras |= {"response_only_chosen_avg": avg[:half], "response_only_rejected_avg": avg[half:]}
     if "seq_kl_chosen" in spec.extras:  # TDPO: sequence KL(ref || policy), differentiable in the policy
@@ -258,31 +262,28 @@ def _paired_inputs(spec: StepSpec, cfg: ModelConfig, params, stats: dict, batch:
     ref_c, ref_r = (None, None) if reference is None else (reference[:, 0], reference[:, 1])
     x = PairLogps(policy[:, 0], policy[:, 1], mask[:, 0], mask[:, 1], ref_c, ref_r, extras)
     lengths = mask.sum(-1)
-    metrics = {"lengths/chosen": jnp.mean(lengths[:, 0]), "lengths/rejected": jnp.mean(lengths[:, 1])}
+    metrics = {
+        "lengths/chosen": _masked_mean(lengths[:, 0].astype(jnp.float32), valid),
+        "lengths/rejected": _masked_mean(lengths[:, 1].astype(jnp.float32), valid),
+    }
     if reference is not None:  # likelihood displacement: how far the chosen log-prob moved
-        metrics["logps/chosen_drift"] = jnp.mean(sg(policy[:, 0].sum(-1) - reference[:, 0].sum(-1)))
+        metrics["logps/chosen_drift"] = _masked_mean(sg(policy[:, 0].sum(-1) - reference[:, 0].sum(-1)), valid)
         margin = (policy - reference).sum(-1)  # reward accuracy by the pair's length (chosen + rejected tokens)
         bucket = jnp.searchsorted(jnp.asarray(LENGTH_EDGES), lengths.sum(-1), side="right")
-        onehot = jax.nn.one_hot(bucket, len(LENGTH_EDGES) + 1)
+        onehot = jax.nn.one_hot(bucket, len(LENGTH_EDGES) + 1) * valid[:, None]
         metrics["length_bucket/correct"] = jnp.sum(onehot * sg(margin[:, 0] > margin[:, 1])[:, None], axis=0)
         metrics["length_bucket/count"] = jnp.sum(onehot, axis=0)
     return x, metrics
 
 
-def _unpaired_inputs(spec: StepSpec, cfg: ModelConfig, params, ref, stats: dict, batch: dict):
-    mask = batch["main"]["completion_mask"][:, 0]
+def _unpaired_inputs(spec: StepSpec, stats: dict, mask: jax.Array, batch: dict, kl) -> tuple[UnpairedLogps, dict]:
     ref_logps = batch["ref_logps"] if spec.reference == "precomputed" else stats.get("ref_logps")
     kl_policy = kl_ref = None
-    if spec.loss.needs_kl:  # KTO's reference point: the mismatched (prompt_i, completion_j) pairs
-        kl = batch["kl"]
-        kl_policy = sg(completion_logps(cfg, params, kl, chunk=spec.chunk, dtype=spec.dtype)).sum(-1)[:, 0]
-        if spec.reference == "precomputed":
-            kl_ref = batch["kl_ref_logps"].sum(-1)[:, 0]
-        else:
-            kl_ref = sg(completion_logps(cfg, ref, kl, chunk=spec.chunk, dtype=spec.dtype)).sum(-1)[:, 0]
+    if kl is not None:  # KTO's reference point: the mismatched (prompt_i, completion_j) pairs
+        kl_policy, kl_ref = (v.sum(-1)[:, 0] for v in kl)
     x = UnpairedLogps(
         stats["logps"][:, 0],
-        mask,
+        mask[:, 0],
         batch["label"],
         None if ref_logps is None else ref_logps[:, 0],
         kl_policy,
@@ -292,38 +293,61 @@ def _unpaired_inputs(spec: StepSpec, cfg: ModelConfig, params, ref, stats: dict,
 
 
 def make_loss_fn(cfg: ModelConfig, spec: StepSpec) -> Callable:
-    """(trainable, frozen, reference, batch, loss_state, key) -> (loss, (metrics, new loss state)).
+    """(trainable, frozen, reference, batch, loss_state, key, total_weight) -> (objective, (metrics, new loss
+    state)). The objective is this micro-batch's Σ loss·weight over `total_weight` (the whole step's weight,
+    so a step's micro-batches add up to its weighted mean; default: this micro-batch's own).
 
     `reference` is the frozen reference copy (full fine-tuning), the reference adapters (LoRA under
     TR-DPO) or None; `key` drives LoRA dropout (None: no dropout, as in evaluation)."""
 
-    def loss_fn(trainable, frozen, reference, batch, loss_state, key=None):
+    def stats_of(params, part: str, b: dict, **kw):
+        kw = {"chunk": spec.chunk, "dtype": spec.dtype, "constrain": spec.constrain, **kw}
+        return completion_stats(cfg, params, b, spec.geometries[part], spec.attention_for(part), **kw)
+
+    def loss_fn(trainable, frozen, reference, batch, loss_state, key=None, total_weight=None):
         params = policy_params(spec, trainable, frozen, key)
         ref = reference_params(spec, frozen, reference)
         main = batch["main"]
-        stats = completion_stats(
-            cfg,
-            params,
-            main,
-            reference=ref,
-            sum_sq="wpo_aligned_chosen" in spec.extras,
-            chunk=spec.chunk,
-            remat=spec.remat,
-            dtype=spec.dtype,
-            constrain=spec.constrain,
-        )
+        sum_sq = "wpo_aligned_chosen" in spec.extras
+        stats, mask = stats_of(params, "main", main, reference=ref, sum_sq=sum_sq, remat=spec.remat)
         if spec.loss.kind != "unpaired":  # pairs (RRHF on pairs: two ranked candidates)
-            x, extra_metrics = _paired_inputs(spec, cfg, params, stats, batch)
+            alone = None
+            if "response_only_chosen_avg" in spec.extras:
+                logps, alone_mask = stats_of(params, "response_only", batch["response_only"])
+                alone = (sg(logps["logps"]), alone_mask)
+            x, extra_metrics = _paired_inputs(spec, stats, mask, batch, alone)
         else:
-            x, extra_metrics = _unpaired_inputs(spec, cfg, params, ref, stats, batch)
+            kl = None
+            if spec.loss.needs_kl:
+                kl_policy = sg(stats_of(params, "kl", batch["kl"])[0]["logps"])
+                kl = (kl_policy, sg(stats_of(ref, "kl", batch["kl"])[0]["logps"]))
+            x, extra_metrics = _unpaired_inputs(spec, stats, mask, batch, kl)
         out = spec.loss(x, state=loss_state, **spec.hp)
         w = batch["weight"]
-        value = jnp.sum(out.loss * w) / jnp.maximum(jnp.sum(w), 1e-8)
-        metrics = {**out.metrics, **extra_metrics, **_common_metrics(stats, main["completion_mask"], main)}
-        metrics["loss"] = value
-        return value, (metrics, out.state)
+        weighted = jnp.sum(out.loss * w)
+        total = jnp.maximum(jnp.sum(w), 1e-8) if total_weight is None else total_weight
+        metrics = {**out.metrics, **extra_metrics, **_common_metrics(stats, mask, main)}
+        metrics["loss"] = weighted / jnp.maximum(jnp.sum(w), 1e-8)
+        metrics["weight"] = jnp.sum(w)
+        return weighted / total, (metrics, out.state)
 
     return loss_fn
+
+
+def combine_metrics(stacked: dict) -> dict:
+    """A step's metrics from its micro-batches' (each [M, ...]): counts add up, "loss" is the weighted mean,
+    every other metric the mean over all valid groups (each micro-batch's mean weighted by its group count)."""
+    groups = stacked["num_groups"].astype(jnp.float32)
+    out = {}
+    for k, v in stacked.items():
+        if k in SUMMED or k.startswith("length_bucket/"):
+            out[k] = jnp.sum(v, axis=0)
+        elif k == "loss":
+            out[k] = jnp.sum(v * stacked["weight"]) / jnp.maximum(jnp.sum(stacked["weight"]), 1e-8)
+        elif k != "weight":
+            n = jnp.where(jnp.isnan(v), 0.0, groups)
+            out[k] = jnp.sum(jnp.where(jnp.isnan(v), 0.0, v) * n) / jnp.maximum(jnp.sum(n), 1.0)
+    return out
 
 
 def init_state(trainable: Any, optimizer: optax.GradientTransformation, loss: Loss, reference: Any = None) -> dict:
@@ -344,22 +368,27 @@ def make_train_step(cfg: ModelConfig, spec: StepSpec, optimizer: optax.GradientT
     """`step(state, frozen, ref_params, batch) -> (state, metrics)`, jitted, the state donated.
 
     `batch` holds micro-batches stacked on a leading axis (gradient accumulation inside the step: a scan
-    that sums gradients). A step whose loss or gradients are not finite leaves the parameters as they
-    were and counts itself in `state["skipped"]`. Under TR-DPO the reference lives in the state."""
+    that sums gradients); the step's objective is the weighted mean loss over all of its groups. A step
+    whose loss or gradients are not finite leaves the parameters as they were and counts itself in
+    `state["skipped"]`. Under TR-DPO the reference lives in the state."""
     grad_fn = jax.value_and_grad(make_loss_fn(cfg, spec), has_aux=True)
 
     def step(state, frozen, ref_params, batch):
-        n_micro = jax.tree.leaves(batch)[0].shape[0]
+        n_micro = batch["weight"].shape[0]
         reference = state.get("reference", ref_params)
         step_key = jax.random.fold_in(jax.random.PRNGKey(spec.seed), state["step"])
+        total_weight = jnp.maximum(jnp.sum(batch["weight"]), 1e-8)
 
         def one(mb, i, loss_state):
             key = jax.random.fold_in(step_key, i) if spec.lora_dropout else None
-            (_, (metrics, loss_state)), grads = grad_fn(state["trainable"], frozen, reference, mb, loss_state, key)
+            (_, (metrics, loss_state)), grads = grad_fn(
+                state["trainable"], frozen, reference, mb, loss_state, key, total_weight
+            )
             return grads, loss_state, metrics
 
         if n_micro == 1:  # no accumulator: one gradient tree in memory, not two
             grads, loss_state, metrics = one(jax.tree.map(lambda a: a[0], batch), 0, state["loss_state"])
+            metrics = jax.tree.map(lambda a: a[None], metrics)
         else:
 
             def micro(carry, xs):
@@ -370,8 +399,7 @@ def make_train_step(cfg: ModelConfig, spec: StepSpec, optimizer: optax.GradientT
             zeros = jax.tree.map(jnp.zeros_like, state["trainable"])
             carry = (zeros, state["loss_state"])
             (grads, loss_state), metrics = jax.lax.scan(micro, carry, (batch, jnp.arange(n_micro)))
-            grads = jax.tree.map(lambda g: g / n_micro, grads)
-        metrics = {k: jnp.mean(v) for k, v in metrics.items() if not k.startswith("length_bucket/")}
+        metrics = {k: v for k, v in combine_metrics(metrics).items() if not k.startswith("length_bucket/")}
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(grad_norm) & jnp.isfinite(metrics["loss"])
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])

@@ -1,5 +1,6 @@
-"""Padded and packed layouts give the same per-token log-probs for every completion (a tiny random model
-runs both), and the packed layout runs fewer tokens."""
+"""The four layouts give the same per-token log-probs for every completion as plain forwards of each prompt
+and completion alone (a tiny random model runs them), with the mask derived from the batch's per-token
+arrays; the packed layout runs fewer tokens; micro-batches have the geometry's fixed shape."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,8 @@ import numpy as np
 import pytest
 
 from prefopt_jax import data, models
-from prefopt_jax.logprobs import gather_completions, token_logps
+from prefopt_jax.logprobs import token_logps
+from prefopt_jax.models.mask import Tokens, visible
 
 CFG = models.ModelConfig(
     family="llama", vocab_size=50, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=4,
@@ -26,68 +28,147 @@ def random_groups(seed, n=6, k=2):
     return [(ids(1, 9), [ids(1, 12) for _ in range(k)]) for _ in range(n)]
 
 
-def completion_logps(model, batch):
+def geometry(groups, layout, rows=16, length=64):
+    k = len(groups[0][1])
+    return data.Geometry(rows=rows, length=length, groups=len(groups), completions=k, width=16, scored=length)
+
+
+def completion_logps(model, b: data.Batch, layout: str):
+    """Each completion's log-probs from a whole-row forward, read at the flat positions the batch gives
+    (the token before each completion token predicts it; a completion's first token, the prompt's end)."""
     params = model.params()
-    inputs = {k: jnp.asarray(v) for k, v in batch.model_inputs().items()}
-    hidden = models.forward_hidden(CFG, params, **inputs)
-    logps = token_logps(
-        hidden, models.unembedding(CFG, params), inputs["input_ids"], jnp.asarray(batch.pred_index), chunk=8
-    )
-    return np.asarray(gather_completions(logps, batch.completion_index, batch.completion_mask)), batch.completion_mask
+    hidden = models.forward_hidden(CFG, params, **{k: jnp.asarray(v) for k, v in b.model_inputs().items()})
+    logits = models.logits_from_hidden(CFG, params, hidden)
+    logp = np.asarray(jax.nn.log_softmax(logits, -1)).reshape(-1, CFG.vocab_size)
+    ids = b.input_ids.reshape(-1)
+    out = {}
+    for g in range(b.completion_start.shape[0]):
+        for j in range(b.completion_start.shape[1]):
+            start, n = int(b.completion_start[g, j]), int(b.completion_length[g, j])
+            if not n:
+                continue
+            # the prompt's last token predicts the first completion token, in every layout
+            pos = np.arange(start, start + n)
+            shared = layout in ("packed", "shared")
+            first_pred = int(b.completion_start[g, 0]) - 1 if shared else start - 1
+            pred = np.concatenate([[first_pred], pos[:-1]])
+            out[g, j] = logp[pred, ids[pos]]
+    return out
+
+
+def packed(groups, layout, **kw):
+    return data.pack(groups, geometry(groups, layout, **kw), layout)
+
+
+@jax.jit
+def _logits(params, ids):
+    return models.logits_from_hidden(CFG, params, models.forward_hidden(CFG, params, ids))
 
 
 def direct_logps(model, prompt, completion):
     """The completion's log-probs from a plain unpadded forward of prompt + completion alone."""
     ids = np.concatenate([prompt, completion])[None]
-    logits = np.asarray(model(jnp.asarray(ids)), np.float64)[0]
-    logp = (
-        logits
-        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
-        - logits.max(-1, keepdims=True)
-    )
+    logits = np.asarray(_logits(model.params(), jnp.asarray(ids)), np.float64)[0]
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    logp -= logits.max(-1, keepdims=True)
     return np.array([logp[len(prompt) + i - 1, t] for i, t in enumerate(completion)])
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_padded_and_packed_match_plain_forwards(model, k):
+def test_every_layout_matches_plain_forwards(model, k):
     groups = random_groups(k, k=k)
-    padded = data.padded_batch(groups, buckets=(8, 16, 32))
-    packed = data.packed_batch(groups, row_length=40, buckets=(16, 32, 40))
-    lp_pad, mask = completion_logps(model, padded)
-    lp_pack, mask2 = completion_logps(model, packed)
-    np.testing.assert_array_equal(mask, mask2)
-    for g, (prompt, completions) in enumerate(groups):
-        for j, c in enumerate(completions):
-            want = direct_logps(model, prompt, c)
-            np.testing.assert_allclose(lp_pad[g, j, : len(c)], want, atol=2e-5)
-            np.testing.assert_allclose(lp_pack[g, j, : len(c)], want, atol=2e-5)
+    rows = len(groups) * k  # the padded layout's row per completion
+    built = {layout: packed(groups, layout, rows=rows) for layout in data.LAYOUTS}
+    for layout, b in built.items():
+        lp = completion_logps(model, b, layout)
+        for g, (prompt, completions) in enumerate(groups):
+            for j, c in enumerate(completions):
+                np.testing.assert_allclose(lp[g, j], direct_logps(model, prompt, c), atol=2e-5, err_msg=layout)
+        assert b.input_ids.shape == (rows, 64)  # the geometry's fixed shape, whatever the groups
+    assert built["packed"].num_tokens == built["shared"].num_tokens  # the prompt once per group
+    assert built["padded"].num_tokens == built["packed_unshared"].num_tokens  # once per completion
     if k > 1:
-        assert packed.num_tokens < padded.num_tokens  # the prompt runs once, not k times
-    else:
-        assert packed.num_tokens == padded.num_tokens
-    assert packed.input_ids.shape[0] < padded.input_ids.shape[0]
+        assert built["packed"].num_tokens < built["padded"].num_tokens
+    used = lambda b: int((b.segment_ids > 0).any(1).sum())
+    assert used(built["packed"]) < used(built["shared"]) == len(groups)  # packing shares rows
+    assert used(built["padded"]) == k * len(groups)
 
 
-def test_packed_attention_structure():
+def test_packed_mask_structure_from_the_token_arrays():
     prompt, c1, c2 = np.array([1, 2, 3]), np.array([4, 5]), np.array([6, 7, 8])
-    b = data.packed_batch([(prompt, [c1, c2]), (np.array([9]), [np.array([10]), np.array([11])])], row_length=16)
-    a = b.attention[0]
+    groups = [(prompt, [c1, c2]), (np.array([9]), [np.array([10]), np.array([11])])]
+    b = packed(groups, "packed", rows=1, length=32)
+    tok = Tokens(*(jnp.asarray(a[0], jnp.int32) for a in (b.segment_ids, b.branch, b.positions)))
+    idx = jnp.arange(32)
+    a = np.asarray(visible(tok, idx, tok, idx, 0))
     # rejected (c2) tokens see the prompt and themselves, never the chosen ones
     assert a[5, :3].all() and not a[5, 3:5].any() and a[5, 5] and not a[5, 6:].any()
     assert a[4, :5].all() and not a[4, 5:].any()  # chosen sees prompt and its own past
     assert not a[8, :8].any() and a[8, 8]  # the second pair's prompt sees nothing of the first pair
     np.testing.assert_array_equal(b.positions[0, :8], [0, 1, 2, 3, 4, 3, 4, 5])
-    assert b.pred_index[0, 5] == 2  # the first rejected token is predicted by the prompt's last token
-    assert b.pred_index[0, 3] == 2 and b.pred_index[0, 4] == 3
+    np.testing.assert_array_equal(b.branch[0, :8], [0, 0, 0, 1, 1, 2, 2, 2])
+    np.testing.assert_array_equal(b.completion_start[0], [3, 5])
+    np.testing.assert_array_equal(b.completion_length, [[2, 3], [1, 1]])
+    assert not a[20, :11].any()  # padding (segment 0) sees only padding
 
 
-def test_padded_rows_are_completion_major_and_bucketed():
-    groups = random_groups(4, n=3)
-    b = data.padded_batch(groups, buckets=(8, 32))
-    assert b.input_ids.shape == (6, 32)
-    for g, (p, (c, r)) in enumerate(groups):
-        np.testing.assert_array_equal(b.input_ids[g, : len(p) + len(c)], np.concatenate([p, c]))
-        np.testing.assert_array_equal(b.input_ids[3 + g, : len(p) + len(r)], np.concatenate([p, r]))
+def test_a_group_that_does_not_fit_is_refused_with_its_sizes():
+    groups = random_groups(3, n=4)
+    with pytest.raises(ValueError, match="does not fit"):
+        data.pack(groups, geometry(groups, "shared", rows=2), "shared")  # a row per group, 2 rows
+
+
+def test_row_budgets_hold_scored_tokens_and_tiles():
+    rng = np.random.default_rng(5)
+    groups = [(rng.integers(1, 9, 20), [rng.integers(1, 9, 30), rng.integers(1, 9, 30)]) for _ in range(3)]
+    g = data.Geometry(rows=4, length=256, groups=3, completions=2, width=30, scored=70, tiles=0)
+    b = data.pack(groups, g, "packed")
+    scored = ((b.branch > 0) & (b.segment_ids > 0)).sum(1)
+    assert scored.max() <= 70 and (b.segment_ids.max(1) <= 1).all()  # 60 scored per group: one per row
+    tight = data.Geometry(rows=4, length=256, groups=3, completions=2, width=30, scored=256, tiles=60)
+    b = data.pack(groups, tight, "packed")
+    for r in range(4):
+        bound = 0
+        for seg in np.unique(b.segment_ids[r][b.segment_ids[r] > 0]):
+            at = np.flatnonzero(b.segment_ids[r] == seg)
+            prompt = int((b.branch[r, at] == 0).sum())
+            bound += data.tile_bound(int(at[0]), prompt, [30, 30])
+        assert bound <= 60
+
+
+def test_kl_pairs_rotate_completions_and_response_only_drops_the_prompt():
+    ex = [
+        data.TokenizedUnpaired(np.array([i + 1]), np.array([10 * (i + 1), 10 * (i + 1) + 1]), i % 2 == 0, 1.0, None)
+        for i in range(3)
+    ]
+    spec = data.batch_spec(ex, layout="padded", groups=3, max_length=16, length_multiple=32)
+    host = data.host_arrays(spec, data.packer(spec, ex, shuffle=False).next_micro(), ex)
+    kl = host["kl"]
+    # (prompt_i, completion_{i-1}): prompt 1 gets completion 3's tokens, prompt 2 gets completion 1's
+    np.testing.assert_array_equal(kl.input_ids[0, :3], [1, 30, 31])
+    np.testing.assert_array_equal(kl.input_ids[1, :3], [2, 10, 11])
+    assert host["label"].tolist() == [True, False, True]
+    pairs = [data.TokenizedPair(np.array([1, 2]), np.array([5, 6, 7]), np.array([8, 9]), 1.0, None)]
+    spec = data.batch_spec(pairs, layout="padded", groups=1, max_length=16, response_only=True, length_multiple=32)
+    alone = data.host_arrays(spec, data.packer(spec, pairs, shuffle=False).next_micro(), pairs)["response_only"]
+    np.testing.assert_array_equal(alone.input_ids[0, :3], [5, 6, 7])  # no prompt, no BOS
+    assert alone.completion_length[0, 0] == 2  # the first response token is context only
+    assert alone.completion_length[1, 0] == 1  # the rejected one, in the second half of the group slots
+
+
+def test_ranked_examples_group_every_response():
+    rng = np.random.default_rng(1)
+    ex = [
+        data.TokenizedRanked(
+            rng.integers(1, 9, 3), tuple(rng.integers(1, 9, 2 + j) for j in range(3)), (0.1, 0.9, 0.5), 1.0, None
+        )
+        for _ in range(2)
+    ]
+    for layout in ("padded", "packed"):
+        spec = data.batch_spec(ex, layout=layout, groups=2, max_length=32, length_multiple=32)
+        host = data.host_arrays(spec, data.packer(spec, ex, shuffle=False).next_micro(), ex)
+        assert host["main"].completion_length.tolist() == [[2, 3, 4], [2, 3, 4]]
+        assert host["scores"].shape == (2, 3)
 
 
 def test_chunked_log_probs_equal_full_softmax_and_gradient():
@@ -102,52 +183,3 @@ def test_chunked_log_probs_equal_full_softmax_and_gradient():
     g2 = jax.grad(lambda h, w: chunked(h, w).sum(), argnums=(0, 1))(h, w)
     for a, b in zip(g1, g2, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4)
-
-
-def test_kl_pairs_rotate_completions_and_response_only_drops_the_prompt():
-    ex = [
-        data.TokenizedUnpaired(np.array([i + 1]), np.array([10 * (i + 1), 10 * (i + 1) + 1]), i % 2 == 0, 1.0, None)
-        for i in range(3)
-    ]
-    out = data.UnpairedCollator("padded", 16, buckets=(8,))(ex)
-    kl = out["kl"]
-    # (prompt_i, completion_{i-1}): prompt 1 gets completion 3's tokens, prompt 2 gets completion 1's
-    np.testing.assert_array_equal(kl.input_ids[0, :3], [1, 30, 31])
-    np.testing.assert_array_equal(kl.input_ids[1, :3], [2, 10, 11])
-    pairs = [data.TokenizedPair(np.array([1, 2]), np.array([5, 6, 7]), np.array([8, 9]), 1.0, None)]
-    alone = data.PairCollator("padded", 16, buckets=(8,), response_only=True)(pairs)["response_only"]
-    np.testing.assert_array_equal(alone.input_ids[0, :3], [5, 6, 7])  # no prompt, no BOS
-    assert alone.completion_mask[0, 0].sum() == 2  # the first response token is context only
-
-
-def test_ranked_collator_groups_every_response():
-    rng = np.random.default_rng(1)
-    ex = [
-        data.TokenizedRanked(
-            rng.integers(1, 9, 3), tuple(rng.integers(1, 9, 2 + j) for j in range(3)), (0.1, 0.9, 0.5), 1.0, None
-        )
-        for _ in range(2)
-    ]
-    for layout in ("padded", "packed"):
-        out = data.RankedCollator(layout, 32, buckets=(16, 32))(ex)
-        assert out["batch"].completion_mask.shape[:2] == (2, 3)
-        assert out["batch"].completion_mask.sum(-1).tolist() == [[2, 3, 4], [2, 3, 4]]
-        assert out["scores"].shape == (2, 3)
-
-
-def test_shared_and_packed_unshared_layouts_match_plain_forwards(model):
-    """The two halves of `packed` on their own: prefix sharing without packing (a row per group) and
-    packing without prefix sharing (each prompt once per completion)."""
-    examples = [data.TokenizedPair(p, cs[0], cs[1], 1.0, None) for p, cs in random_groups(9)]
-    shared = data.PairCollator("shared", 32, buckets=(16, 32))(examples)["batch"]
-    unshared = data.PairCollator("packed_unshared", 32, buckets=(16, 32))(examples)["batch"]
-    packed = data.PairCollator("packed", 32, buckets=(16, 32))(examples)["batch"]
-    padded = data.PairCollator("padded", 32, buckets=(16, 32))(examples)["batch"]
-    for b in (shared, unshared):
-        lp, _ = completion_logps(model, b)
-        for g, e in enumerate(examples):
-            for j, c in enumerate((e.chosen, e.rejected)):
-                np.testing.assert_allclose(lp[g, j, : len(c)], direct_logps(model, e.prompt, c), atol=2e-5)
-    assert ((shared.segment_ids > 0).any(1)).sum() == len(examples)  # one group per (non-empty) row
-    assert shared.num_tokens == packed.num_tokens < unshared.num_tokens == padded.num_tokens
-    assert (unshared.segment_ids.max(1) > 1).any()  # some row holds several sequences

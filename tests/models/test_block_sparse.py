@@ -1,5 +1,7 @@
-"""Block-sparse attention equals dense attention: values and gradients, padded and packed rows, sliding
-windows and logit softcaps, and the tile list covers exactly the mask."""
+"""Every attention implementation equals dense attention over the mask of `mask.visible`: values and
+gradients, padded and packed rows, sliding windows and logit soft-caps (block-sparse tiles on CPU; the Pallas
+TPU kernel is in test_flash_tpu.py). The device's tile list covers exactly the mask and never overflows the
+packer's budget; query-chunked dense attention equals whole rows."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +9,9 @@ import numpy as np
 import pytest
 
 from prefopt_jax import data, models
-from prefopt_jax.models import block_sparse
+from prefopt_jax.models import attention, block_sparse, decoder
+from prefopt_jax.models.attention import AttentionSpec
+from prefopt_jax.models.mask import Tokens, visible
 
 CONFIGS = {
     "llama": models.ModelConfig(
@@ -32,15 +36,24 @@ def groups(seed, n=7):
     return [(ids(1, 12), [ids(1, 14), ids(1, 14)]) for _ in range(n)]
 
 
-def batch_for(layout, seed):
+def batch_for(layout, seed, tiles=0):
     g = groups(seed)
-    if layout == "padded":
-        b = data.padded_batch(g, buckets=(16, 32))
-        mask = block_sparse.causal_mask(b.segment_ids)
-    else:
-        b = data.packed_batch(g, row_length=64, buckets=(32, 64))
-        mask = b.attention
-    return b, mask
+    rows = 2 * len(g) if layout == "padded" else 4
+    geometry = data.Geometry(rows=rows, length=64, groups=len(g), completions=2, width=14, scored=64, tiles=tiles)
+    return data.pack(g, geometry, layout)
+
+
+def inputs_of(b):
+    return {k: jnp.asarray(v) for k, v in b.model_inputs().items()}
+
+
+def tiles_per_row(b, block=8):
+    """The exact number of non-empty tiles of the busiest row (what the packer budgets for)."""
+    tok = Tokens(*(jnp.asarray(a, jnp.int32) for a in (b.segment_ids, b.branch, np.zeros_like(b.positions))))
+    idx = jnp.broadcast_to(jnp.arange(b.input_ids.shape[1]), b.input_ids.shape)
+    mask = np.asarray(visible(tok, idx, tok, idx, 0) & (tok.segment_ids > 0)[:, :, None])
+    r, t, _ = mask.shape
+    return int(mask.reshape(r, t // block, block, t // block, block).any(axis=(2, 4)).sum(axis=(1, 2)).max()), mask
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -48,20 +61,15 @@ def batch_for(layout, seed):
 def test_block_sparse_equals_dense_values_and_gradients(name, layout):
     cfg = CONFIGS[name]
     params = models.create_model(cfg, seed=1).params()
-    b, mask = batch_for(layout, seed=3)
-    tiles = block_sparse.attention_blocks(mask, block=8)
-    assert tiles is not None
-    inputs = dict(
-        input_ids=jnp.asarray(b.input_ids), positions=jnp.asarray(b.positions), segment_ids=jnp.asarray(b.segment_ids)
-    )
+    b = batch_for(layout, seed=3)
+    inputs = inputs_of(b)
     real = jnp.asarray(b.segment_ids > 0)[..., None]
+    budget = tiles_per_row(b, block_sparse.BLOCK)[0]
 
-    def dense(p):
-        return models.forward_hidden(cfg, p, **inputs, mask=None if b.attention is None else jnp.asarray(b.attention))
+    def forward(spec):
+        return lambda p: models.forward_hidden(cfg, p, **inputs, attention=spec)
 
-    def sparse(p):
-        return models.forward_hidden(cfg, p, **inputs, tiles=jax.tree.map(jnp.asarray, tiles))
-
+    dense, sparse = forward(AttentionSpec("dense")), forward(AttentionSpec("block_sparse", tiles_per_row=budget))
     np.testing.assert_allclose(jnp.where(real, sparse(params), 0), jnp.where(real, dense(params), 0), atol=1e-5)
     weights = jnp.asarray(np.random.default_rng(0).normal(size=(*b.input_ids.shape, cfg.hidden_size)), jnp.float32)
     objective = lambda f: lambda p: jnp.sum(jnp.where(real, f(p), 0) * weights)
@@ -70,18 +78,31 @@ def test_block_sparse_equals_dense_values_and_gradients(name, layout):
         np.testing.assert_allclose(a, c, atol=2e-6 * float(np.abs(c).max()) + 1e-6, rtol=1e-4)
 
 
-def test_tiles_cover_exactly_the_mask():
-    _, mask = batch_for("packed", seed=4)
-    tiles = block_sparse.attention_blocks(mask, block=8)
-    r, t, _ = mask.shape
+def test_tiles_from_tokens_cover_exactly_the_mask_within_the_budget():
+    b = batch_for("packed", seed=4)
+    need, mask = tiles_per_row(b, block=8)
+    tok = Tokens(*(jnp.asarray(a, jnp.int32) for a in (b.segment_ids, b.branch, b.positions)))
+    tiles = jax.tree.map(np.asarray, block_sparse.tiles_from_tokens(tok, need, block=8))
     rebuilt = np.zeros_like(mask)
     for row, q, k, m in zip(tiles["row"], tiles["q"], tiles["k"], tiles["mask"], strict=True):
         rebuilt[row, q * 8 : (q + 1) * 8, k * 8 : (k + 1) * 8] |= m
     np.testing.assert_array_equal(rebuilt, mask)
-    n_nonempty = int(tiles["mask"].any(axis=(1, 2)).sum())
-    assert n_nonempty < r * (t // 8) * (t // 8 + 1) // 2  # fewer than the dense causal tiles
-    assert len(tiles["row"]) == block_sparse.tile_buckets(n_nonempty) >= n_nonempty
-    assert block_sparse.attention_blocks(np.ones((1, 12, 12), bool), block=8) is None  # 12 does not tile by 8
+    t = b.input_ids.shape[1]
+    assert need < (t // 8) * (t // 8 + 1) // 2  # fewer than the dense causal tiles of a row
+
+
+def test_the_packers_tile_bound_is_never_below_the_tiles_on_the_device():
+    """Random groups packed under a tile budget: the device's exact count of every row's non-empty tiles is
+    within the budget the packer enforced (so `tiles_from_tokens` never drops a tile)."""
+    rng = np.random.default_rng(7)
+    for trial in range(20):
+        n = int(rng.integers(2, 9))
+        g = [(rng.integers(1, 9, rng.integers(1, 40)), [rng.integers(1, 9, rng.integers(1, 40)) for _ in range(2)])
+             for _ in range(n)]  # fmt: skip
+        budget = int(rng.integers(40, 160))
+        geometry = data.Geometry(rows=n, length=256, groups=n, completions=2, width=40, scored=256, tiles=budget)
+        b = data.pack(g, geometry, "packed")
+        assert tiles_per_row(b, block=data.TILE)[0] <= budget, trial
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -92,30 +113,44 @@ def test_query_chunked_attention_equals_whole_rows(name, chunk, monkeypatch):
     (inputs and weights) agree to float32 roundoff, and so do the whole model's hidden states. (Whole-model
     gradients are not compared: the random Gemma 2 model's own gradients move 13% under a 1e-6 relative
     change of its weights, so roundoff alone would decide such a test.)"""
-    from prefopt_jax.models import decoder
-
     cfg = CONFIGS[name]
     params = models.create_model(cfg, seed=1).params()
-    b, _ = batch_for("packed", seed=5)
-    ids, seg, pos = jnp.asarray(b.input_ids), jnp.asarray(b.segment_ids), jnp.asarray(b.positions)
-    allowed = decoder.attention_mask(ids, seg, jnp.asarray(b.attention))
-    rope = decoder.rope_tables(cfg, pos)
+    b = batch_for("packed", seed=5)
+    inputs = inputs_of(b)
+    tokens = Tokens(inputs["segment_ids"], inputs["branch"], inputs["positions"])
+    rope = decoder.rope_tables(cfg, inputs["positions"])
     real = jnp.asarray(b.segment_ids > 0)[..., None]
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(*ids.shape, cfg.hidden_size)), jnp.float32)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(*b.input_ids.shape, cfg.hidden_size)), jnp.float32)
+    spec = AttentionSpec("dense")
 
     def layer_loss(x, p, window):
-        out = decoder._attention(cfg, p, x, pos, allowed, window, rope, decoder.no_constraint, None)
+        out = decoder._attention(cfg, p, x, tokens, window, rope, decoder.no_constraint, spec)
         return jnp.sum(jnp.where(real, out, 0.0) ** 2)
-
-    def hidden():
-        return models.forward_hidden(cfg, params, ids, pos, seg, jnp.asarray(b.attention))
 
     grad = jax.value_and_grad(layer_loss, argnums=(0, 1))
     layers = [(jax.tree.map(lambda a, i=i: a[i], params["layers"]), cfg.windows[i]) for i in range(cfg.num_layers)]
     whole = [grad(x, p, w) for p, w in layers]
-    whole_hidden = hidden()
-    monkeypatch.setattr(decoder, "QUERY_CHUNK", chunk)
+    whole_hidden = models.forward_hidden(cfg, params, **inputs)
+    monkeypatch.setattr(attention, "QUERY_CHUNK", chunk)
     for (p, w), expected in zip(layers, whole, strict=True):
         for a, c in zip(jax.tree.leaves(expected), jax.tree.leaves(grad(x, p, w)), strict=True):
             np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-6 * float(np.abs(a).max()))
-    np.testing.assert_allclose(jnp.where(real, hidden(), 0), jnp.where(real, whole_hidden, 0), rtol=1e-4, atol=1e-5)
+    chunked = models.forward_hidden(cfg, params, **inputs)
+    np.testing.assert_allclose(jnp.where(real, chunked, 0), jnp.where(real, whole_hidden, 0), rtol=1e-4, atol=1e-5)
+
+
+def test_cudnn_wrapper_with_the_derived_mask_equals_dense():
+    """The GPU path's call of jax.nn.dot_product_attention with the device-derived mask, run with XLA's
+    implementation here (cuDNN itself needs a GPU)."""
+    cfg = CONFIGS["mistral_window"]
+    b = batch_for("packed", seed=6)
+    inputs = inputs_of(b)
+    tokens = Tokens(inputs["segment_ids"], inputs["branch"], inputs["positions"])
+    rng = np.random.default_rng(1)
+    shape = (*b.input_ids.shape, cfg.num_kv_heads)
+    q = jnp.asarray(rng.normal(size=(*shape, 2, cfg.head_dim)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(*shape, cfg.head_dim)), jnp.float32) for _ in range(2))
+    real = jnp.asarray(b.segment_ids > 0)[..., None, None]
+    want = attention.dense(cfg, q, k, v, tokens, 5)
+    got = attention._cudnn(cfg, q, k, v, tokens, 5, implementation="xla")
+    np.testing.assert_allclose(jnp.where(real, got, 0), jnp.where(real, want, 0), atol=1e-5)

@@ -1,5 +1,6 @@
 """The fused step against a hand-written unfused computation, reference modes, LoRA, accumulation."""
 
+import dataclasses
 import math
 
 import jax
@@ -9,6 +10,8 @@ import optax
 import pytest
 
 from prefopt_jax import data, losses, models
+from prefopt_jax.models.attention import AttentionSpec
+from prefopt_jax.train import batches as batches_lib
 from prefopt_jax.train import lora as lora_lib
 from prefopt_jax.train import step as step_lib
 
@@ -24,15 +27,27 @@ def pairs(seed, n=4):
     return [data.TokenizedPair(ids(2, 6), ids(1, 7), ids(1, 7), 1.0, None) for _ in range(n)]
 
 
-def as_batch(examples, layout="padded", micro=1):
-    collate = data.PairCollator(layout, 32, buckets=(16, 32), response_only=True)
-    parts = [collate(examples[i::micro]) for i in range(micro)]
-    one = lambda out: {
-        "main": step_lib.batch_arrays(out["batch"]),
-        "response_only": step_lib.batch_arrays(out["response_only"]),
-        "weight": out["weight"],
-    }
-    return jax.tree.map(lambda *a: jnp.stack([jnp.asarray(x) for x in a]), *[one(p) for p in parts])
+def batch_spec(examples, layout="padded", micro=1, response_only=True, groups=None):
+    return data.batch_spec(
+        examples, layout=layout, groups=groups or len(examples) // micro, max_length=32,
+        response_only=response_only and not isinstance(examples[0], data.TokenizedUnpaired), tiles=True,
+        length_multiple=data.TILE,
+    )  # fmt: skip
+
+
+def as_batch(examples, layout="padded", micro=1, response_only=True, groups=None):
+    """The examples in order as one step's micro-batches (stacked on a leading axis), through the real
+    packer and host builder."""
+    spec = batch_spec(examples, layout, micro, response_only, groups)
+    plans = data.packer(spec, examples, shuffle=False).next_step(micro)
+    parts = [batches_lib.step_arrays(data.host_arrays(spec, p, examples)) for p in plans]
+    return jax.tree.map(lambda *a: jnp.stack([jnp.asarray(x) for x in a]), *parts)
+
+
+def make_spec(name, hp, examples, layout="padded", micro=1, attention="block_sparse", **kw):
+    """A StepSpec over the geometry `as_batch` builds for these examples."""
+    geometries = batch_spec(examples, layout, micro).geometries
+    return step_lib.StepSpec(losses.get(name), hp, geometries, AttentionSpec(attention), chunk=8, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +77,7 @@ def unfused_dpo(params, ref_params, examples, beta):
 def test_fused_loss_and_gradients_equal_the_unfused_computation(base, layout):
     examples = pairs(1)
     policy = jax.tree.map(lambda a: a + 0.05 * jnp.sin(jnp.arange(a.size).reshape(a.shape)), base)
-    spec = step_lib.StepSpec(losses.get("dpo"), {"beta": 0.5}, reference="frozen", chunk=8)
+    spec = make_spec("dpo", {"beta": 0.5}, examples, layout, reference="frozen")
     loss_fn = step_lib.make_loss_fn(CFG, spec)
     batch = jax.tree.map(lambda a: a[0], as_batch(examples, layout))
     (value, (metrics, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(policy, None, base, batch, None)
@@ -75,7 +90,7 @@ def test_fused_loss_and_gradients_equal_the_unfused_computation(base, layout):
 
 def test_lora_base_reference_starts_at_log2_and_the_base_never_moves(base):
     adapters = lora_lib.init_lora(CFG, rank=2, seed=1)
-    spec = step_lib.StepSpec(losses.get("dpo"), {"beta": 0.1}, reference="lora_base", lora_scale=2.0, chunk=8)
+    spec = make_spec("dpo", {"beta": 0.1}, pairs(2), reference="lora_base", lora_scale=2.0)
     opt = optax.adam(1e-2)
     state = step_lib.init_state(adapters, opt, spec.loss)
     train = step_lib.make_train_step(CFG, spec, opt)
@@ -91,7 +106,7 @@ def test_lora_base_reference_starts_at_log2_and_the_base_never_moves(base):
 
 
 def test_full_finetune_reference_is_unchanged_and_loss_falls(base):
-    spec = step_lib.StepSpec(losses.get("dpo"), {"beta": 0.1}, reference="frozen", chunk=8)
+    spec = make_spec("dpo", {"beta": 0.1}, pairs(3), reference="frozen")
     opt = optax.adam(3e-3)
     policy = jax.tree.map(jnp.copy, base)
     state = step_lib.init_state(policy, opt, spec.loss)
@@ -109,17 +124,16 @@ def test_full_finetune_reference_is_unchanged_and_loss_falls(base):
 
 
 def test_accumulating_four_micro_batches_equals_one_batch_of_four_times(base):
-    spec = step_lib.StepSpec(losses.get("dpo"), {"beta": 0.3}, reference="frozen", chunk=8)
     opt = optax.sgd(0.1)
     examples = pairs(4, n=8)
     policy = jax.tree.map(lambda a: a * 1.1, base)
-    train = step_lib.make_train_step(CFG, spec, opt)
-    s1, m1 = train(
-        step_lib.init_state(jax.tree.map(jnp.copy, policy), opt, spec.loss), None, base, as_batch(examples, micro=4)
-    )
-    s2, m2 = train(
-        step_lib.init_state(jax.tree.map(jnp.copy, policy), opt, spec.loss), None, base, as_batch(examples, micro=1)
-    )
+    results = []
+    for micro in (4, 1):
+        spec = make_spec("dpo", {"beta": 0.3}, examples, micro=micro, reference="frozen")
+        train = step_lib.make_train_step(CFG, spec, opt)
+        state = step_lib.init_state(jax.tree.map(jnp.copy, policy), opt, spec.loss)
+        results.append(train(state, None, base, as_batch(examples, micro=micro)))
+    (s1, m1), (s2, m2) = results
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(s1["trainable"]), jax.tree.leaves(s2["trainable"]), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
@@ -128,10 +142,12 @@ def test_accumulating_four_micro_batches_equals_one_batch_of_four_times(base):
 def test_precomputed_reference_equals_the_fused_one(base):
     examples = pairs(5)
     batch = jax.tree.map(lambda a: a[0], as_batch(examples))
-    ref_logps = step_lib.completion_logps(CFG, base, batch["main"], chunk=8)
+    fused_spec = make_spec("ipo", {}, examples, reference="frozen")
+    geometry = fused_spec.geometries["main"]
+    ref_logps, _ = step_lib.completion_logps(CFG, base, batch["main"], geometry, fused_spec.attention_for("main"))
     policy = jax.tree.map(lambda a: a * 0.9, base)
-    fused = step_lib.make_loss_fn(CFG, step_lib.StepSpec(losses.get("ipo"), {}, reference="frozen", chunk=8))
-    pre = step_lib.make_loss_fn(CFG, step_lib.StepSpec(losses.get("ipo"), {}, reference="precomputed", chunk=8))
+    fused = step_lib.make_loss_fn(CFG, fused_spec)
+    pre = step_lib.make_loss_fn(CFG, make_spec("ipo", {}, examples, reference="precomputed"))
     a, _ = fused(policy, None, base, batch, None)
     b, _ = pre(policy, None, None, {**batch, "ref_logps": ref_logps}, None)
     np.testing.assert_allclose(a, b, rtol=1e-6)
@@ -140,7 +156,7 @@ def test_precomputed_reference_equals_the_fused_one(base):
 def test_reference_free_and_response_only_losses_run(base):
     for name in ("simpo", "rmipo", "cpo", "alpha_dpo"):
         ref_mode = "frozen" if losses.get(name).needs_reference else "none"
-        spec = step_lib.StepSpec(losses.get(name), {}, reference=ref_mode, chunk=8)
+        spec = make_spec(name, {}, pairs(6), reference=ref_mode)
         opt = optax.adam(1e-3)
         state = step_lib.init_state(jax.tree.map(jnp.copy, base), opt, spec.loss)
         state, m = step_lib.make_train_step(CFG, spec, opt)(state, None, base, as_batch(pairs(6)))
@@ -148,7 +164,7 @@ def test_reference_free_and_response_only_losses_run(base):
 
 
 def test_non_finite_steps_are_skipped_and_counted(base):
-    spec = step_lib.StepSpec(losses.get("dpo"), {}, reference="frozen", chunk=8)
+    spec = make_spec("dpo", {}, pairs(7), reference="frozen")
     opt = optax.sgd(0.1)
     bad = jax.tree.map(lambda a: a.at[(0,) * a.ndim].set(jnp.nan) if a.ndim else a, base)
     state = step_lib.init_state(bad, opt, spec.loss)
@@ -157,18 +173,19 @@ def test_non_finite_steps_are_skipped_and_counted(base):
 
 
 def test_step_refuses_impossible_combinations():
+    spec = lambda name, hp=None, **kw: step_lib.StepSpec(losses.get(name), hp or {}, {}, **kw)
     with pytest.raises(ValueError, match="needs a reference"):
-        step_lib.StepSpec(losses.get("dpo"), {}, reference="none")
+        spec("dpo", reference="none")
     with pytest.raises(ValueError, match="needs LoRA"):
-        step_lib.StepSpec(losses.get("dpo"), {}, reference="lora_base")
+        spec("dpo", reference="lora_base")
     with pytest.raises(ValueError, match="extras"):
-        step_lib.StepSpec(losses.get("orpo"), {"nll_over_prompt": True}, reference="none")
+        spec("orpo", {"nll_over_prompt": True}, reference="none")
     with pytest.raises(ValueError, match="full distribution"):
-        step_lib.StepSpec(losses.get("tdpo"), {}, reference="precomputed")
+        spec("tdpo", reference="precomputed")
     with pytest.raises(ValueError, match="TR-DPO"):
-        step_lib.StepSpec(losses.get("dpo"), {}, reference="precomputed", ref_sync_every=4)
+        spec("dpo", reference="precomputed", ref_sync_every=4)
     with pytest.raises(ValueError, match="reference mode 'copy'"):
-        step_lib.StepSpec(losses.get("dpo"), {}, reference="copy")
+        spec("dpo", reference="copy")
 
 
 def test_merged_lora_equals_the_adapted_forward(base):
@@ -191,13 +208,11 @@ def test_sharded_training_matches_single_device_step_for_step(preset, mesh_shape
         num_kv_heads=2, head_dim=4,
     )  # fmt: skip
     mesh = sharding.make_mesh(*mesh_shape)
-    spec = step_lib.StepSpec(losses.get("dpo"), {"beta": 0.5}, reference="frozen", chunk=8)
     opt = optax.adam(1e-2)
-    collate = data.PairCollator("padded", 32, buckets=(16, 32), min_rows=8)
-    batch = {"main": step_lib.batch_arrays(collate(pairs(8, n=4))["batch"]), "weight": np.ones(4, np.float32)}
-    batch = jax.tree.map(lambda a: jnp.asarray(a)[None], batch)
+    examples = pairs(8, n=8)
+    host = as_batch(examples, groups=8)
 
-    def run(params, ref, b):
+    def run(params, ref, b, spec):
         state = step_lib.init_state(params, opt, spec.loss)
         train = step_lib.make_train_step(cfg, spec, opt)
         out = []
@@ -206,17 +221,17 @@ def test_sharded_training_matches_single_device_step_for_step(preset, mesh_shape
             out.append(float(m["loss"]))
         return out
 
-    single = run(models.create_model(cfg, seed=1).params(), models.create_model(cfg, seed=1).params(), batch)
+    spec = make_spec("dpo", {"beta": 0.5}, examples, reference="frozen")
+    single = run(models.create_model(cfg, seed=1).params(), models.create_model(cfg, seed=1).params(), host, spec)
     sharded_params = models.create_model(cfg, seed=1, mesh=mesh, rules=preset).params()
     sharded_ref = models.create_model(cfg, seed=1, mesh=mesh, rules=preset).params()
     rows = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")))
     sharded_batch = {
-        "main": {
-            k: jax.device_put(v, rows) if k in ("input_ids", "positions", "segment_ids", "pred_index") else v
-            for k, v in batch["main"].items()
-        },
-        "weight": batch["weight"],
+        "main": {k: jax.device_put(v, rows) if k in batches_lib.TOKEN_ARRAYS else v for k, v in host["main"].items()},
+        "weight": host["weight"],
     }
+    constrain = sharding.activation_constraint(mesh, sharding.rules_for(preset))
+    sharded_spec = dataclasses.replace(spec, constrain=constrain)
     assert len(sharded_params["layers"]["q"].sharding.device_set) == 8
     assert single[2] < single[0]  # the steps really train
-    np.testing.assert_allclose(run(sharded_params, sharded_ref, sharded_batch), single, rtol=1e-5)
+    np.testing.assert_allclose(run(sharded_params, sharded_ref, sharded_batch, sharded_spec), single, rtol=1e-5)

@@ -11,7 +11,7 @@ import pytest
 from prefopt_jax import data, losses, models
 from prefopt_jax.train import lora as lora_lib
 from prefopt_jax.train import step as step_lib
-from tests.train.test_step import CFG, as_batch, pairs
+from tests.train.test_step import CFG, as_batch, make_spec, pairs
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_tdpo_step_equals_the_formula_with_full_vocabulary_kl(base, tdpo2):
             terms.append(-jax.nn.log_sigmoid(beta * margin))
         return sum(terms) / len(terms)
 
-    spec = step_lib.StepSpec(losses.get("tdpo"), {"beta": beta, "alpha": alpha, "tdpo2": tdpo2}, chunk=8)
+    spec = make_spec("tdpo", {"beta": beta, "alpha": alpha, "tdpo2": tdpo2}, examples, "packed")
     batch = jax.tree.map(lambda a: a[0], as_batch(examples, "packed"))
     fn = step_lib.make_loss_fn(CFG, spec)
     (value, _), grads = jax.value_and_grad(fn, has_aux=True)(policy, None, base, batch, None)
@@ -72,7 +72,7 @@ def test_logged_per_token_kl_is_the_full_vocabulary_kl(base):
             lp, lr = seq_logsoftmax(policy, e.prompt, c), seq_logsoftmax(base, e.prompt, c)
             kls += float(jnp.sum(jnp.exp(lp) * (lp - lr)))  # KL(policy || ref)
             n += len(c)
-    spec = step_lib.StepSpec(losses.get("dpo"), {}, chunk=8)
+    spec = make_spec("dpo", {}, examples)
     batch = jax.tree.map(lambda a: a[0], as_batch(examples))
     _, (metrics, _) = step_lib.make_loss_fn(CFG, spec)(policy, None, base, batch, None)
     assert kls / n > 1e-3
@@ -99,7 +99,7 @@ def test_wpo_weights_come_from_the_full_softmax(base):
             terms.append(-jax.nn.log_sigmoid(beta * ((lc - rc) - (lr - rr))) * w)
         return sum(terms) / len(terms)
 
-    spec = step_lib.StepSpec(losses.get("dpo"), {"beta": beta, "use_weighting": True}, chunk=8)
+    spec = make_spec("dpo", {"beta": beta, "use_weighting": True}, examples, "packed")
     batch = jax.tree.map(lambda a: a[0], as_batch(examples, "packed"))
     value, _ = step_lib.make_loss_fn(CFG, spec)(policy, None, base, batch, None)
     np.testing.assert_allclose(value, unfused(policy), rtol=1e-5)
@@ -127,15 +127,9 @@ def test_kto_step_equals_the_formula_with_mismatched_pairs(base):
     for e in examples:
         r = seq(policy, e.prompt, e.completion) - seq(base, e.prompt, e.completion)
         want.append(1 - jax.nn.sigmoid(beta * (r - z)) if e.label else 1 - jax.nn.sigmoid(beta * (z - r)))
-    collate = data.UnpairedCollator("padded", 32, buckets=(16, 32))
-    out = collate(examples)
-    batch = {
-        "main": step_lib.batch_arrays(out["batch"]),
-        "kl": step_lib.batch_arrays(out["kl"]),
-        "label": out["label"],
-        "weight": out["weight"],
-    }
-    spec = step_lib.StepSpec(losses.get("kto"), {"beta": beta}, chunk=8)
+    batch = jax.tree.map(lambda a: a[0], as_batch(examples))
+    assert "kl" in batch and "label" in batch
+    spec = make_spec("kto", {"beta": beta}, examples)
     value, (metrics, _) = step_lib.make_loss_fn(CFG, spec)(policy, None, base, batch, None)
     np.testing.assert_allclose(value, np.mean(want), rtol=1e-5)
     np.testing.assert_allclose(metrics["kl"], z, rtol=1e-4, atol=1e-6)
@@ -145,22 +139,17 @@ def test_kto_step_equals_the_formula_with_mismatched_pairs(base):
 def test_tr_dpo_moves_the_reference_toward_the_policy_every_tau_steps(base, lora):
     alpha, tau = 0.25, 2
     opt = optax.sgd(0.5)
-    batch = as_batch(pairs(15))
+    examples = pairs(15)
+    batch = as_batch(examples)
     if lora:
         adapters = jax.tree.map(lambda a: a + 0.01, lora_lib.init_lora(CFG, rank=2, seed=3))
-        spec = step_lib.StepSpec(
-            losses.get("dpo"),
-            {},
-            reference="lora_base",
-            lora_scale=1.0,
-            ref_sync_every=tau,
-            ref_sync_alpha=alpha,
-            chunk=8,
+        spec = make_spec(
+            "dpo", {}, examples, reference="lora_base", lora_scale=1.0, ref_sync_every=tau, ref_sync_alpha=alpha
         )
         state = step_lib.init_state(adapters, opt, spec.loss, reference=jax.tree.map(jnp.copy, adapters))
         frozen = base
     else:
-        spec = step_lib.StepSpec(losses.get("dpo"), {}, ref_sync_every=tau, ref_sync_alpha=alpha, chunk=8)
+        spec = make_spec("dpo", {}, examples, ref_sync_every=tau, ref_sync_alpha=alpha)
         state = step_lib.init_state(perturbed(base), opt, spec.loss, reference=jax.tree.map(jnp.copy, base))
         frozen = None
     train = step_lib.make_train_step(CFG, spec, opt)
@@ -178,7 +167,7 @@ def test_tr_dpo_moves_the_reference_toward_the_policy_every_tau_steps(base, lora
     mb = jax.tree.map(lambda a: a[0], batch)
     value, _ = fused(state["trainable"], frozen, state["reference"], mb, None)
     ref_params = lora_lib.with_lora(base, state["reference"], 1.0) if lora else state["reference"]
-    plain = step_lib.StepSpec(losses.get("dpo"), {}, chunk=8)
+    plain = make_spec("dpo", {}, examples)
     pol = lora_lib.with_lora(base, state["trainable"], 1.0) if lora else state["trainable"]
     want, _ = step_lib.make_loss_fn(CFG, plain)(pol, None, ref_params, mb, None)
     np.testing.assert_allclose(value, want, rtol=1e-6)
@@ -212,17 +201,20 @@ def test_lora_dropout_masks_adapter_inputs_and_is_reproducible(base):
     assert not np.allclose(draws[0], exact, atol=1e-3)
     np.testing.assert_allclose(draws.mean(0), exact, atol=0.05 * float(jnp.abs(exact).max()))
     with pytest.raises(ValueError, match="lora_dropout"):
-        step_lib.StepSpec(losses.get("dpo"), {}, lora_dropout=0.1)
+        step_lib.StepSpec(losses.get("dpo"), {}, {}, lora_dropout=0.1)
 
 
-def test_log_probs_at_completion_positions_only_equal_the_full_rows(base):
-    """The step scores completion positions only; a forward over whole rows gives the same values."""
-    from prefopt_jax.logprobs import gather_completions, token_logps
-
-    for layout in ("padded", "packed"):
-        b = jax.tree.map(lambda a: a[0], as_batch(pairs(16), layout))["main"]
-        got = step_lib.completion_logps(CFG, base, b, chunk=8)
-        hidden = models.forward_hidden(CFG, base, b["input_ids"], b["positions"], b["segment_ids"], b.get("mask"))
-        full = token_logps(hidden, models.unembedding(CFG, base), b["input_ids"], b["pred_index"], chunk=8)
-        want = gather_completions(full, b["completion_index"], b["completion_mask"])
-        np.testing.assert_allclose(got, want, atol=1e-6)
+def test_log_probs_at_completion_positions_only_equal_plain_forwards(base):
+    """The step scores completion positions only, with the scored positions and their predictors derived on
+    the device from the batch's token arrays: each completion's log-probs equal a plain forward of its prompt
+    and itself alone (an independent full-vocabulary log-softmax), in every layout."""
+    examples = pairs(16)
+    for layout in data.LAYOUTS:
+        spec = make_spec("dpo", {}, examples, layout)
+        b = jax.tree.map(lambda a: a[0], as_batch(examples, layout))["main"]
+        got, mask = step_lib.completion_logps(CFG, base, b, spec.geometries["main"], spec.attention_for("main"))
+        for g, e in enumerate(examples):
+            for j, c in enumerate((e.chosen, e.rejected)):
+                want = token_logps(seq_logsoftmax(base, e.prompt, c), c)
+                assert int(mask[g, j].sum()) == len(c)
+                np.testing.assert_allclose(got[g, j, : len(c)], want, atol=1e-5, err_msg=layout)

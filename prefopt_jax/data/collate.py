@@ -1,0 +1,156 @@
+"""How a run's tokenised examples become planned, fixed-shape micro-batches: the parts of a micro-batch
+(main groups; RMiPO's response-only sequences; KTO's mismatched KL pairs), their geometries, and the host
+arrays of one planned micro-batch (for some rows only: each process builds its own)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from prefopt_jax.data.batching import TILE, Batch, Geometry, build, round_up
+from prefopt_jax.data.planner import MicroPlan, Packer, Part, derive_geometry
+from prefopt_jax.data.tokenize import TokenizedPair, TokenizedRanked, TokenizedUnpaired
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSpec:
+    """The batches of a run: `kind` "pairs", "unpaired" or "ranked", the layout, and each part's geometry
+    ("main"; "response_only" for RMiPO; "kl" for KTO's reference point)."""
+
+    kind: str
+    layout: str
+    geometries: dict[str, Geometry]
+    max_length: int
+
+    @property
+    def groups(self) -> int:
+        return self.geometries["main"].groups
+
+
+def _main_group(e) -> tuple[np.ndarray, list[np.ndarray]]:
+    if isinstance(e, TokenizedPair):
+        return e.prompt, [e.chosen, e.rejected]
+    if isinstance(e, TokenizedUnpaired):
+        return e.prompt, [e.completion]
+    if isinstance(e, TokenizedRanked):
+        return e.prompt, list(e.responses)
+    raise TypeError(f"cannot batch a {type(e).__name__}")
+
+
+def _alone(c: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A completion scored alone (no prompt, no BOS): its first token is the context, the rest are scored
+    (RMiPO's response-level log-probs)."""
+    return c[:1], [c[1:]]
+
+
+def _kl_group(prompt: np.ndarray, completion: np.ndarray, max_length: int):
+    return prompt, [completion[: max_length - len(prompt)]]
+
+
+def _lens(group) -> tuple[int, tuple[int, ...]]:
+    p, cs = group
+    return len(p), tuple(len(c) for c in cs)
+
+
+def parts(spec: BatchSpec, examples: Sequence) -> dict[str, Part]:
+    """The packer's parts for these examples."""
+    main_lens = [_lens(_main_group(e)) for e in examples]
+    out = {"main": Part(spec.geometries["main"], spec.layout, lambda i, slot, g: [(slot, *main_lens[i])])}
+    if "response_only" in spec.geometries:
+        alone = [[_lens(_alone(e.chosen)), _lens(_alone(e.rejected))] for e in examples]
+        out["response_only"] = Part(
+            spec.geometries["response_only"],
+            spec.layout,
+            lambda i, slot, g: [(slot, *alone[i][0]), (g + slot, *alone[i][1])],
+        )
+    if "kl" in spec.geometries:
+
+        def kl(chosen: Sequence[int], g: int):
+            n = len(chosen)
+            return [
+                (s, *_lens(_kl_group(examples[i].prompt, examples[chosen[(s - 1) % n]].completion, spec.max_length)))
+                for s, i in enumerate(chosen)
+            ]
+
+        out["kl"] = Part(spec.geometries["kl"], "shared", groups_after=kl)
+    return out
+
+
+def packer(spec: BatchSpec, examples: Sequence, *, seed: int = 0, shuffle: bool = True, state=None) -> Packer:
+    return Packer(len(examples), parts(spec, examples), seed=seed, shuffle=shuffle, state=state)
+
+
+def host_arrays(
+    spec: BatchSpec, plan: MicroPlan, examples: Sequence, pad_id: int = 0, rows: dict[str, slice] | None = None
+) -> dict:
+    """One micro-batch's host arrays: each part's `Batch` (token arrays for `rows[part]` only, default all),
+    "weight" [G] (0 for empty group slots), and "label" [G] (unpaired) or "scores" [G, K] (ranked)."""
+    rows = rows or {}
+    g = spec.groups
+    chosen = [examples[i] for i in plan.examples]
+    out: dict = {"main": build(plan.parts["main"], [_main_group(e) for e in chosen], pad_id, rows.get("main"))}
+    weight = np.zeros(g, np.float32)
+    weight[: len(chosen)] = [e.weight for e in chosen]
+    out["weight"] = weight
+    if spec.kind == "unpaired":
+        label = np.zeros(g, bool)
+        label[: len(chosen)] = [e.label for e in chosen]
+        out["label"] = label
+    if spec.kind == "ranked":
+        scores = np.zeros((g, spec.geometries["main"].completions), np.float32)
+        scores[: len(chosen)] = [e.scores for e in chosen]
+        out["scores"] = scores
+    if "response_only" in plan.parts:
+        alone = {s: _alone(e.chosen) for s, e in enumerate(chosen)} | {
+            g + s: _alone(e.rejected) for s, e in enumerate(chosen)
+        }
+        out["response_only"] = build(plan.parts["response_only"], alone, pad_id, rows.get("response_only"))
+    if "kl" in plan.parts:
+        n = len(chosen)
+        kl = [_kl_group(e.prompt, chosen[(s - 1) % n].completion, spec.max_length) for s, e in enumerate(chosen)]
+        out["kl"] = build(plan.parts["kl"], kl, pad_id, rows.get("kl"))
+    return out
+
+
+def batch_spec(
+    examples: Sequence,
+    *,
+    layout: str,
+    groups: int,
+    max_length: int,
+    response_only: bool = False,
+    row_multiple: int = 1,
+    length: int | None = None,
+    rows: int | None = None,
+    tiles: bool = False,
+    seed: int = 0,
+    length_multiple: int = 128,
+) -> BatchSpec:
+    """The batch spec sized from `examples` (train and held-out together, so every one fits): see
+    `packer.derive_geometry`; the response-only and KL parts get geometries every selection fits."""
+    kind = {TokenizedPair: "pairs", TokenizedUnpaired: "unpaired", TokenizedRanked: "ranked"}[type(examples[0])]
+    lens = [_lens(_main_group(e)) for e in examples]
+    prompt = np.asarray([p for p, _ in lens])
+    completions = np.asarray([c for _, c in lens])
+    common = dict(row_multiple=row_multiple, tiles=tiles, seed=seed, length_multiple=length_multiple)
+    geometries = {
+        "main": derive_geometry(prompt, completions, layout=layout, groups=groups, length=length, rows=rows, **common)
+    }
+    if response_only:
+        alone = [len(c) - 1 for e in examples for c in (e.chosen, e.rejected)]
+        geometries["response_only"] = derive_geometry(
+            np.ones(len(alone), np.int64), np.asarray(alone)[:, None], layout=layout, groups=2 * groups, **common
+        )
+    if kind == "unpaired":  # any (prompt_i, completion_j) holds at most max_length tokens: a row each
+        t = round_up(max_length, length_multiple)
+        nb = t // TILE  # no row has more non-empty tiles than one causal triangle
+        geometries["kl"] = Geometry(
+            rows=round_up(groups, row_multiple), length=t, groups=groups, completions=1, width=max_length,
+            scored=t, tiles=nb * (nb + 1) // 2 if tiles else 0,
+        )  # fmt: skip
+    return BatchSpec(kind, layout, geometries, max_length)
+
+
+__all__ = ["Batch", "BatchSpec", "batch_spec", "host_arrays", "packer", "parts"]
