@@ -186,3 +186,52 @@ def test_sharded_batch_equals_single_device(name, mesh):
     got = jax.jit(step)(sharded)
     for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
         close(g, np.asarray(w), rtol=1e-5, atol=1e-6)
+
+
+def _with_padding_examples(x, n: int):
+    """The batch with `n` empty slots appended (all-False masks, arbitrary values): a fixed-shape batch's
+    padding groups."""
+
+    def grow(a):
+        if a is None:
+            return None
+        pad = jnp.zeros((n, *a.shape[1:]), a.dtype) if a.dtype == bool else jnp.full((n, *a.shape[1:]), -7.0, a.dtype)
+        return jnp.concatenate([a, pad])
+
+    fields = {k: grow(v) for k, v in x._asdict().items() if k != "extras" and v is not None}
+    if "label" in fields:
+        fields["label"] = jnp.concatenate([x.label, jnp.ones(n, bool)])
+    extras = {
+        k: grow(v) if k != "udm_prob" else jnp.concatenate([v, jnp.full(n, 0.5, v.dtype)]) for k, v in x.extras.items()
+    }
+    return x._replace(**fields, extras=extras)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_padding_examples_change_nothing(name):
+    """Appending empty example slots leaves every real example's loss, every metric, the new state and
+    the gradients of the real examples as they were; the padding losses and gradients are finite, so a zero
+    weight removes them. (The unpadded values are the ones checked against TRL and the formulas.)"""
+    x = example(name)
+    b = x.policy_chosen.shape[0] if isinstance(x, losses.PairLogps) else x.policy.shape[0]
+    padded = _with_padding_examples(x, 3)
+    fn, hp = losses.get(name), HP.get(name, {})
+    state = fn.init_state() if fn.stateful else None
+    plain, with_pad = fn(x, state=state, **hp), fn(padded, state=state, **hp)
+    assert np.isfinite(np.asarray(with_pad.loss)).all()
+    np.testing.assert_allclose(with_pad.loss[:b], plain.loss, rtol=2e-5, atol=1e-6)
+    for k, v in plain.metrics.items():
+        np.testing.assert_allclose(with_pad.metrics[k], v, rtol=2e-5, atol=1e-6, err_msg=k)
+    for a, c in zip(jax.tree.leaves(with_pad.state), jax.tree.leaves(plain.state), strict=True):
+        np.testing.assert_allclose(a, c, rtol=1e-5, err_msg="state")
+
+    def weighted(policy, inputs, n):
+        out = fn(inputs._replace(**policy), state=state, **hp)
+        return jnp.sum(out.loss[:n])
+
+    fields = policy_fields(x)
+    g_plain = jax.grad(weighted)({k: getattr(x, k) for k in fields}, x, b)
+    g_pad = jax.grad(weighted)({k: getattr(padded, k) for k in fields}, padded, b)
+    for k in fields:
+        assert np.isfinite(np.asarray(g_pad[k])).all()
+        np.testing.assert_allclose(g_pad[k][:b], g_plain[k], rtol=2e-5, atol=1e-6, err_msg=k)
