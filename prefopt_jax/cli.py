@@ -184,9 +184,24 @@ def main(argv: list[str] | None = None) -> int:
         initialize_distributed()  # multi-host: every process runs the same command (see launch/)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad input: a message, not a traceback
+    except user_errors() as e:  # bad configuration or data: a message, not a traceback (bugs keep theirs)
         print(f"prefopt-jax: error: {e}", file=sys.stderr)
         return 2
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The errors that mean "fix your config, data or files", each naming what is wrong."""
+    from prefopt_jax.config import ConfigError
+    from prefopt_jax.data import DataError, TooLarge
+    from prefopt_jax.losses import LossInputError
+    from prefopt_jax.models import CheckpointError, ModelConfigError
+    from prefopt_jax.sharding import ShardingError
+    from prefopt_jax.train.reference_cache import ReferenceCacheError
+
+    return (
+        ConfigError, DataError, TooLarge, LossInputError, CheckpointError, ModelConfigError, ShardingError,
+        ReferenceCacheError, FileNotFoundError, FloatingPointError,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

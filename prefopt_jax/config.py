@@ -58,8 +58,39 @@ class DataSection:
 
 @dataclasses.dataclass(frozen=True)
 class LossSection:
-    name: str = "dpo"
+    # a registered loss, or several ("dpo,sft" or a YAML list) summed with `weights` (TRL's loss_type list)
+    name: str | tuple[str, ...] = "dpo"
+    weights: tuple[float, ...] | None = None  # one per loss of a mixture; None: 1.0 each
+    # one loss: its hyperparameters; a mixture: {loss: {key: value}} per member (or "loss.key": value)
     hparams: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(n.strip() for n in self.name.split(",")) if isinstance(self.name, str) else tuple(self.name)
+
+    def build(self):
+        """(the Loss, its hyperparameters): the registered loss, or `losses.combine` of the mixture with each
+        member's own hyperparameters bound (then the hyperparameters are empty)."""
+        from prefopt_jax import losses
+
+        names = self.names
+        if len(names) == 1 and self.weights is None:
+            return losses.get(names[0]), dict(self.hparams)
+        weights = self.weights or (1.0,) * len(names)
+        if len(weights) != len(names):
+            raise ConfigError(f"loss.weights has {len(weights)} entries for the {len(names)} losses {list(names)}")
+        per: dict[str, dict] = {n: {} for n in names}
+        for key, value in self.hparams.items():
+            member, dot, hp = key.partition(".")
+            if member not in per:
+                raise ConfigError(f"loss.hparams.{key}: a mixture's hyperparameters go under a member: {list(names)}")
+            if dot:
+                per[member][hp] = value
+            elif isinstance(value, Mapping):
+                per[member].update(value)
+            else:
+                raise ConfigError(f"loss.hparams.{key}: expected a mapping of {key}'s hyperparameters, got {value!r}")
+        return losses.combine([(n, float(w), per[n]) for n, w in zip(names, weights, strict=True)]), {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +107,9 @@ class TrainSection:
     reference: str = "lora_base"  # frozen | lora_base | precomputed | none
     reference_dtype: str | None = None  # frozen copy only: e.g. bfloat16 to halve its memory; None: model.dtype
     reference_cache: str = "~/.cache/prefopt_jax/reference"  # precomputed log-probs (a path or gs://...)
-    ref_sync_every: int = 0  # TR-DPO: every this many steps ref <- alpha * policy + (1 - alpha) * ref; 0: off
+    # TR-DPO: every this many steps ref <- alpha * policy + (1 - alpha) * ref; 0: off (with LoRA the mix is of
+    # the adapter factors, not of the weights: see train.step.StepSpec)
+    ref_sync_every: int = 0
     ref_sync_alpha: float = 0.6
     lora_rank: int = 8  # 0: full fine-tuning
     lora_alpha: float = 16.0
@@ -196,7 +229,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), d
         section, dot, name = key.partition(".")
         if not sep or not dot:
             raise ConfigError(f"override {item!r}: expected section.key=value (e.g. train.steps=100)")
-        if section == "loss" and name not in ("name", "hparams"):
+        if section == "loss" and name not in ("name", "weights", "hparams"):
             raw.setdefault("loss", {}).setdefault("hparams", {})[name] = _literal(text)  # loss.beta=0.2
         else:
             raw.setdefault(section, {})[name] = _literal(text)
@@ -211,11 +244,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), d
 
 
 def validate(cfg: Config, devices: int | None = None) -> None:
-    from prefopt_jax import losses
     from prefopt_jax.data import LAYOUTS as data_layouts
 
-    loss = losses.get(cfg.loss.name)
-    loss.hyperparameters(**cfg.loss.hparams)  # unknown or out-of-range hyperparameters fail here
+    check_ranges(cfg)
+    loss, hparams = cfg.loss.build()  # unknown losses and unknown or out-of-range hyperparameters fail here
+    loss.hyperparameters(**hparams)
     t = cfg.train
     choices = {
         "train.reference": (t.reference, ("frozen", "lora_base", "precomputed", "none")),
@@ -242,7 +275,7 @@ def validate(cfg: Config, devices: int | None = None) -> None:
         )
     from prefopt_jax.train.step import STEP_EXTRAS
 
-    missing = sorted(set(loss.required_extras(**cfg.loss.hparams)) - STEP_EXTRAS)
+    missing = sorted(set(loss.required_extras(**hparams)) - STEP_EXTRAS)
     if missing:
         raise ConfigError(
             f"loss {loss.name!r} with these hyperparameters needs {missing}, which the trainer does not compute "
@@ -260,7 +293,7 @@ def validate(cfg: Config, devices: int | None = None) -> None:
         raise ConfigError(f"train.lora_dropout must be in [0, 1), got {t.lora_dropout}")
     if t.lora_dropout and not t.lora_rank:
         raise ConfigError("train.lora_dropout needs LoRA (train.lora_rank > 0)")
-    if t.reference == "precomputed" and (loss.needs_kl or "seq_kl_chosen" in loss.required_extras(**cfg.loss.hparams)):
+    if t.reference == "precomputed" and (loss.needs_kl or "seq_kl_chosen" in loss.required_extras(**hparams)):
         raise ConfigError(
             f"loss {loss.name!r} needs the reference inside the step (mismatched pairs or full distributions): "
             "train.reference must be frozen or lora_base"
@@ -272,16 +305,50 @@ def validate(cfg: Config, devices: int | None = None) -> None:
 
         devices = jax.device_count()
     check_mesh(cfg, devices)
-    for key, value in (
-        ("train.steps", t.steps),
-        ("train.batch_size", t.batch_size),
-        ("data.max_length", cfg.data.max_length),
-        ("data.micro_batch_rows", cfg.data.micro_batch_rows or 1),
-    ):
-        if value < 1:
-            raise ConfigError(f"{key} must be >= 1, got {value}")
     if cfg.data.pack_length is not None and (cfg.data.pack_length < 32 or cfg.data.pack_length % 32):
         raise ConfigError(f"data.pack_length must be a multiple of 32 (attention tiles), got {cfg.data.pack_length}")
+
+
+# every numeric field's valid range: (lowest, highest, whether the lowest is excluded); None values are allowed
+# where the field is optional
+RANGES = {
+    "data.max_length": (2, None, False),
+    "data.max_prompt_length": (1, None, False),
+    "data.eval_fraction": (0.0, 1.0, False),
+    "data.micro_batch_rows": (1, None, False),
+    "data.num_train": (1, None, False),
+    "data.num_eval": (0, None, False),
+    "train.steps": (1, None, False),
+    "train.batch_size": (1, None, False),
+    "train.micro_batches": (1, None, False),
+    "train.learning_rate": (0.0, None, True),
+    "train.warmup_steps": (0, None, False),
+    "train.max_grad_norm": (0.0, None, True),
+    "train.weight_decay": (0.0, None, False),
+    "train.ref_sync_every": (0, None, False),
+    "train.lora_rank": (0, None, False),
+    "train.lora_alpha": (0.0, None, True),
+    "train.max_skipped_in_a_row": (1, None, False),
+    "train.peak_tflops": (0.0, None, True),
+    "eval.max_new_tokens": (1, None, False),
+    "eval.num_generate": (0, None, False),
+    "output.log_every": (1, None, False),
+    "output.checkpoint_every": (0, None, False),
+    "output.keep": (1, None, False),
+}
+
+
+def check_ranges(cfg: Config) -> None:
+    """Every numeric field within its range (`RANGES`), failing at load with the key, the value and the range."""
+    for key, (lo, hi, open_lo) in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is None:
+            continue
+        bad = value <= lo if open_lo else value < lo
+        if bad or (hi is not None and value > hi):
+            want = f"> {lo}" if open_lo else f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise ConfigError(f"{key} must be {want}, got {value}")
 
 
 def check_mesh(cfg: Config, n: int) -> None:

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from prefopt_jax import data, losses
+from prefopt_jax import data
 from prefopt_jax.config import Config
 from prefopt_jax.data.synthetic import comparison_pairs
 
@@ -42,7 +42,7 @@ def load_data(cfg: Config, tokenizer) -> tuple[data.Prepared, list[str] | None]:
             seed=cfg.train.seed,
         )
         answers = None
-    if losses.get(cfg.loss.name).kind == "unpaired":
+    if cfg.loss.build()[0].kind == "unpaired":
         prepared = data.Prepared(data.unpaired_from_pairs(prepared.train), prepared.eval, prepared.report)
     return prepared, answers
 

@@ -82,13 +82,21 @@ def datasheet_peak(device_kind: str) -> tuple[str, float] | None:
     return next(((p, f) for p, f in PEAK_FLOPS.items() if device_kind.startswith(p)), None)
 
 
+def total_peak(per_device: float | None, devices: int, platform: str) -> float:
+    """Peak FLOP/s of `devices` devices together: the per-device figure times the count on accelerators;
+    on CPU the measured host peak once, however many devices are simulated (they share its cores)."""
+    if platform == "cpu" or per_device is None:
+        return measured_peak_flops() if per_device is None else per_device
+    return per_device * devices
+
+
 def peak_flops(override_tflops: float | None = None) -> tuple[float, str]:
     """(peak FLOP/s of all devices together, where the figure came from)."""
     devices = jax.devices()
+    platform = devices[0].platform
     if override_tflops:
-        return override_tflops * 1e12 * len(devices), "train.peak_tflops"
+        return total_peak(override_tflops * 1e12, len(devices), platform), "train.peak_tflops"
     known = datasheet_peak(devices[0].device_kind)
     if known:
-        return known[1] * len(devices), f"{known[0]} datasheet bf16 peak"
-    # CPU (simulated devices share the same cores): measure the host once
-    return measured_peak_flops(), f"measured fp32 matmul peak of this {devices[0].platform}"
+        return total_peak(known[1], len(devices), platform), f"{known[0]} datasheet bf16 peak"
+    return total_peak(None, len(devices), platform), f"measured fp32 matmul peak of this {platform}"

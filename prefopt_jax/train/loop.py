@@ -29,17 +29,24 @@ from prefopt_jax.train import pipeline as pipeline_lib
 from prefopt_jax.train import step as step_lib
 
 
+def learning_rate(schedule: str, peak: float, warmup: int, steps: int):
+    """The learning rate of update `count` (0-based), as Hugging Face's schedulers define it: linear warmup
+    `count / warmup` while count < warmup (none when warmup is 0, so the first update uses the peak), then
+    constant, or decaying to 0 at `steps` (cosine: (1 + cos(pi·progress)) / 2; linear: 1 − progress)."""
+
+    def rate(count):
+        count = jnp.asarray(count, jnp.float32)
+        warm = count / max(warmup, 1)
+        progress = jnp.clip((count - warmup) / max(steps - warmup, 1), 0.0, 1.0)
+        decay = {"cosine": 0.5 * (1.0 + jnp.cos(jnp.pi * progress)), "linear": 1.0 - progress}.get(schedule, 1.0)
+        return peak * jnp.where(count < warmup, warm, decay)
+
+    return rate
+
+
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:
     t = cfg.train
-    if t.schedule == "cosine":
-        warmup = max(t.warmup_steps, 1)
-        lr = optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, warmup, max(t.steps, warmup + 1))
-    elif t.schedule == "linear":
-        warm = optax.linear_schedule(0.0, t.learning_rate, max(t.warmup_steps, 1))
-        decay = optax.linear_schedule(t.learning_rate, 0.0, max(t.steps - t.warmup_steps, 1))
-        lr = optax.join_schedules([warm, decay], [t.warmup_steps])
-    else:
-        lr = optax.linear_schedule(0.0, t.learning_rate, max(t.warmup_steps, 1))
+    lr = learning_rate(t.schedule, t.learning_rate, t.warmup_steps, t.steps)
     return optax.chain(optax.clip_by_global_norm(t.max_grad_norm), optax.adamw(lr, weight_decay=t.weight_decay))
 
 
@@ -78,6 +85,7 @@ def step_spec(
     """What the train step computes, from the config; with the mesh, activations and each layer's weights
     are kept in their shards inside the step."""
     t = cfg.train
+    built_loss, built_hp = cfg.loss.build()
     constrain = (
         step_lib.no_constraint
         if mesh is None
@@ -85,8 +93,8 @@ def step_spec(
     )
     platform = mesh.devices.flat[0].platform if mesh is not None else "cpu"
     return step_lib.StepSpec(
-        loss or losses.get(cfg.loss.name),
-        dict(cfg.loss.hparams) if hp is None else hp,
+        loss or built_loss,
+        built_hp if hp is None else hp,
         geometries,
         attention_lib.AttentionSpec(attention, interpret=attention == "pallas" and platform == "cpu"),
         reference=t.reference,
@@ -104,8 +112,8 @@ def step_spec(
 def batch_specs(cfg: Config, prepared: data.Prepared, mesh: Mesh, attention: str) -> dict[str, data.BatchSpec]:
     """Per split, the fixed micro-batch geometry. Paired runs size one from train and held-out examples
     together; an unpaired run's held-out split is pairs, with a geometry of its own."""
-    loss = losses.get(cfg.loss.name)
-    response_only = "response_only_chosen_avg" in loss.required_extras(**cfg.loss.hparams)
+    loss, hp = cfg.loss.build()
+    response_only = "response_only_chosen_avg" in loss.required_extras(**hp)
     kw = dict(attention=attention, response_only=response_only)
     if loss.kind == "unpaired":
         train = batches.batch_spec(cfg, prepared.train, mesh, **kw)

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from prefopt_jax import data, losses, models, sharding
+from prefopt_jax import data, models, sharding
 from prefopt_jax.config import Config, ConfigError, check_mesh
 from prefopt_jax.data.records import Origin
 from prefopt_jax.data.tokenize import TokenizedPair
@@ -218,14 +218,14 @@ def plan(cfg: Config, target_name: str, *, mfu: float = 0.4, out: IO | None = No
     m = cfg.mesh
     mesh = sharding.make_mesh(m.data, m.fsdp, m.tensor, devices=devices)
     mcfg = models.model_config(cfg.model.source)
-    loss = losses.get(cfg.loss.name)
+    loss, hp = cfg.loss.build()
     # a GPU target compiled for simulated CPU devices runs XLA's attention here (cuDNN needs the GPU)
     platform = tgt.platform if not simulated else "cpu"
     attention = attention_lib.resolve(cfg.model.attention, platform, mcfg, cfg.model.compute)
     if simulated and attention in ("block_sparse", "pallas"):
         attention = "dense" if tgt.platform != "cpu" else attention
     examples = worst_case_examples(cfg, loss.kind == "unpaired")
-    response_only = "response_only_chosen_avg" in loss.required_extras(**cfg.loss.hparams)
+    response_only = "response_only_chosen_avg" in loss.required_extras(**hp)
     bspec = batches.batch_spec(cfg, examples, mesh, attention=attention, response_only=response_only)
     spec = loop.step_spec(cfg, bspec.geometries, attention, mesh)
     optimizer = loop.make_optimizer(cfg)
@@ -257,7 +257,7 @@ def plan(cfg: Config, target_name: str, *, mfu: float = 0.4, out: IO | None = No
     step_flops = flops_lib.step_flops(
         mcfg, plans, lora=spec.lora_scale is not None, reference_in_step=spec.reference_in_step
     )
-    peak = tgt.peak_flops or flops_lib.measured_peak_flops()
+    peak = flops_lib.total_peak(tgt.peak_flops, len(devices), tgt.platform)
     total = sizes[0] + sizes[1] - sizes[2] + sizes[3]
     result = {
         "target": target_name,
@@ -291,7 +291,7 @@ def plan(cfg: Config, target_name: str, *, mfu: float = 0.4, out: IO | None = No
         "refused_by_compiler": refused,
         "flops": step_flops,
         "mfu": mfu,
-        "step_seconds": step_flops / (peak * len(devices) * mfu),
+        "step_seconds": step_flops / (peak * mfu),
         "batch_shape": list(batch["main"]["input_ids"].shape),
     }
     print(report(cfg, result), file=out)

@@ -149,9 +149,12 @@ class StepSpec:
     """What one step computes. `loss` is a registered Loss with its hyperparameters bound in `hp`.
 
     `ref_sync_every` > 0 turns on TR-DPO: every that many steps, inside the step, the reference moves to
-    `ref_sync_alpha`·policy + (1 − α)·reference (with LoRA: the reference's own adapters, mixed factor
-    by factor; exact for α = 1). `lora_dropout` drops out adapter inputs while training, with a key drawn
-    from `seed` and the step number (so a resumed run draws the same masks). `geometries` are the micro-batch
+    `ref_sync_alpha`·policy + (1 − α)·reference. Full fine-tuning mixes the weights themselves. With LoRA the
+    reference keeps its own adapters and the mix is factor by factor (A_ref ← αA + (1−α)A_ref, B_ref likewise),
+    so its weight delta becomes scale·(αB + (1−α)B_ref)(αA + (1−α)A_ref): the weight mix only for α = 1 (the
+    reference copies the policy) or equal factors; a rank-r adapter cannot hold the exact mix.
+    `lora_dropout` drops out adapter inputs while training, with a key drawn from `seed` and the step
+    number (so a resumed run draws the same masks). `geometries` are the micro-batch
     parts' fixed shapes (`data.BatchSpec.geometries`), `attention` the implementation the layers use."""
 
     loss: Loss

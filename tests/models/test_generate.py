@@ -43,3 +43,17 @@ def test_generation_stops_at_eos():
     free = generate(cfg, params, [[3, 4, 5]], max_new_tokens=6, eos_id=None)[0]
     stopped = generate(cfg, params, [[3, 4, 5]], max_new_tokens=6, eos_id=free[2])[0]
     assert stopped == free[: free.index(free[2])]
+
+
+def test_generation_compiles_prefill_and_decode_once():
+    from prefopt_jax.models import generate as generate_lib
+
+    cfg = models.ModelConfig(
+        family="llama", vocab_size=21, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+        num_kv_heads=1, head_dim=8,
+    )  # fmt: skip
+    params = models.create_model(cfg, seed=1).params()
+    before = generate_lib._prefill._cache_size(), generate_lib._decode._cache_size()
+    for _ in range(3):  # the evaluation at every checkpoint calls it again with the same shapes
+        generate(cfg, params, [[3, 4, 5], [6, 7]], max_new_tokens=4, eos_id=None)
+    assert (generate_lib._prefill._cache_size(), generate_lib._decode._cache_size()) == (before[0] + 1, before[1] + 1)

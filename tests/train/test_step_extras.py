@@ -56,8 +56,8 @@ def test_tdpo_step_equals_the_formula_with_full_vocabulary_kl(base, tdpo2):
     spec = make_spec("tdpo", {"beta": beta, "alpha": alpha, "tdpo2": tdpo2}, examples, "packed")
     batch = jax.tree.map(lambda a: a[0], as_batch(examples, "packed"))
     fn = step_lib.make_loss_fn(CFG, spec)
-    (value, _), grads = jax.value_and_grad(fn, has_aux=True)(policy, None, base, batch, None)
-    want, want_grads = jax.value_and_grad(unfused)(policy)
+    (value, _), grads = jax.jit(jax.value_and_grad(fn, has_aux=True))(policy, None, base, batch, None)
+    want, want_grads = jax.jit(jax.value_and_grad(unfused))(policy)
     np.testing.assert_allclose(value, want, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
@@ -74,7 +74,7 @@ def test_logged_per_token_kl_is_the_full_vocabulary_kl(base):
             n += len(c)
     spec = make_spec("dpo", {}, examples)
     batch = jax.tree.map(lambda a: a[0], as_batch(examples))
-    _, (metrics, _) = step_lib.make_loss_fn(CFG, spec)(policy, None, base, batch, None)
+    _, (metrics, _) = jax.jit(step_lib.make_loss_fn(CFG, spec))(policy, None, base, batch, None)
     assert kls / n > 1e-3
     np.testing.assert_allclose(metrics["kl/per_token"], kls / n, rtol=1e-4)
 
@@ -101,8 +101,8 @@ def test_wpo_weights_come_from_the_full_softmax(base):
 
     spec = make_spec("dpo", {"beta": beta, "use_weighting": True}, examples, "packed")
     batch = jax.tree.map(lambda a: a[0], as_batch(examples, "packed"))
-    value, _ = step_lib.make_loss_fn(CFG, spec)(policy, None, base, batch, None)
-    np.testing.assert_allclose(value, unfused(policy), rtol=1e-5)
+    value, _ = jax.jit(step_lib.make_loss_fn(CFG, spec))(policy, None, base, batch, None)
+    np.testing.assert_allclose(value, jax.jit(unfused)(policy), rtol=1e-5)
 
 
 def test_kto_step_equals_the_formula_with_mismatched_pairs(base):
@@ -130,7 +130,7 @@ def test_kto_step_equals_the_formula_with_mismatched_pairs(base):
     batch = jax.tree.map(lambda a: a[0], as_batch(examples))
     assert "kl" in batch and "label" in batch
     spec = make_spec("kto", {"beta": beta}, examples)
-    value, (metrics, _) = step_lib.make_loss_fn(CFG, spec)(policy, None, base, batch, None)
+    value, (metrics, _) = jax.jit(step_lib.make_loss_fn(CFG, spec))(policy, None, base, batch, None)
     np.testing.assert_allclose(value, np.mean(want), rtol=1e-5)
     np.testing.assert_allclose(metrics["kl"], z, rtol=1e-4, atol=1e-6)
 
@@ -146,7 +146,8 @@ def test_tr_dpo_moves_the_reference_toward_the_policy_every_tau_steps(base, lora
         spec = make_spec(
             "dpo", {}, examples, reference="lora_base", lora_scale=1.0, ref_sync_every=tau, ref_sync_alpha=alpha
         )
-        state = step_lib.init_state(adapters, opt, spec.loss, reference=jax.tree.map(jnp.copy, adapters))
+        # the reference's own adapters start elsewhere, so mixing factors and mixing weights differ visibly
+        state = step_lib.init_state(adapters, opt, spec.loss, reference=jax.tree.map(lambda a: a - 0.02, adapters))
         frozen = base
     else:
         spec = make_spec("dpo", {}, examples, ref_sync_every=tau, ref_sync_alpha=alpha)
@@ -158,18 +159,33 @@ def test_tr_dpo_moves_the_reference_toward_the_policy_every_tau_steps(base, lora
     for a, b in zip(jax.tree.leaves(state["reference"]), jax.tree.leaves(ref0), strict=True):
         np.testing.assert_array_equal(np.asarray(a), b)
     state, _ = train(state, frozen, None, batch)  # step 2: ref <- alpha * policy + (1 - alpha) * ref
-    for r, p, r0 in zip(
-        jax.tree.leaves(state["reference"]), jax.tree.leaves(state["trainable"]), jax.tree.leaves(ref0), strict=True
-    ):
-        np.testing.assert_allclose(np.asarray(r), alpha * np.asarray(p) + (1 - alpha) * r0, rtol=1e-6, atol=1e-7)
+    if not lora:  # full fine-tuning: the weights themselves are mixed
+        for r, p, r0 in zip(
+            jax.tree.leaves(state["reference"]), jax.tree.leaves(state["trainable"]), jax.tree.leaves(ref0), strict=True
+        ):
+            np.testing.assert_allclose(np.asarray(r), alpha * np.asarray(p) + (1 - alpha) * r0, rtol=1e-6, atol=1e-7)
+    else:  # LoRA: the factors are mixed, so the reference's weight delta is the product of the mixed factors
+        pol = state["trainable"]["q"]
+        a_mix = alpha * np.asarray(pol["a"]) + (1 - alpha) * ref0["q"]["a"]
+        b_mix = alpha * np.asarray(pol["b"]) + (1 - alpha) * ref0["q"]["b"]
+        want = np.einsum("ldr,lrhe->ldhe", a_mix, b_mix)  # the q projection's delta, layer by layer
+        merged = lambda ad: lora_lib.merge_lora(base, ad, 1.0)["layers"]["q"] - base["layers"]["q"]
+        np.testing.assert_allclose(merged(state["reference"]), want, rtol=1e-5, atol=1e-7)
+        weight_mix = alpha * merged(state["trainable"]) + (1 - alpha) * merged(jax.tree.map(jnp.asarray, ref0))
+        # not the weight mix for alpha < 1 (documented): off by -alpha (1 - alpha) (A - A_ref)(B - B_ref)
+        cross = np.einsum(
+            "ldr,lrhe->ldhe", np.asarray(pol["a"]) - ref0["q"]["a"], np.asarray(pol["b"]) - ref0["q"]["b"]
+        )
+        assert np.abs(cross).max() > 1e-4
+        np.testing.assert_allclose(want - weight_mix, -alpha * (1 - alpha) * cross, atol=1e-6)
     # and the step uses the synced reference: the loss equals DPO against it
-    fused = step_lib.make_loss_fn(CFG, spec)
+    fused = jax.jit(step_lib.make_loss_fn(CFG, spec))
     mb = jax.tree.map(lambda a: a[0], batch)
     value, _ = fused(state["trainable"], frozen, state["reference"], mb, None)
     ref_params = lora_lib.with_lora(base, state["reference"], 1.0) if lora else state["reference"]
     plain = make_spec("dpo", {}, examples)
     pol = lora_lib.with_lora(base, state["trainable"], 1.0) if lora else state["trainable"]
-    want, _ = step_lib.make_loss_fn(CFG, plain)(pol, None, ref_params, mb, None)
+    want, _ = jax.jit(step_lib.make_loss_fn(CFG, plain))(pol, None, ref_params, mb, None)
     np.testing.assert_allclose(value, want, rtol=1e-6)
 
 
