@@ -89,20 +89,31 @@ def prepare(
     eval_fraction: float = 0.0,
     eval_split: str | None = None,
     seed: int = 0,
+    splits: Sequence[str] = ("train", "eval"),
 ) -> Prepared:
-    """Read, normalise, tokenise and split a preference source; `report` accounts for every row.
-    The eval set is a seeded `eval_fraction` of the rows, or the named `eval_split` of a hub dataset."""
+    """Read, normalise, split and tokenise a preference source; `report` accounts for every row. The eval
+    set is a seeded `eval_fraction` of the rows read (chosen before tokenisation, so the split does not depend
+    on the tokenizer or the truncation), or the named `eval_split` of a hub dataset. Only the `splits` asked
+    for are tokenised (the other comes back empty)."""
     if eval_fraction and eval_split:
         raise ValueError("give eval_fraction or eval_split, not both")
     encoder = Encoder(tokenizer, max_length, max_prompt_length, max_completion_length, "keep_end", use_chat_template)
     records, report = read_records(source, format=format, split=split, on_error=on_error)
-    examples = tokenize_records(records, encoder, report, on_error=on_error)
     if eval_split is None:
-        train, held = split_records(examples, eval_fraction, seed)
+        parts = dict(zip(("train", "eval"), split_records(records, eval_fraction, seed), strict=True))
     else:
-        held_records, _ = read_records(source, format=format, split=eval_split, on_error=on_error, report=report)
-        train, held = examples, tokenize_records(held_records, encoder, report, on_error=on_error)
-    return Prepared(train, held, report)
+        held, _ = read_records(source, format=format, split=eval_split, on_error=on_error, report=report)
+        parts = {"train": records, "eval": held}
+    out = {}
+    for name, recs in parts.items():
+        if name in splits:
+            out[name] = tokenize_records(recs, encoder, report, on_error=on_error, check=False)
+        else:
+            out[name] = []
+            report.used -= len(recs)
+            report.unused += len(recs)
+    report.check()
+    return Prepared(out["train"], out["eval"], report)
 
 
 def unpaired_from_pairs(examples: Sequence[TokenizedPair]) -> list[TokenizedUnpaired]:

@@ -140,6 +140,7 @@ class Packer:
         plans = {name: RowPlan(part.geometry, part.layout) for name, part in self.parts.items()}
         chosen: list[int] = []
         waiting, self.deferred = self.deferred, []
+
         def take(i: int) -> bool:
             if len(chosen) < self.groups and self._take(plans, i, len(chosen)):
                 chosen.append(i)

@@ -18,10 +18,12 @@ from prefopt_jax.data.records import FORMATS, DataError, Origin, Record, detect_
 
 @dataclasses.dataclass
 class DataReport:
-    """Row accounting: every row read is used or dropped (with a reason); truncation is counted apart."""
+    """Row accounting: every row read is used, dropped (with a reason) or, in a split a command does not need
+    (`prefopt-jax eval` reads only the held-out one), left untokenised; truncation is counted apart."""
 
     read: int = 0
     used: int = 0
+    unused: int = 0
     dropped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     truncated: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
@@ -30,12 +32,13 @@ class DataReport:
         self.dropped[reason] += 1
 
     def check(self) -> None:
-        if self.read != self.used + sum(self.dropped.values()):
+        if self.read != self.used + self.unused + sum(self.dropped.values()):
             raise AssertionError(f"row accounting does not add up: {self}")
 
     def summary(self) -> str:
         parts = [f"{self.read} rows read, {self.used} used"]
         parts += [f"{n} dropped ({reason})" for reason, n in sorted(self.dropped.items())]
+        parts += [f"{self.unused} not needed (another split)"] if self.unused else []
         parts += [f"{n} truncated ({what})" for what, n in sorted(self.truncated.items())]
         return ", ".join(parts)
 

@@ -19,16 +19,17 @@ ROW_AXES = ("data", "fsdp")
 TOKEN_ARRAYS = ("input_ids", "positions", "segment_ids", "branch")
 
 
-def load_data(cfg: Config, tokenizer) -> tuple[data.Prepared, list[str] | None]:
-    """The train and held-out examples (and, for the built-in task, the held-out answers). Unpaired
-    losses train on pairs read as two unpaired examples (chosen desirable, rejected undesirable); the
-    held-out pairs stay pairs, so reward accuracy is measured the same way for every loss."""
+def load_data(cfg: Config, tokenizer, splits=("train", "eval")) -> tuple[data.Prepared, list[str] | None]:
+    """The train and held-out examples (only the `splits` asked for are tokenised; and, for the built-in
+    task, the held-out answers). Unpaired losses train on pairs read as two unpaired examples (chosen
+    desirable, rejected undesirable); the held-out pairs stay pairs, so reward accuracy is measured the same
+    way for every loss."""
     d = cfg.data
     if d.source == "builtin:compare":
         train_rows, eval_rows = comparison_pairs(d.num_train, d.num_eval, seed=cfg.train.seed)
         kw = dict(max_length=d.max_length, max_prompt_length=d.max_prompt_length)
-        train = data.prepare(train_rows, tokenizer, **kw)
-        held = data.prepare(eval_rows, tokenizer, **kw)
+        train = data.prepare(train_rows, tokenizer, splits=("train",) if "train" in splits else (), **kw)
+        held = data.prepare(eval_rows, tokenizer, splits=("train",) if "eval" in splits else (), **kw)
         prepared, answers = data.Prepared(train.train, held.train, train.report), [r["answer"] for r in eval_rows]
     else:
         prepared = data.prepare(
@@ -40,6 +41,7 @@ def load_data(cfg: Config, tokenizer) -> tuple[data.Prepared, list[str] | None]:
             on_error=d.on_error,
             eval_fraction=d.eval_fraction,
             seed=cfg.train.seed,
+            splits=splits,
         )
         answers = None
     if cfg.loss.build()[0].kind == "unpaired":

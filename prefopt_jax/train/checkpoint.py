@@ -30,12 +30,19 @@ def save(mgr: ocp.CheckpointManager, step: int, state: dict, meta: dict) -> None
     mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
 
-def restore_latest(mgr: ocp.CheckpointManager, like_state: dict) -> tuple[dict, dict] | None:
-    """(state, meta) of the newest complete checkpoint, shaped and placed like `like_state`; None if none."""
+def restore_latest(
+    mgr: ocp.CheckpointManager, like_state: dict, skip: tuple[str, ...] = ()
+) -> tuple[dict, dict] | None:
+    """(state, meta) of the newest complete checkpoint, shaped and placed like `like_state` (arrays or
+    shapes); None if none. The `skip`ped parts of the state are not read (placeholders come back): reading a
+    policy for evaluation or export needs no optimizer state in memory."""
     step = mgr.latest_step()
     if step is None:
         return None
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
+    abstract = {
+        k: jax.tree.map(lambda _: ocp.PLACEHOLDER, v) if k in skip else jax.tree.map(ocp.utils.to_shape_dtype_struct, v)
+        for k, v in like_state.items()
+    }
     out = mgr.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
     )

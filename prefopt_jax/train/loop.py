@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
@@ -18,7 +19,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from prefopt_jax import data, losses, models, sharding
-from prefopt_jax.config import Config
+from prefopt_jax.config import Config, ConfigError
 from prefopt_jax.models import attention as attention_lib
 from prefopt_jax.models.generate import generate
 from prefopt_jax.train import batches, checkpoint, reference_cache, runtime
@@ -114,13 +115,14 @@ def batch_specs(cfg: Config, prepared: data.Prepared, mesh: Mesh, attention: str
     together; an unpaired run's held-out split is pairs, with a geometry of its own."""
     loss, hp = cfg.loss.build()
     response_only = "response_only_chosen_avg" in loss.required_extras(**hp)
-    kw = dict(attention=attention, response_only=response_only)
+    spec = lambda examples: batches.batch_spec(cfg, examples, mesh, attention=attention, response_only=response_only)
     if loss.kind == "unpaired":
-        train = batches.batch_spec(cfg, prepared.train, mesh, **kw)
-        held = batches.batch_spec(cfg, prepared.eval, mesh, **kw) if prepared.eval else train
-        return {"train": train, "eval": held}
-    both = batches.batch_spec(cfg, prepared.train + prepared.eval, mesh, **kw)
-    return {"train": both, "eval": both}
+        out = {
+            name: spec(examples) for name, examples in (("train", prepared.train), ("eval", prepared.eval)) if examples
+        }
+        return {"train": out.get("train", out.get("eval")), "eval": out.get("eval", out.get("train"))}
+    examples = prepared.train + prepared.eval
+    return {"train": spec(examples), "eval": spec(examples)} if examples else {}
 
 
 def _copy_as(a, dtype):
@@ -157,19 +159,28 @@ def parameter_trees(cfg: Config, spec: step_lib.StepSpec, base: dict, adapters: 
     return base, None, ref_params, None  # without a reference in the step, no second copy at all
 
 
-def setup(cfg: Config, optimizer: optax.GradientTransformation, out: IO) -> Run:
-    """Load the model, the data (and the precomputed reference, if asked) and build the initial state."""
+def setup(
+    cfg: Config, optimizer: optax.GradientTransformation, out: IO, *, splits=("train", "eval"), optimizer_state=True
+) -> Run:
+    """Load the model, the data (the `splits` asked for; and the precomputed reference, if asked) and build
+    the initial state. Without `optimizer_state` the optimizer's part of the state is shapes only (evaluation
+    and export read a checkpoint's policy and allocate no Adam moments)."""
     t = cfg.train
     mesh, model, tokenizer = runtime.load(cfg)
     mcfg, base = model.config, model.params()
-    prepared, answers = batches.load_data(cfg, tokenizer)
+    if t.reference == "precomputed" and splits:  # the cache key covers both splits
+        splits = ("train", "eval")
+    prepared, answers = batches.load_data(cfg, tokenizer, splits)
     print(
         f"model {cfg.model.source} ({mcfg.num_params() / 1e6:.0f}M params) loaded; data: {prepared.report.summary()}",
         file=out,
     )
-    attention = attention_lib.resolve(cfg.model.attention, mesh.devices.flat[0].platform, mcfg, cfg.model.compute)
+    try:
+        attention = attention_lib.resolve(cfg.model.attention, mesh.devices.flat[0].platform, mcfg, cfg.model.compute)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     specs = batch_specs(cfg, prepared, mesh, attention)
-    spec = step_spec(cfg, specs["train"].geometries, attention, mesh)
+    spec = step_spec(cfg, specs["train"].geometries if specs else {}, attention, mesh)
     loss = spec.loss
     ref_cache = None
     if t.reference == "precomputed":
@@ -182,20 +193,25 @@ def setup(cfg: Config, optimizer: optax.GradientTransformation, out: IO) -> Run:
     trainable, frozen, ref_params, synced = parameter_trees(cfg, spec, base, adapters, mesh)
     # every leaf on the mesh (the optimizer's scalars replicated), so restored checkpoints land the same way
     replicated = NamedSharding(mesh, PartitionSpec())
+    if not optimizer_state:  # the optimizer state as shapes only: nothing to allocate for Adam's moments
+        optimizer = optax.GradientTransformation(partial(jax.eval_shape, optimizer.init), optimizer.update)
+    state = step_lib.init_state(trainable, optimizer, loss, reference=synced)
     state = jax.tree.map(
-        lambda a: a if isinstance(a.sharding, NamedSharding) else jax.device_put(a, replicated),
-        step_lib.init_state(trainable, optimizer, loss, reference=synced),
-    )
-    eval_spec = dataclasses.replace(spec, geometries=specs["eval"].geometries)
+        lambda a: a if isinstance(a, jax.ShapeDtypeStruct) or isinstance(a.sharding, NamedSharding)
+        else jax.device_put(a, replicated),
+        state,
+    )  # fmt: skip
+    eval_spec = dataclasses.replace(spec, geometries=specs["eval"].geometries) if specs else spec
     if loss.kind == "unpaired":
         beta = spec.loss.hyperparameters(**spec.hp).get("beta", 0.1)
         eval_spec = dataclasses.replace(eval_spec, loss=losses.get("dpo"), hp={"beta": beta})
-    g = specs["train"].geometries["main"]
-    print(
-        f"micro-batches: {g.rows} rows x {g.length} tokens, {g.groups} groups, {g.scored} scored tokens per row; "
-        f"attention: {attention}",
-        file=out,
-    )
+    if specs:
+        g = specs["train"].geometries["main"]
+        print(
+            f"micro-batches: {g.rows} rows x {g.length} tokens, {g.groups} groups, {g.scored} scored tokens per "
+            f"row; attention: {attention}",
+            file=out,
+        )
     return Run(
         cfg,
         mesh,
@@ -395,9 +411,9 @@ def evaluate_checkpoint(cfg: Config, *, out: IO | None = None) -> dict:
     """`prefopt-jax eval`: held-out metrics of the newest checkpoint in output.dir (or of the starting
     model when there is none)."""
     out = out or sys.stdout
-    run = setup(cfg, make_optimizer(cfg), out)
+    run = setup(cfg, make_optimizer(cfg), out, splits=("eval",), optimizer_state=False)
     ckpt = checkpoint.manager(checkpoint.run_path(cfg.output.dir) / "checkpoints", keep=cfg.output.keep)
-    restored = checkpoint.restore_latest(ckpt, run.state)
+    restored = checkpoint.restore_latest(ckpt, run.state, skip=("opt_state",))
     where = "the starting model (no checkpoint)"
     if restored is not None:
         run.state, meta = restored
@@ -433,9 +449,10 @@ def export(cfg: Config, out_dir: str | Path, *, out: IO | None = None) -> Path:
     """`prefopt-jax export`: the newest checkpoint's policy (LoRA merged into the base) as a Hugging Face
     folder with the tokenizer, in model.dtype."""
     out = out or sys.stdout
-    run = setup(cfg, make_optimizer(cfg), out)
+    run = setup(cfg, make_optimizer(cfg), out, splits=(), optimizer_state=False)
     checkpoints = checkpoint.run_path(cfg.output.dir) / "checkpoints"
-    restored = checkpoint.restore_latest(checkpoint.manager(checkpoints, keep=cfg.output.keep), run.state)
+    mgr = checkpoint.manager(checkpoints, keep=cfg.output.keep)
+    restored = checkpoint.restore_latest(mgr, run.state, skip=("opt_state",))
     if restored is None:
         raise FileNotFoundError(f"no checkpoint in {checkpoints} to export")
     state, meta = restored
