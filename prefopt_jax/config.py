@@ -58,11 +58,12 @@ class DataSection:
 
 @dataclasses.dataclass(frozen=True)
 class LossSection:
-    # a registered loss, or several ("dpo,sft" or a YAML list) summed with `weights` (TRL's loss_type list)
-    name: str | tuple[str, ...] = "dpo"
-    weights: tuple[float, ...] | None = None  # one per loss of a mixture; None: 1.0 each
+    # a registered loss, or several ("dpo,sft" or a YAML list) summed with `weights` (TRL's loss_type list);
+    # the built-in job is RPO: DPO plus the chosen completions' NLL
+    name: str | tuple[str, ...] = ("dpo", "sft")
+    weights: tuple[float, ...] | None = (1.0, 1.0)  # one per loss of a mixture; None: 1.0 each
     # one loss: its hyperparameters; a mixture: {loss: {key: value}} per member (or "loss.key": value)
-    hparams: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    hparams: Mapping[str, Any] = dataclasses.field(default_factory=lambda: {"dpo": {"beta": 0.1}})
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -83,7 +84,10 @@ class LossSection:
         for key, value in self.hparams.items():
             member, dot, hp = key.partition(".")
             if member not in per:
-                raise ConfigError(f"loss.hparams.{key}: a mixture's hyperparameters go under a member: {list(names)}")
+                raise ConfigError(
+                    f"loss.hparams.{key}: a mixture's hyperparameters go under a member of {list(names)}, "
+                    f"e.g. loss.{names[0]}.{key}=..."
+                )
             if dot:
                 per[member][hp] = value
             elif isinstance(value, Mapping):
@@ -123,7 +127,7 @@ class TrainSection:
 class EvalSection:
     generate: bool = True  # greedy answers on held-out prompts (builtin:compare: task accuracy)
     max_new_tokens: int = 6
-    num_generate: int = 32
+    num_generate: int = 64  # the built-in job: every held-out question
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,6 +228,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), d
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     raw = {k: dict(v or {}) for k, v in raw.items()}
+    loss_keys = set()
     for item in overrides:
         key, sep, text = item.partition("=")
         section, dot, name = key.partition(".")
@@ -233,6 +238,19 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), d
             raw.setdefault("loss", {}).setdefault("hparams", {})[name] = _literal(text)  # loss.beta=0.2
         else:
             raw.setdefault(section, {})[name] = _literal(text)
+            loss_keys |= {name} if section == "loss" else set()
+    if "name" in raw.get("loss", {}):  # the built-in mixture's weights and hyperparameters go with its name
+        raw["loss"].setdefault("weights", None)
+        raw["loss"].setdefault("hparams", {})
+    if "name" in loss_keys:  # another loss: the old one's weights and member hyperparameters do not carry over
+        loss = raw["loss"]
+        names = LossSection(name=_coerce(loss["name"], typing.get_type_hints(LossSection)["name"], "loss.name")).names
+        if "weights" not in loss_keys:
+            loss["weights"] = None
+        if "hparams" not in loss_keys:
+            member = lambda k, v: k.split(".")[0] if "." in k else k if isinstance(v, Mapping) else None
+            hp = loss.get("hparams", {})
+            loss["hparams"] = {k: v for k, v in hp.items() if member(k, v) is None or member(k, v) in names}
     sections = {f.name: f.type for f in dataclasses.fields(Config)}
     unknown = sorted(set(raw) - set(sections))
     if unknown:

@@ -14,8 +14,8 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 def test_defaults_are_the_default_config_file():
     builtin, shipped = load_config(), load_config(ROOT / "configs" / "default.yaml")
     assert builtin.model == shipped.model and builtin.train == shipped.train and builtin.data == shipped.data
-    hp = lambda c: losses.get(c.loss.name).hyperparameters(**c.loss.hparams)
-    assert builtin.loss.name == shipped.loss.name and hp(builtin) == hp(shipped)
+    assert builtin.loss.names == shipped.loss.names == ("dpo", "sft")  # RPO: DPO + the chosen answers' NLL
+    assert builtin.loss.weights == shipped.loss.weights and builtin.loss.hparams == shipped.loss.hparams
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
@@ -26,9 +26,13 @@ def test_every_shipped_config_loads_and_starts_with_its_command(path):
 
 
 def test_overrides_are_typed():
-    cfg = load_config(None, ["train.steps=7", "train.learning_rate=3e-4", "loss.beta=0.25", "data.layout=padded"])
+    cfg = load_config(
+        None, ["train.steps=7", "train.learning_rate=3e-4", "loss.name=dpo", "loss.beta=0.25", "data.layout=padded"]
+    )
     assert cfg.train.steps == 7 and cfg.train.learning_rate == 3e-4 and cfg.data.layout == "padded"
-    assert cfg.loss.hparams == {"beta": 0.25}
+    assert cfg.loss.hparams == {"beta": 0.25} and cfg.loss.weights is None  # the mixture's weights left with it
+    mix = load_config(None, ["loss.name=dpo,sft", "loss.weights=[1.0, 0.5]", "loss.dpo.beta=0.3"]).loss.build()[0]
+    assert mix.name == "1*dpo+0.5*sft" and mix.needs_reference
     assert load_config(None, ["train.lora_targets=q,v"]).train.lora_targets == ("q", "v")
 
 
@@ -40,9 +44,16 @@ def test_overrides_are_typed():
         (["train.steps=many"], r"train.steps: expected an integer, got 'many'"),
         (["train.steps"], r"expected section.key=value"),
         (["loss.name=dop"], r"unknown loss 'dop'; registered losses"),
-        (["loss.bta=1"], r"unknown hyperparameter\(s\) \['bta'\]"),
+        (["loss.dpo.bta=1"], r"unknown hyperparameter\(s\) \['bta'\]"),
+        (["loss.name=dpo", "loss.bta=1"], r"unknown hyperparameter\(s\) \['bta'\]"),
+        (["loss.beta=1"], r"a mixture's hyperparameters go under a member of \['dpo', 'sft'\], e.g. loss.dpo.beta"),
+        (["loss.weights=[1.0]"], r"loss.weights has 1 entries for the 2 losses"),
+        (["train.micro_batches=0"], r"train.micro_batches must be >= 1, got 0"),
+        (["output.log_every=0"], r"output.log_every must be >= 1, got 0"),
+        (["train.learning_rate=0"], r"train.learning_rate must be > 0.0, got 0.0"),
+        (["data.eval_fraction=1.5"], r"data.eval_fraction must be in \[0.0, 1.0\], got 1.5"),
         (["loss.name=simpo"], r"loss 'simpo' needs no reference: set train.reference=none"),
-        (["train.reference=none"], r"loss 'dpo' needs a reference"),
+        (["train.reference=none"], r"loss '1\*dpo\+1\*sft' needs a reference"),
         (["train.lora_rank=0"], r"lora_base needs LoRA"),
         (["train.micro_batches=3"], r"batch_size=8 is not divisible by train.micro_batches=3"),
         (["data.layout=ragged"], r"data.layout='ragged'; valid: \['padded', 'packed', 'shared', 'packed_unshared'\]"),

@@ -37,3 +37,17 @@ def test_cli_rejects_bad_overrides_with_a_message(capsys):
     assert "beta=0 must be > 0" in capsys.readouterr().err
     assert cli.main(["losses", "--set", "dop.beta=1"]) == 2
     assert "unknown loss 'dop'" in capsys.readouterr().err
+
+
+def test_cli_prints_configuration_errors_in_one_line_and_keeps_tracebacks_of_bugs(capsys, monkeypatch):
+    assert cli.main(["train", "train.micro_batches=0"]) == 2  # a config error: the message, exit 2
+    assert "train.micro_batches must be >= 1, got 0" in capsys.readouterr().err
+
+    def bug(args):
+        raise ValueError("a genuine bug deep inside")
+
+    monkeypatch.setattr(cli, "cmd_losses", bug)
+    import pytest
+
+    with pytest.raises(ValueError, match="a genuine bug"):  # not swallowed into one line
+        cli.main(["losses"])

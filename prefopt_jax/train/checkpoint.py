@@ -34,16 +34,16 @@ def restore_latest(
     mgr: ocp.CheckpointManager, like_state: dict, skip: tuple[str, ...] = ()
 ) -> tuple[dict, dict] | None:
     """(state, meta) of the newest complete checkpoint, shaped and placed like `like_state` (arrays or
-    shapes); None if none. The `skip`ped parts of the state are not read (placeholders come back): reading a
-    policy for evaluation or export needs no optimizer state in memory."""
+    shapes); None if none. The `skip`ped parts of the state are not read (they come back as `like_state`
+    has them): reading a policy for evaluation or export needs no optimizer state in memory."""
     step = mgr.latest_step()
     if step is None:
         return None
-    abstract = {
-        k: jax.tree.map(lambda _: ocp.PLACEHOLDER, v) if k in skip else jax.tree.map(ocp.utils.to_shape_dtype_struct, v)
-        for k, v in like_state.items()
-    }
-    out = mgr.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
-    )
-    return out["state"], out["meta"]
+    wanted = {k: jax.tree.map(ocp.utils.to_shape_dtype_struct, v) for k, v in like_state.items() if k not in skip}
+    if skip:
+        restore_args = ocp.checkpoint_utils.construct_restore_args(wanted)
+        state_args = ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args, partial_restore=True)
+    else:
+        state_args = ocp.args.StandardRestore(wanted)
+    out = mgr.restore(step, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore()))
+    return {**{k: like_state[k] for k in skip}, **out["state"]}, out["meta"]

@@ -1,5 +1,6 @@
 """precompute-ref, eval, export and plot, and the TensorBoard output, through the loop on a tiny model."""
 
+import io
 import json
 
 import jax.numpy as jnp
@@ -104,3 +105,28 @@ def test_eval_and_export_of_the_trained_checkpoint(tiny_model_dir, tmp_path):  #
     )
     np.testing.assert_allclose(theirs, ours, atol=2e-5)
     assert (tmp_path / "hf" / "tokenizer.json").exists() or (tmp_path / "hf" / "tokenizer_config.json").exists()
+
+
+def test_eval_and_export_read_only_what_they_need(tiny_model_dir, tmp_path, monkeypatch):  # noqa: F811
+    """`eval` tokenises the held-out split only and `export` no data at all; neither allocates Adam's moments
+    (the optimizer state is shapes only, and the checkpoint's is not read)."""
+    import jax
+
+    from prefopt_jax.train import loop
+
+    cfg = quick(None, tiny_model_dir, tmp_path / "run", *STEPS, "data.num_train=16", "data.num_eval=8")
+    tokenised = []
+    real_prepare = loop.batches.data.prepare
+    monkeypatch.setattr(
+        loop.batches.data,
+        "prepare",
+        lambda rows, *a, **kw: tokenised.append(kw.get("splits")) or real_prepare(rows, *a, **kw),
+    )
+    run = loop.setup(cfg, loop.make_optimizer(cfg), io.StringIO(), splits=("eval",), optimizer_state=False)
+    assert run.prepared.train == [] and len(run.prepared.eval) == 8
+    assert tokenised == [(), ("train",)]  # the built-in set: its train rows untouched, its held-out rows tokenised
+    assert all(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(run.state["opt_state"]))
+    assert not any(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(run.state["trainable"]))
+    tokenised.clear()
+    loop.setup(cfg, loop.make_optimizer(cfg), io.StringIO(), splits=(), optimizer_state=False)
+    assert tokenised == [(), ()]

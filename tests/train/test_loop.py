@@ -50,13 +50,15 @@ def quick(path, tiny, out_dir, *extra):
 def test_every_shipped_config_runs_a_few_steps(path, tiny_model_dir, tmp_path, capsys):
     _, history = train(quick(path, tiny_model_dir, tmp_path))
     assert [h["step"] for h in history] == [1, 2]
-    assert all(h["loss"] == h["loss"] for h in history)  # finite, not NaN
+    assert all(np.isfinite(h["loss"]) and np.isfinite(h["grad_norm"]) for h in history)
+    assert all(h["compilations"] == 1 for h in history)  # one shape for the whole run
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
     assert [r["step"] for r in records if "loss" in r] == [1, 2]  # train steps
     assert [r["step"] for r in records if "eval/rewards/accuracies" in r] == [0, 2]  # held-out before and after
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert {"eval/rewards/accuracies", "eval/task_accuracy"} <= set(summary["after"])
+    assert summary["compilations"] == {"train_step": 1, "eval_step": 1}
     out = capsys.readouterr().out
     assert "before training:" in out and "after training:" in out
 
@@ -73,8 +75,9 @@ def test_full_finetuning_with_a_frozen_reference_and_accumulation(tiny_model_dir
 
 
 def test_a_stopped_run_resumes_exactly(tiny_model_dir, tmp_path):
-    """Stopped after step 2 (as a preemption would) and restarted: steps 3-5 equal the uninterrupted run."""
-    steps = ["train.steps=5", "eval.generate=false", "data.num_eval=8"]
+    """Stopped after step 2 (as a preemption would) and restarted: steps 3-5 equal the uninterrupted run,
+    LoRA dropout masks included (they follow from the seed and the step)."""
+    steps = ["train.steps=5", "eval.generate=false", "data.num_eval=8", "train.lora_dropout=0.2"]
     _, straight = train(quick(None, tiny_model_dir, tmp_path / "a", *steps))
     _, first = train(quick(None, tiny_model_dir, tmp_path / "b", *steps), stop_after=2)
     assert len(first) == 2
@@ -121,3 +124,30 @@ def test_a_run_killed_during_a_save_resumes_from_the_last_complete_checkpoint(ti
     assert [h["step"] for h in resumed] == [1, 2, 3, 4, 5]
     for a, b in zip(straight, resumed, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7), a["step"]
+
+
+def test_held_out_evaluation_counts_every_example(tiny_model_dir, tmp_path, smollm2_tokenizer):
+    """7 held-out pairs and micro-batches of 8: the partial micro-batch counts (its empty slot does not)."""
+    from prefopt_jax import data
+    from prefopt_jax.data.synthetic import comparison_pairs
+
+    cfg = quick(None, tiny_model_dir, tmp_path, "data.num_eval=7", "eval.generate=false", "train.steps=1")
+    train(cfg)
+    held = data.prepare(comparison_pairs(16, 7, seed=0)[1], smollm2_tokenizer, max_length=256).train
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["after"]["eval/lengths/chosen"] == pytest.approx(np.mean([len(e.chosen) for e in held]))
+    assert summary["after"]["eval/lengths/rejected"] == pytest.approx(np.mean([len(e.rejected) for e in held]))
+
+
+def test_a_run_that_keeps_diverging_stops_and_keeps_the_last_finite_parameters(tiny_model_dir, tmp_path):
+    """A learning rate of 1e30: the first update makes the weights overflow, every later step is non-finite,
+    is skipped (parameters unchanged) and counted, and the run stops after max_skipped_in_a_row of them."""
+    cfg = quick(
+        None, tiny_model_dir, tmp_path, "train.learning_rate=1e30", "train.warmup_steps=0", "train.steps=8",
+        "train.max_skipped_in_a_row=3", "eval.generate=false",
+    )  # fmt: skip
+    with pytest.raises(FloatingPointError, match="3 steps in a row had a non-finite loss or gradient"):
+        train(cfg)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["skipped"] for r in steps][-3:] == [1, 2, 3] and len(steps) <= 6

@@ -43,6 +43,14 @@ def expected_bytes(fsdp: int, V, D, F, L, H, K, E, lora_rank: int = 0) -> tuple[
     return 3 * params_f32 + scalars, 2 * (matrices // fsdp + norms)  # bfloat16 reference copy
 
 
+def batch_bytes(r: dict, micro: int, devices: int) -> int:
+    """A step's batch per device, counted by hand: each token of a row is 13 bytes (int32 id, position and
+    segment, int8 branch) and rows are split over the devices; each completion slot 8 bytes (int32 start and
+    length) and each group slot 4 (float32 weight), on every device."""
+    g = r["geometry"]
+    return micro * (g["rows"] // devices * g["length"] * 13 + g["groups"] * (g["completions"] * 8 + 4))
+
+
 def test_plan_argument_bytes_match_the_hand_count(tiny_source, capsys):
     cfg = load_config(
         overrides=[f"model.source={tiny_source}", "train.lora_rank=0", "train.reference=frozen",
@@ -52,7 +60,10 @@ def test_plan_argument_bytes_match_the_hand_count(tiny_source, capsys):
     state, reference = expected_bytes(fsdp=8, **SMALL)
     assert r["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
     assert r["state_bytes"] == state and r["reference_bytes"] == reference
-    assert r["argument_bytes"] == state + reference + r["batch_bytes"]
+    # the worst case: 8 pairs of a 64-token prompt and two 64-token completions, one per 192-token row
+    assert r["geometry"]["rows"] == 8 and r["geometry"]["length"] == 192 and r["shapes"] == 1
+    assert r["batch_bytes"] == batch_bytes(r, micro=2, devices=8)
+    assert r["argument_bytes"] == state + reference + batch_bytes(r, micro=2, devices=8)
     assert r["temp_bytes"] > 0 and r["fits"] is None  # cpu:N has no memory limit
     printed = capsys.readouterr().out
     assert "simulated CPU devices (estimate)" in printed and "temporaries" in printed
@@ -63,7 +74,7 @@ def test_plan_lora_holds_the_base_once(tiny_source):
     r = plan.plan(cfg, "cpu:8")
     state, base = expected_bytes(fsdp=8, **SMALL, lora_rank=8)
     assert r["state_bytes"] == state and r["frozen_bytes"] == base and r["reference_bytes"] == 0
-    assert r["argument_bytes"] == state + base + r["batch_bytes"]
+    assert r["argument_bytes"] == state + base + batch_bytes(r, micro=1, devices=8)
 
 
 @pytest.mark.skipif(not plan.has_libtpu(), reason="libtpu not installed (pip install -e '.[tpu]')")
@@ -79,8 +90,9 @@ def test_plan_compiles_for_a_tpu_slice_with_the_tpu_compiler(tmp_path):
     state, reference = expected_bytes(fsdp=16, **WIDE)
     assert r["compiled_for"] == "TPU (libtpu)" and r["devices"] == 16
     assert r["state_bytes"] == state and r["reference_bytes"] == reference
-    counted = state + reference + r["batch_bytes"]
+    counted = state + reference + batch_bytes(r, micro=1, devices=16)
     assert counted <= r["argument_bytes"] <= 1.05 * counted
+    assert r["attention"] == "pallas"  # the TPU kernel, compiled by libtpu inside the step
     assert r["fits"] is True and r["device_memory"] == 16 * 2**30
 
 

@@ -14,7 +14,7 @@ from prefopt_jax import data  # noqa: E402
 from prefopt_jax.config import load_config  # noqa: E402
 from prefopt_jax.train.loop import train  # noqa: E402
 
-STEPS, LR, CLIP, DECAY, BETA = 4, 2e-3, 0.5, 0.01, 0.1
+STEPS, LR, CLIP, DECAY, BETA = 4, 2e-3, 0.005, 0.01, 0.1
 
 
 def seq_logp(model, prompt, completion):
@@ -44,7 +44,8 @@ def test_full_finetuning_follows_a_plain_pytorch_dpo(tmp_path, shared_file, smol
         "data.max_length=256", "data.max_prompt_length=128", f"train.steps={STEPS}", "train.batch_size=4",
         f"train.learning_rate={LR}", "train.schedule=constant", "train.warmup_steps=0", f"train.max_grad_norm={CLIP}",
         f"train.weight_decay={DECAY}", "train.lora_rank=0", "train.reference=frozen", "mesh.fsdp=1",
-        "eval.generate=false", f"output.dir={tmp_path / 'run'}", "output.tensorboard=false", f"loss.beta={BETA}",
+        "eval.generate=false", f"output.dir={tmp_path / 'run'}", "output.tensorboard=false", "loss.name=dpo",
+        f"loss.beta={BETA}",
     ])  # fmt: skip
     state, history = train(cfg)
 
