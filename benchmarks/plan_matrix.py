@@ -2,7 +2,7 @@
 `prefopt-jax plan` (one process per plan: simulated targets need their own device count).
 
     python benchmarks/plan_matrix.py            # the reference-mode matrix
-    python benchmarks/plan_matrix.py --recipes  # every recipe on its TPU slice and on 8xH100
+    python benchmarks/plan_matrix.py --recipes  # every recipe on its TPU slice (v5p-8) and on a v5e-32
 
 TPU targets need the `tpu` extra (libtpu); without it they are simulated too."""
 
@@ -44,27 +44,35 @@ def row(r: dict) -> str:
     return (
         f"{r['state_bytes'] / GiB:.1f} | {(r['frozen_bytes'] + r['reference_bytes']) / GiB:.1f} | "
         f"{r['temp_bytes'] / GiB:.1f} | {r['total_bytes'] / GiB:.1f} of {r['device_memory'] / GiB:.0f} "
-        f"({verdict}) | {r['step_seconds']:.1f} | {source}"
+        f"({verdict}) | {r['step_seconds']:.1f} | {r['attention']} | {r['batch_bytes_total'] / 2**20:.1f} | {source}"
     )
+
+
+def micro_batches(n: int) -> list[str]:
+    return [f"train.micro_batches={128 // max(16, n)}"]  # pairs per micro-batch: a multiple of the devices
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", action="store_true")
     args = parser.parse_args()
-    head = "| state GiB | base/ref GiB | temporaries GiB | total GiB | s/step at 40% MFU | compiler |"
+    head = (
+        "| state GiB | base/ref GiB | temporaries GiB | total GiB | s/step at 40% MFU | attention | batch MiB/step "
+        "| compiler |"
+    )
+    rule = "|---" * 10 + "|"
     if args.recipes:
-        print(f"| recipe | target {head}\n|---|---|---|---|---|---|---|---|")
+        print(f"| recipe | target {head}\n{rule}")
         for recipe in RECIPES:
             slice_name = recipe.read_text().split()[2].rstrip(":")  # "# TPU v5p-8: ..."
-            for target in (slice_name, "8xH100"):
-                print(f"| {recipe.stem} | {target} | {row(plan(recipe, target, []))} |", flush=True)
+            for target in (slice_name, "v5e-32"):
+                r = plan(recipe, target, micro_batches(DEVICES[target]))
+                print(f"| {recipe.stem} | {target} | {row(r)} |", flush=True)
         return
-    print(f"| target | reference {head}\n|---|---|---|---|---|---|---|---|")
+    print(f"| target | reference {head}\n{rule}")
     for target, n in DEVICES.items():
-        micro = [f"train.micro_batches={128 // max(16, n)}"]  # pairs per micro-batch: a multiple of the devices
         for mode, overrides in MODES.items():
-            print(f"| {target} | {mode} | {row(plan(LLAMA_DPO, target, micro + overrides))} |", flush=True)
+            print(f"| {target} | {mode} | {row(plan(LLAMA_DPO, target, micro_batches(n) + overrides))} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from prefopt_jax.data.batching import LAYOUTS, TILE, Batch, Geometry, Group, RowPlan, pack, tile_bound
-from prefopt_jax.data.collate import BatchSpec, batch_spec, host_arrays, packer, parts
+from prefopt_jax.data.collate import BatchSpec, batch_spec, host_arrays, packer
 from prefopt_jax.data.planner import MicroPlan, Packer, Part, TooLarge, derive_geometry
 from prefopt_jax.data.records import FORMATS, DataError, Origin, Pair, Ranked, Unpaired, detect_format, normalize
 from prefopt_jax.data.sources import DataReport, read_records, split_records
@@ -59,7 +59,6 @@ __all__ = [
     "normalize",
     "pack",
     "packer",
-    "parts",
     "prepare",
     "read_records",
     "split_records",

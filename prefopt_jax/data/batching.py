@@ -181,14 +181,6 @@ class Batch:
     def padding_fraction(self) -> float:
         return 1.0 - self.num_tokens / self.input_ids.size
 
-    def completion_index(self) -> tuple[np.ndarray, np.ndarray]:
-        """(flat index [G, k, L], mask [G, k, L]) of every completion token, for host-side checks; the
-        device computes the same from the starts and lengths."""
-        width = max(int(self.completion_length.max(initial=1)), 1)
-        steps = np.arange(width)
-        mask = steps < self.completion_length[..., None]
-        return np.where(mask, self.completion_start[..., None] + steps, 0).astype(np.int32), mask
-
     def model_inputs(self) -> dict:
         """Keyword arguments of the model call."""
         return {

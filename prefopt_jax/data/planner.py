@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from prefopt_jax.data.batching import Geometry, RowPlan
+from prefopt_jax.data.batching import ONE_PER_ROW, SPLIT, TILE, Geometry, RowPlan, round_up, tile_bound, units_of
 
 # (example index, its position in the micro-batch, G) -> [(group slot, prompt length, completion lengths)]
 GroupsOf = Callable[[int, int, int], list[tuple[int, int, tuple[int, ...]]]]
@@ -196,8 +196,6 @@ def derive_geometry(
     `rows`). Per-row budgets of scored tokens and attention tiles (`tiles`: block-sparse) are 10% above the
     most any row held in a packing without row limit, and never below what the largest example needs in an
     empty row, so every example fits."""
-    from prefopt_jax.data.batching import ONE_PER_ROW, SPLIT, TILE, round_up, tile_bound, units_of
-
     prompt_lens, completion_lens = np.asarray(prompt_lens), np.asarray(completion_lens)
     n, k = completion_lens.shape
     units = [units_of(0, int(p), cs, layout) for p, cs in zip(prompt_lens, completion_lens, strict=True)]

@@ -121,10 +121,6 @@ def step_arrays(host: dict) -> dict:
     return {k: dataclasses.asdict(v) if isinstance(v, data.Batch) else v for k, v in host.items()}
 
 
-def global_shape(spec: data.BatchSpec, part: str, local: np.ndarray) -> tuple[int, ...]:
-    return (local.shape[0], spec.geometries[part].rows, *local.shape[2:])
-
-
 def place(spec: data.BatchSpec, host: dict, mesh: Mesh) -> dict:
     """A step's host arrays (`host_step`) on the mesh: token arrays split by rows over data x fsdp (each
     process supplies its own rows), everything else replicated."""
@@ -142,7 +138,8 @@ def place(spec: data.BatchSpec, host: dict, mesh: Mesh) -> dict:
                         r0, r1, _ = idx[1].indices(n_rows)
                         return a[idx[0], r0 - start : r1 - start, idx[2]]
 
-                    out[key][name] = jax.make_array_from_callback(global_shape(spec, key, a), rows, local)
+                    shape = (a.shape[0], n_rows, *a.shape[2:])  # this process's rows -> all of them
+                    out[key][name] = jax.make_array_from_callback(shape, rows, local)
                 else:
                     out[key][name] = jax.make_array_from_callback(a.shape, whole, lambda idx, a=a: a[idx])
         else:

@@ -19,7 +19,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from prefopt_jax import data, losses, models, sharding
-from prefopt_jax.config import Config, ConfigError
+from prefopt_jax.config import Config
 from prefopt_jax.models import attention as attention_lib
 from prefopt_jax.models.generate import generate
 from prefopt_jax.train import batches, checkpoint, reference_cache, runtime
@@ -80,13 +80,11 @@ class Run:
     ref_cache: dict | None  # precomputed reference log-probs per split
 
 
-def step_spec(
-    cfg: Config, geometries: dict, attention: str, mesh: Mesh | None = None, *, loss=None, hp=None
-) -> step_lib.StepSpec:
+def step_spec(cfg: Config, geometries: dict, attention: str, mesh: Mesh | None = None) -> step_lib.StepSpec:
     """What the train step computes, from the config; with the mesh, activations and each layer's weights
     are kept in their shards inside the step."""
     t = cfg.train
-    built_loss, built_hp = cfg.loss.build()
+    loss, hp = cfg.loss.build()
     constrain = (
         step_lib.no_constraint
         if mesh is None
@@ -94,8 +92,8 @@ def step_spec(
     )
     platform = mesh.devices.flat[0].platform if mesh is not None else "cpu"
     return step_lib.StepSpec(
-        loss or built_loss,
-        built_hp if hp is None else hp,
+        loss,
+        hp,
         geometries,
         attention_lib.AttentionSpec(attention, interpret=attention == "pallas" and platform == "cpu"),
         reference=t.reference,
@@ -175,10 +173,7 @@ def setup(
         f"model {cfg.model.source} ({mcfg.num_params() / 1e6:.0f}M params) loaded; data: {prepared.report.summary()}",
         file=out,
     )
-    try:
-        attention = attention_lib.resolve(cfg.model.attention, mesh.devices.flat[0].platform, mcfg, cfg.model.compute)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    attention = runtime.attention(cfg, mcfg, mesh.devices.flat[0].platform)
     specs = batch_specs(cfg, prepared, mesh, attention)
     spec = step_spec(cfg, specs["train"].geometries if specs else {}, attention, mesh)
     loss = spec.loss

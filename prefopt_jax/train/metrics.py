@@ -97,6 +97,7 @@ def progress(step: int, total: int, m: dict, out: IO | None = None) -> None:
         f"reward acc {m.get('rewards/accuracies', float('nan')):.3f}  "
         f"margin {m.get('rewards/margins', float('nan')):+.3f}  {m['tokens_per_s']:.0f} tok/s"
         + (f"  MFU {m['mfu']:.1%}" if "mfu" in m else "")
+        + (f"  compiled {m['compilations']:.0f}x" if "compilations" in m else "")
     )
     if out.isatty():
         print("\r" + text, end="\n" if step == total else "", file=out, flush=True)

@@ -29,9 +29,8 @@ from prefopt_jax import data, models, sharding
 from prefopt_jax.config import Config, ConfigError, check_mesh
 from prefopt_jax.data.records import Origin
 from prefopt_jax.data.tokenize import TokenizedPair
-from prefopt_jax.models import attention as attention_lib
 from prefopt_jax.models.build import nest
-from prefopt_jax.train import batches, loop
+from prefopt_jax.train import batches, loop, runtime
 from prefopt_jax.train import flops as flops_lib
 from prefopt_jax.train import lora as lora_lib
 from prefopt_jax.train import step as step_lib
@@ -219,11 +218,11 @@ def plan(cfg: Config, target_name: str, *, mfu: float = 0.4, out: IO | None = No
     mesh = sharding.make_mesh(m.data, m.fsdp, m.tensor, devices=devices)
     mcfg = models.model_config(cfg.model.source)
     loss, hp = cfg.loss.build()
-    # a GPU target compiled for simulated CPU devices runs XLA's attention here (cuDNN needs the GPU)
-    platform = tgt.platform if not simulated else "cpu"
-    attention = attention_lib.resolve(cfg.model.attention, platform, mcfg, cfg.model.compute)
-    if simulated and attention in ("block_sparse", "pallas"):
-        attention = "dense" if tgt.platform != "cpu" else attention
+    # a GPU or TPU target compiled for simulated CPU devices runs XLA's attention here (their kernels need
+    # the hardware or its compiler)
+    attention = runtime.attention(cfg, mcfg, tgt.platform if not simulated else "cpu")
+    if simulated and tgt.platform != "cpu":
+        attention = "dense"
     examples = worst_case_examples(cfg, loss.kind == "unpaired")
     response_only = "response_only_chosen_avg" in loss.required_extras(**hp)
     bspec = batches.batch_spec(cfg, examples, mesh, attention=attention, response_only=response_only)

@@ -143,7 +143,6 @@ def precompute(cfg, out=None) -> str:
     import jax
 
     from prefopt_jax import data
-    from prefopt_jax.models import attention as attention_lib
     from prefopt_jax.train import batches, loop, runtime
     from prefopt_jax.train import step as step_lib
 
@@ -161,7 +160,7 @@ def precompute(cfg, out=None) -> str:
         pass
     mcfg, params = model.config, model.params()
     pad_id = tokenizer.pad_token_id or 0
-    attention = attention_lib.resolve(cfg.model.attention, mesh.devices.flat[0].platform, mcfg, cfg.model.compute)
+    attention = runtime.attention(cfg, mcfg, mesh.devices.flat[0].platform)
     specs = loop.batch_specs(cfg, prepared, mesh, attention)
     results: dict[str, list] = {}
     for name, examples in splits.items():

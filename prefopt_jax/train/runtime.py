@@ -7,7 +7,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from prefopt_jax import models, sharding
-from prefopt_jax.config import Config
+from prefopt_jax.config import Config, ConfigError
+from prefopt_jax.models import attention as attention_lib
 
 
 def dtype_of(name: str):
@@ -19,3 +20,12 @@ def load(cfg: Config) -> tuple[Mesh, models.Decoder, object]:
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     model = models.load_pretrained(cfg.model.source, dtype=dtype_of(cfg.model.dtype), mesh=mesh, rules=cfg.mesh.rules)
     return mesh, model, models.load_tokenizer(cfg.model.source)
+
+
+def attention(cfg: Config, mcfg: models.ModelConfig, platform: str) -> str:
+    """The attention implementation `model.attention` means for this model on `platform` ("auto": by
+    platform); one that cannot run there is a configuration error."""
+    try:
+        return attention_lib.resolve(cfg.model.attention, platform, mcfg, cfg.model.compute)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

@@ -38,8 +38,8 @@ STEP_EXTRAS = {
     "wpo_aligned_chosen",
     "wpo_aligned_rejected",
 }
-# metrics that add up over a step's micro-batches; every other one is a mean over the valid groups
-SUMMED = ("num_tokens", "num_completion_tokens", "num_groups", "length_bucket/correct", "length_bucket/count")
+# metrics that add up over a step's micro-batches (and the length_bucket/ counts); the others are means
+SUMMED = ("num_tokens", "num_completion_tokens", "num_groups")
 
 
 def token_layout(b: dict, scored: int) -> tuple[jax.Array, jax.Array, jax.Array]:
