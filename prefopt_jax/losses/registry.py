@@ -72,6 +72,11 @@ class Loss:
         self.check(hp)
         return hp
 
+    def evaluation(self, hp: dict) -> dict:
+        """`hp` for held-out evaluation: `training=False` where the loss has that switch, so a stateful
+        loss reads its statistics without moving them (AlphaDPO still moves them with `update_in_eval`)."""
+        return {**hp, "training": False} if "training" in self.defaults else hp
+
     def required_extras(self, **overrides: Any) -> tuple[str, ...]:
         return self.extras(self.hyperparameters(**overrides))
 
@@ -178,6 +183,8 @@ def combine(terms: Sequence[tuple]) -> Loss:
     def compute(inputs: Any, state: Any, hp: dict) -> LossOutput:
         total, metrics, new_state = 0.0, {}, {}
         for loss, weight, lhp in parts:
+            if "training" in lhp:  # the mixture's evaluation mode reaches its members
+                lhp = {**lhp, "training": lhp["training"] and hp["training"]}
             sub_state = state.get(loss.name) if (loss.stateful and state is not None) else None
             if loss.stateful and sub_state is None:
                 sub_state = loss.init_state()
@@ -196,7 +203,7 @@ def combine(terms: Sequence[tuple]) -> Loss:
         kind=parts[0][0].kind,
         compute=compute,
         validate=validate,
-        defaults={},
+        defaults={"training": True} if any("training" in lhp for _, _, lhp in parts) else {},
         needs_reference=any(p[0].needs_reference for p in parts),
         formula=" + ".join(f"{w:g}·L_{loss.name}" for loss, w, _ in parts),
         source="weighted combination",

@@ -228,7 +228,8 @@ def setup(
 def evaluate(run: Run, eval_step, trainable: dict, loss_state) -> dict:
     """Held-out metrics over every held-out example (every scalar the loss reports, averaged over them;
     reward accuracy by pair length) and, for the built-in task, the exact-answer accuracy of greedy
-    generations."""
+    generations. A stateful loss runs in its evaluation mode from the training state, which held-out
+    batches never change (with AlphaDPO's `update_in_eval` they move a copy, batch after batch)."""
     cfg, results = run.cfg, {}
     unpaired = run.eval_spec.loss is not run.spec.loss  # an unpaired loss: scored on held-out pairs
     reference = run.state.get("reference", run.ref_params)
@@ -241,7 +242,8 @@ def evaluate(run: Run, eval_step, trainable: dict, loss_state) -> dict:
         while (plan := plans.next_micro()) is not None:
             host = batches.host_step(spec, [plan], examples, run.mesh, run.pad_id, ref)
             placed = jax.tree.map(lambda a: a[0], batches.place(spec, host, run.mesh))
-            collected.append(eval_step(trainable, run.frozen, reference, placed, loss_state))
+            metrics, loss_state = eval_step(trainable, run.frozen, reference, placed, loss_state)
+            collected.append(metrics)
         summed = step_lib.combine_metrics(jax.tree.map(lambda *a: jnp.stack(a), *collected))
         skip = ("num_tokens", "num_completion_tokens", "num_groups") + (("loss",) if unpaired else ())
         for k, v in summed.items():

@@ -295,13 +295,16 @@ def _unpaired_inputs(spec: StepSpec, stats: dict, mask: jax.Array, batch: dict, 
     return x, {}
 
 
-def make_loss_fn(cfg: ModelConfig, spec: StepSpec) -> Callable:
+def make_loss_fn(cfg: ModelConfig, spec: StepSpec, *, training: bool = True) -> Callable:
     """(trainable, frozen, reference, batch, loss_state, key, total_weight) -> (objective, (metrics, new loss
-    state)). The objective is this micro-batch's Σ loss·weight over `total_weight` (the whole step's weight,
-    so a step's micro-batches add up to its weighted mean; default: this micro-batch's own).
+    state)); `training=False` runs the loss in its evaluation mode (`Loss.evaluation`). The objective is
+    this micro-batch's Σ loss·weight over `total_weight` (the whole step's weight, so a step's
+    micro-batches add up to its weighted mean; default: this micro-batch's own).
 
     `reference` is the frozen reference copy (full fine-tuning), the reference adapters (LoRA under
     TR-DPO) or None; `key` drives LoRA dropout (None: no dropout, as in evaluation)."""
+
+    hp = spec.hp if training else spec.loss.evaluation(spec.hp)
 
     def stats_of(params, part: str, b: dict, **kw):
         kw = {"chunk": spec.chunk, "dtype": spec.dtype, "constrain": spec.constrain, **kw}
@@ -325,7 +328,7 @@ def make_loss_fn(cfg: ModelConfig, spec: StepSpec) -> Callable:
                 kl_policy = sg(stats_of(params, "kl", batch["kl"])[0]["logps"])
                 kl = (kl_policy, sg(stats_of(ref, "kl", batch["kl"])[0]["logps"]))
             x, extra_metrics = _unpaired_inputs(spec, stats, mask, batch, kl)
-        out = spec.loss(x, state=loss_state, **spec.hp)
+        out = spec.loss(x, state=loss_state, **hp)
         w = batch["weight"]
         weighted = jnp.sum(out.loss * w)
         total = jnp.maximum(jnp.sum(w), 1e-8) if total_weight is None else total_weight
@@ -429,11 +432,12 @@ def make_train_step(cfg: ModelConfig, spec: StepSpec, optimizer: optax.GradientT
 
 
 def make_eval_step(cfg: ModelConfig, spec: StepSpec) -> Callable:
-    """`eval(trainable, frozen, reference, batch, loss_state) -> metrics` (one micro-batch, no update)."""
-    loss_fn = make_loss_fn(cfg, spec)
+    """`eval(trainable, frozen, reference, batch, loss_state) -> (metrics, loss state)`: one micro-batch in
+    the loss's evaluation mode, no update of the parameters."""
+    loss_fn = make_loss_fn(cfg, spec, training=False)
 
     def evaluate(trainable, frozen, reference, batch, loss_state):
-        _, (metrics, _) = loss_fn(trainable, frozen, reference, batch, loss_state)
-        return metrics
+        _, (metrics, loss_state) = loss_fn(trainable, frozen, reference, batch, loss_state)
+        return metrics, loss_state
 
     return jax.jit(evaluate)

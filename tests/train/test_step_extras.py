@@ -11,7 +11,7 @@ import pytest
 from prefopt_jax import data, losses, models
 from prefopt_jax.train import lora as lora_lib
 from prefopt_jax.train import step as step_lib
-from tests.train.test_step import CFG, as_batch, make_spec, pairs
+from tests.train.test_step import CFG, as_batch, make_spec, pairs, seq_logp
 
 
 @pytest.fixture(scope="module")
@@ -234,3 +234,64 @@ def test_log_probs_at_completion_positions_only_equal_plain_forwards(base):
                 want = token_logps(seq_logsoftmax(base, e.prompt, c), c)
                 assert int(mask[g, j].sum()) == len(c)
                 np.testing.assert_allclose(got[g, j, : len(c)], want, atol=1e-5, err_msg=layout)
+
+
+def alpha_dpo_by_hand(policy, ref, examples, hp, mu, sigma):
+    """AlphaDPO written out per pair (LOSSES.md): M = (avg policy gap) − (avg reference gap), standardised
+    by the given moments."""
+    terms, gaps = [], []
+    for e in examples:
+        lc, lr = len(e.chosen), len(e.rejected)
+        u = seq_logp(policy, e.prompt, e.chosen) / lc - seq_logp(policy, e.prompt, e.rejected) / lr
+        g = u - (seq_logp(ref, e.prompt, e.chosen) / lc - seq_logp(ref, e.prompt, e.rejected) / lr)
+        margin = hp["gamma_beta_ratio"] + hp["alpha"] * (g - mu) / (sigma + 1e-8)
+        terms.append(-jax.nn.log_sigmoid(hp["beta"] * (u - margin)))
+        gaps.append(g)
+    return float(np.mean(terms)), np.asarray(gaps)
+
+
+@pytest.mark.parametrize("mixture", [False, True])
+@pytest.mark.parametrize("update_in_eval", [False, True])
+def test_evaluation_runs_alpha_dpo_in_eval_mode(base, mixture, update_in_eval):
+    examples, policy = pairs(21, n=6), perturbed(base, 0.1)
+    hp = {"beta": 2.0, "gamma_beta_ratio": 0.25, "alpha": 0.5, "momentum": 0.9, "update_in_eval": update_in_eval}
+    stored = {"mu": jnp.float32(0.3), "sigma": jnp.float32(0.7)}
+    if mixture:  # the mixture's evaluation mode reaches its AlphaDPO member
+        loss, loss_hp, state = losses.combine([("alpha_dpo", 1.0, hp), ("sft", 0.0)]), {}, {"alpha_dpo": stored}
+    else:
+        loss, loss_hp, state = losses.get("alpha_dpo"), hp, stored
+    spec = make_spec("alpha_dpo", hp, examples, reference="frozen")
+    spec = step_lib.StepSpec(loss, loss_hp, spec.geometries, spec.attention, chunk=8, reference="frozen")
+    batch = jax.tree.map(lambda a: a[0], as_batch(examples))
+    metrics, new_state = step_lib.make_eval_step(CFG, spec)(policy, None, base, batch, state)
+    new = new_state["alpha_dpo"] if mixture else new_state
+
+    _, gaps = alpha_dpo_by_hand(policy, base, examples, hp, 0.0, 1.0)
+    if update_in_eval:  # the authors' behaviour: the held-out batch moves the moments before use
+        mu, sigma = 0.9 * 0.3 + 0.1 * gaps.mean(), 0.9 * 0.7 + 0.1 * gaps.std(ddof=1)
+    else:  # read, never moved
+        mu, sigma = 0.3, 0.7
+    want, _ = alpha_dpo_by_hand(policy, base, examples, hp, mu, sigma)
+    np.testing.assert_allclose([new["mu"], new["sigma"]], [mu, sigma], rtol=1e-5)
+    np.testing.assert_allclose(metrics["loss"], want, rtol=1e-5)
+    # while training, the moments always move
+    train_fn = step_lib.make_loss_fn(CFG, spec)
+    _, (_, trained) = jax.jit(train_fn)(policy, None, base, batch, state)
+    trained = trained["alpha_dpo"] if mixture else trained
+    np.testing.assert_allclose(trained["mu"], 0.9 * 0.3 + 0.1 * gaps.mean(), rtol=1e-5)
+
+
+def test_evaluation_reads_bco_running_shift_without_moving_it(base):
+    examples = pairs(22, n=3)
+    unpaired = [
+        data.TokenizedUnpaired(e.prompt, c, label, 1.0, None)
+        for e in examples
+        for c, label in ((e.chosen, True), (e.rejected, False))
+    ]
+    policy = perturbed(base, 0.1)
+    spec = make_spec("bco", {"beta": 0.1}, unpaired, reference="frozen")
+    batch = jax.tree.map(lambda a: a[0], as_batch(unpaired))
+    stored = losses.get("bco").init_state() | {"mean": jnp.float32(0.05)}
+    metrics, new_state = step_lib.make_eval_step(CFG, spec)(policy, None, base, batch, stored)
+    np.testing.assert_allclose(metrics["delta"], 0.05)
+    jax.tree.map(np.testing.assert_array_equal, new_state, stored)
