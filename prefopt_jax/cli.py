@@ -94,7 +94,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     from prefopt_jax.config import load_config
     from prefopt_jax.train.loop import export
 
-    export(load_config(args.config, args.overrides), args.out_dir)
+    export(
+        load_config(args.config, args.overrides),
+        args.out_dir,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        push_to_hub=args.push_to_hub,
+    )
     return 0
 
 
@@ -152,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("export", help="write the trained policy as a Hugging Face folder (LoRA merged)")
     p.add_argument("out_dir", help="the folder to write")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="weights' dtype (bfloat16)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB (5GB)")
+    p.add_argument("--push-to-hub", metavar="REPO", help="also upload the folder to this hub repository")
     _config_args(p)
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("plot", help="PNG curves of a run's metrics.jsonl")
@@ -196,11 +205,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from prefopt_jax.losses import LossInputError
     from prefopt_jax.models import CheckpointError, ModelConfigError
     from prefopt_jax.sharding import ShardingError
+    from prefopt_jax.train.hub import HubError
     from prefopt_jax.train.reference_cache import ReferenceCacheError
 
     return (
         ConfigError, DataError, TooLarge, LossInputError, CheckpointError, ModelConfigError, ShardingError,
-        ReferenceCacheError, FileNotFoundError, FloatingPointError,
+        ReferenceCacheError, HubError, FileNotFoundError, FloatingPointError,
     )  # fmt: skip
 
 

@@ -121,6 +121,7 @@ class TrainSection:
     lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
     max_skipped_in_a_row: int = 5
     peak_tflops: float | None = None  # per device, for MFU; None: datasheet (TPU/GPU) or measured (CPU)
+    profile_steps: tuple[int, ...] | None = None  # [a, b]: a jax.profiler trace of steps a..b in output.dir/profile
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +140,9 @@ class OutputSection:
     resume: bool = True  # continue from the newest checkpoint in dir/checkpoints
     tensorboard: bool = True  # event files in dir/tensorboard
     wandb: bool = False  # also log to Weights & Biases (needs `pip install wandb`)
+    # compiled programs kept across runs (a path or gs://...), so a restart skips compiling; "auto":
+    # $XDG_CACHE_HOME (or ~/.cache)/prefopt_jax/xla; null: off
+    compilation_cache: str | None = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +174,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, Sequence):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item = (typing.get_args(hint) or (Any,))[0]
+        if item in (int, float):  # "3,2" from the command line: numbers
+            value = [yaml.safe_load(v) if isinstance(v, str) else v for v in value]
+            return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
         return tuple(value)
     if (origin is not None and issubclass(origin, Mapping)) or hint is Mapping:
         if not isinstance(value, Mapping):
@@ -318,6 +326,12 @@ def validate(cfg: Config, devices: int | None = None) -> None:
         )
     if t.batch_size % t.micro_batches:
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.micro_batches={t.micro_batches}")
+    if t.profile_steps is not None:
+        p = t.profile_steps
+        if len(p) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in p) or not 1 <= p[0] <= p[1]:
+            raise ConfigError(f"train.profile_steps must be [first, last] steps with 1 <= first <= last, got {list(p)}")
+        if p[1] > t.steps:
+            raise ConfigError(f"train.profile_steps={list(p)} goes past train.steps={t.steps}")
     if devices is None:
         import jax
 

@@ -16,6 +16,7 @@ os.environ["XLA_FLAGS"] = " ".join(
     ]
 ).strip()
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="prefopt-hf-")
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="prefopt-cache-")  # the compilation cache's default home
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 

@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from prefopt_jax.models.build import create_model, model_from_arrays, param_shardings
 from prefopt_jax.models.config import SUPPORTED, ModelConfig, ModelConfigError, RopeConfig, from_hf_config
 from prefopt_jax.models.decoder import Decoder, forward_hidden, logits_from_hidden, param_table, unembedding
-from prefopt_jax.models.hf import load_hf_folder, read_hf_config, save_hf_folder
+from prefopt_jax.models.hf import load_hf_folder, parse_size, read_hf_config, save_hf_folder
 from prefopt_jax.models.hub_configs import HUB_CONFIGS
 from prefopt_jax.models.safetensors_io import CheckpointError
 from prefopt_jax.sharding import Rules
@@ -39,6 +39,7 @@ __all__ = [
     "model_config",
     "param_shardings",
     "param_table",
+    "parse_size",
     "resolve_source",
     "save_pretrained",
     "unembedding",

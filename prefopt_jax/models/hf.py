@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from prefopt_jax.models.config import ModelConfig, from_hf_config, to_hf_config
@@ -128,24 +129,99 @@ def load_hf_folder(folder: str | Path) -> tuple[ModelConfig, Callable[[str], np.
     return cfg, array_getter(cfg, HF_NAMES[cfg.family], tensors, str(folder))
 
 
-def save_hf_folder(cfg: ModelConfig, params: Mapping[str, Any], folder: str | Path, dtype=np.float32) -> None:
-    """Write config.json and model.safetensors that transformers loads (params: nested dict of arrays)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+def _to_host(x: Any, dtype) -> np.ndarray:
+    """One array on this host in `dtype`: cast on the device first (half the transfer for bfloat16); an
+    array spread over several processes is gathered (every process must take part)."""
+    if isinstance(x, jax.Array):
+        x = x.astype(dtype)
+        if not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x).astype(dtype, copy=False)
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes in "5GB", "500MB", "2GiB", "10KB" or a plain number (transformers' `max_shard_size` style)."""
+    if isinstance(text, int):
+        return text
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+             "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+    s = str(text).strip().upper()
+    number = s.rstrip("KMGTIB")
+    try:
+        return int(float(number) * units[s[len(number) :]])
+    except (KeyError, ValueError):
+        raise ValueError(f"size {text!r}: expected a number with an optional unit (KB, MB, GB, GiB, ...)") from None
+
+
+def shard_plan(cfg: ModelConfig, dtype, max_shard_bytes: int) -> list[list[tuple[str, str, int | None, str]]]:
+    """The checkpoint's tensors in shards of at most `max_shard_bytes` (a larger tensor alone in its
+    shard), from the parameters' shapes only: each entry is (their name, our name, layer or None, layout)."""
+    itemsize = np.dtype(dtype).itemsize
     table = HF_NAMES[cfg.family]
-    tensors: dict[str, np.ndarray] = {}
-    for name in param_table(cfg):
-        node = params
-        for key in name.split("/"):
-            node = node[key]
-        value = np.asarray(node).astype(dtype)
+    shards: list[list] = [[]]
+    size = 0
+    for name, (shape, *_) in param_table(cfg).items():
         hf_name, layout = table[name]
-        to_hf = LAYOUTS[layout][1]
-        if name.startswith("layers/"):
-            for i in range(cfg.num_layers):
-                tensors[hf_name.format(i=i)] = to_hf(value[i])
-        else:
-            tensors[hf_name] = to_hf(value)
-    write_safetensors(folder / "model.safetensors", tensors)
-    config = to_hf_config(cfg) | {"dtype": np.dtype(dtype).name}
+        per_layer = name.startswith("layers/")
+        nbytes = int(np.prod(shape[1:] if per_layer else shape)) * itemsize
+        for i in range(cfg.num_layers) if per_layer else [None]:
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append((hf_name.format(i=i) if per_layer else hf_name, name, i, layout))
+            size += nbytes
+    return shards
+
+
+def save_hf_folder(
+    cfg: ModelConfig,
+    params: Mapping[str, Any],
+    folder: str | Path,
+    dtype=np.float32,
+    *,
+    max_shard_bytes: int = 5 * 10**9,
+    write: bool = True,
+) -> list[Path]:
+    """Write what transformers and vLLM load: config.json (`dtype` and `torch_dtype`),
+    generation_config.json and the weights in `dtype` as safetensors shards of at most `max_shard_bytes`
+    (one file `model.safetensors`, or `model-0000k-of-0000n.safetensors` and
+    `model.safetensors.index.json`). Tensors reach the host one at a time and each shard is written and
+    dropped before the next, so the host holds one shard at most, never the whole model. `params` may
+    be sharded over several processes: all of them call this, and only those with `write` write."""
+    folder = Path(folder)
+    if write:
+        folder.mkdir(parents=True, exist_ok=True)
+    shards = shard_plan(cfg, dtype, max_shard_bytes)
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    )
+    weight_map, total, written = {}, 0, []
+    for file, entries in zip(names, shards, strict=True):
+        tensors: dict[str, np.ndarray] = {}
+        for hf_name, name, layer, layout in entries:
+            node = params
+            for key in name.split("/"):
+                node = node[key]
+            value = _to_host(node if layer is None else node[layer], dtype)
+            tensors[hf_name] = LAYOUTS[layout][1](value)
+            weight_map[hf_name] = file
+            total += value.nbytes
+        if write:
+            write_safetensors(folder / file, tensors)
+            written.append(folder / file)
+        del tensors
+    if not write:
+        return written
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    name = np.dtype(dtype).name
+    config = to_hf_config(cfg) | {"dtype": name, "torch_dtype": name}  # transformers 5 and older readers
     (folder / "config.json").write_text(json.dumps(config, indent=2))
+    generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+    (folder / "generation_config.json").write_text(json.dumps({k: v for k, v in generation.items() if v is not None}))
+    return written

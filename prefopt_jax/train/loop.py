@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import signal
 import sys
 import threading
@@ -19,13 +20,15 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from prefopt_jax import data, losses, models, sharding
-from prefopt_jax.config import Config
+from prefopt_jax.config import Config, ConfigError
 from prefopt_jax.models import attention as attention_lib
 from prefopt_jax.models.generate import generate
 from prefopt_jax.train import batches, checkpoint, reference_cache, runtime
 from prefopt_jax.train import flops as flops_lib
+from prefopt_jax.train import hub as hub_lib
 from prefopt_jax.train import lora as lora_lib
 from prefopt_jax.train import metrics as metrics_lib
+from prefopt_jax.train import model_card as model_card_lib
 from prefopt_jax.train import pipeline as pipeline_lib
 from prefopt_jax.train import step as step_lib
 
@@ -362,14 +365,24 @@ def train(cfg: Config, *, out: IO | None = None, stop_after: int | None = None) 
         checkpoint.save(ckpt, step, run.state, meta)
 
     pending = None  # (step index, its metrics on the device, its input)
+    profile, tracing = t.profile_steps, False
     for i in range(len(history), t.steps):
         item = next(inputs)
-        run.state, metrics = train_step(run.state, run.frozen, run.ref_params, item.batch)
+        if profile is not None and i + 1 == profile[0]:
+            jax.profiler.start_trace(str(run_dir / "profile"))
+            tracing = True
+        with jax.profiler.StepTraceAnnotation("train_step", step_num=i + 1):
+            run.state, metrics = train_step(run.state, run.frozen, run.ref_params, item.batch)
+        interrupted = stop["signal"] is not None or i + 1 == stop_after
+        if tracing and (i + 1 == profile[1] or interrupted):
+            jax.block_until_ready(metrics)  # the traced steps' device work inside the trace
+            jax.profiler.stop_trace()
+            tracing = False
+            print(f"profile of steps {profile[0]}-{i + 1} in {run_dir / 'profile'} (TensorBoard's Profile)", file=out)
         if pending is not None:
             finish(*pending)
         pending = (i, metrics, item)
         every = cfg.output.checkpoint_every
-        interrupted = stop["signal"] is not None or i + 1 == stop_after
         if (every and (i + 1) % every == 0) or interrupted or i + 1 == t.steps:
             finish(*pending)
             pending = None
@@ -392,6 +405,12 @@ def train(cfg: Config, *, out: IO | None = None, stop_after: int | None = None) 
         "compilations": {"train_step": compilations(train_step), "eval_step": compilations(eval_step)},
         "geometry": dataclasses.asdict(geometry),
         "attention": spec.attention.impl,
+        "data": {
+            "train": len(run.prepared.train),
+            "eval": len(run.prepared.eval),
+            "report": run.prepared.report.summary(),
+        },
+        "command": shlex.join(["prefopt-jax", *sys.argv[1:]]) if Path(sys.argv[0]).name == "prefopt-jax" else None,
     }
     if jax.process_index() == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -442,23 +461,56 @@ def _eval_record(step: int, results: dict) -> dict:
     return {"step": step, **{k: v for k, v in results.items() if isinstance(v, float)}}
 
 
-def export(cfg: Config, out_dir: str | Path, *, out: IO | None = None) -> Path:
+def export(
+    cfg: Config,
+    out_dir: str | Path,
+    *,
+    dtype: str = "bfloat16",
+    max_shard_size: str | int = "5GB",
+    push_to_hub: str | None = None,
+    out: IO | None = None,
+) -> Path:
     """`prefopt-jax export`: the newest checkpoint's policy (LoRA merged into the base) as a Hugging Face
-    folder with the tokenizer, in model.dtype."""
+    folder: safetensors shards of at most `max_shard_size` in `dtype` with their index, config.json,
+    generation_config.json, the tokenizer and chat template, and a model card. Reads no data and builds
+    no optimizer state; in a multi-host run every process takes part and process 0 writes. `push_to_hub`
+    uploads the folder to that hub repository (created if missing)."""
     out = out or sys.stdout
+    dtypes = {"bfloat16": jnp.bfloat16, "float32": np.float32}
+    if dtype not in dtypes:
+        raise ConfigError(f"export dtype {dtype!r}: expected one of {list(dtypes)}")
+    try:
+        max_bytes = models.parse_size(max_shard_size)
+    except ValueError as e:
+        raise ConfigError(f"export --max-shard-size: {e}") from None
+    hub = hub_lib.preflight(push_to_hub) if push_to_hub else None  # offline or logged out: fail before any work
     run = setup(cfg, make_optimizer(cfg), out, splits=(), optimizer_state=False)
-    checkpoints = checkpoint.run_path(cfg.output.dir) / "checkpoints"
-    mgr = checkpoint.manager(checkpoints, keep=cfg.output.keep)
+    run_dir = checkpoint.run_path(cfg.output.dir)
+    mgr = checkpoint.manager(run_dir / "checkpoints", keep=cfg.output.keep)
     restored = checkpoint.restore_latest(mgr, run.state, skip=("opt_state",))
     if restored is None:
-        raise FileNotFoundError(f"no checkpoint in {checkpoints} to export")
+        raise FileNotFoundError(f"no checkpoint in {run_dir / 'checkpoints'} to export")
     state, meta = restored
     trainable = state["trainable"]
     params = (
         trainable if run.spec.lora_scale is None else lora_lib.merge_lora(run.frozen, trainable, run.spec.lora_scale)
     )
-    dtype = np.float32 if cfg.model.dtype == "float32" else jnp.bfloat16
-    models.save_hf_folder(run.model_cfg, params, out_dir, dtype=dtype)
-    run.tokenizer.save_pretrained(str(out_dir))
-    print(f"exported the policy at step {len(meta['history'])} to {out_dir}", file=out)
-    return Path(out_dir)
+    primary = jax.process_index() == 0
+    out_dir = Path(out_dir)
+    files = models.save_hf_folder(
+        run.model_cfg, params, out_dir, dtype=dtypes[dtype], max_shard_bytes=max_bytes, write=primary
+    )
+    if primary:
+        run.tokenizer.save_pretrained(str(out_dir))
+        summary_file = run_dir / "summary.json"
+        summary = json.loads(summary_file.read_text()) if summary_file.exists() else None
+        lora = f"LoRA r {cfg.train.lora_rank}, merged" if cfg.train.lora_rank else "full"
+        card = model_card_lib.model_card(cfg, summary, meta["history"], dtype=dtype, lora=lora)
+        (out_dir / "README.md").write_text(card)
+        print(
+            f"exported the policy at step {len(meta['history'])} to {out_dir} ({len(files)} shard(s), {dtype})",
+            file=out,
+        )
+        if hub is not None:
+            print(f"uploaded to {hub_lib.upload(hub, push_to_hub, out_dir)}", file=out)
+    return out_dir

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from prefopt_jax import cli, models
+from prefopt_jax.config import load_config
 from prefopt_jax.train import reference_cache
 from prefopt_jax.train.loop import evaluate_checkpoint, export, train
 from tests.train.test_loop import quick, tiny_model_dir  # noqa: F401  (fixture)
@@ -79,7 +80,7 @@ def test_eval_and_export_of_the_trained_checkpoint(tiny_model_dir, tmp_path):  #
     again = evaluate_checkpoint(cfg)
     assert again["eval/rewards/accuracies"] == pytest.approx(summary["after"]["eval/rewards/accuracies"])
     assert again["eval/rewards/margins"] == pytest.approx(summary["after"]["eval/rewards/margins"], rel=1e-5)
-    export(cfg, tmp_path / "hf")
+    export(cfg, tmp_path / "hf", dtype="float32")
     # the exported folder in transformers = our base model with the trained adapters applied
     from prefopt_jax.train.lora import with_lora
 
@@ -106,6 +107,21 @@ def test_eval_and_export_of_the_trained_checkpoint(tiny_model_dir, tmp_path):  #
     np.testing.assert_allclose(theirs, ours, atol=2e-5)
     assert (tmp_path / "hf" / "tokenizer.json").exists() or (tmp_path / "hf" / "tokenizer_config.json").exists()
 
+    # the default: bfloat16 shards with their index, and a model card
+    export(cfg, tmp_path / "bf16", max_shard_size="500KB")
+    index = json.loads((tmp_path / "bf16" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    hf16 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16").eval()
+    assert hf16.dtype == torch.bfloat16
+    with torch.no_grad():
+        theirs16 = hf16.float()(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(theirs16, ours, atol=0.02 * np.abs(ours).max())
+    card = (tmp_path / "bf16" / "README.md").read_text()
+    assert card.startswith("---\nbase_model: " + str(tiny_model_dir))
+    for text in ("1·dpo + 1·sft", f"{summary['data']['train']} train", "Held-out figures", "| rewards/accuracies |"):
+        assert text in card, text
+    assert f"| {summary['after']['eval/rewards/accuracies']:.4g} |" in card
+
 
 def test_eval_and_export_read_only_what_they_need(tiny_model_dir, tmp_path, monkeypatch):  # noqa: F811
     """`eval` tokenises the held-out split only and `export` no data at all; neither allocates Adam's moments
@@ -130,3 +146,15 @@ def test_eval_and_export_read_only_what_they_need(tiny_model_dir, tmp_path, monk
     tokenised.clear()
     loop.setup(cfg, loop.make_optimizer(cfg), io.StringIO(), splits=(), optimizer_state=False)
     assert tokenised == [(), ()]
+
+
+def test_push_to_hub_offline_fails_before_any_work(tmp_path, monkeypatch):
+    from prefopt_jax.train import hub, loop
+
+    monkeypatch.setattr(loop, "setup", lambda *a, **k: pytest.fail("export started work"))
+    cfg = load_config(None, [f"output.dir={tmp_path}"])
+    with pytest.raises(hub.HubError, match=r"offline .*huggingface-cli upload me/model DIR"):
+        export(cfg, tmp_path / "hf", push_to_hub="me/model")
+    with pytest.raises(hub.HubError, match="expected a repository id"):
+        export(cfg, tmp_path / "hf", push_to_hub="model")
+    assert cli.main(["export", str(tmp_path / "hf"), "--push-to-hub", "me/model"]) == 2

@@ -10,6 +10,7 @@ import pytest
 import prefopt_jax
 from prefopt_jax import models
 from prefopt_jax.config import load_config
+from prefopt_jax.train import runtime
 from prefopt_jax.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -151,3 +152,37 @@ def test_a_run_that_keeps_diverging_stops_and_keeps_the_last_finite_parameters(t
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     assert [r["skipped"] for r in steps][-3:] == [1, 2, 3] and len(steps) <= 6
+
+
+def test_profile_steps_write_a_trace_that_names_the_step(tiny_model_dir, tmp_path, capsys):
+    train(quick(None, tiny_model_dir, tmp_path, "train.steps=3", "train.profile_steps=[2, 3]", "eval.generate=false"))
+    traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1
+    assert b"train_step" in traces[0].read_bytes()  # the StepTraceAnnotation of each traced step
+    assert "profile of steps 2-3" in capsys.readouterr().out
+
+
+def test_a_second_run_loads_its_programs_from_the_compilation_cache(tiny_model_dir, tmp_path):
+    import jax
+
+    hits = []
+
+    def listen(name, **kw):
+        if "cache_hits" in name:
+            hits.append(name)
+
+    jax.monitoring.register_event_listener(listen)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    try:
+        cache = f"output.compilation_cache={tmp_path / 'xla'}"
+        _, first = train(quick(None, tiny_model_dir, tmp_path / "a", cache, "eval.generate=false"))
+        written = sorted((tmp_path / "xla").iterdir())
+        assert written and not hits  # compiled and stored
+        _, second = train(quick(None, tiny_model_dir, tmp_path / "b", cache, "eval.generate=false"))
+        assert len(hits) >= 2  # at least the train and eval steps came from the cache
+        assert sorted((tmp_path / "xla").iterdir()) == written  # nothing compiled anew
+        np.testing.assert_allclose([h["loss"] for h in second], [h["loss"] for h in first], rtol=1e-6)
+    finally:  # later tests get the session's default back
+        jax.monitoring.unregister_event_listener(listen)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        runtime.use_compilation_cache(None)
