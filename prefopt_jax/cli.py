@@ -100,6 +100,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         max_shard_size=args.max_shard_size,
         push_to_hub=args.push_to_hub,
+        adapters=args.adapters,
     )
     return 0
 
@@ -161,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="weights' dtype (bfloat16)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB (5GB)")
     p.add_argument("--push-to-hub", metavar="REPO", help="also upload the folder to this hub repository")
+    p.add_argument("--adapters", action="store_true", help="LoRA runs: the adapters alone, in PEFT's format")
     _config_args(p)
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("plot", help="PNG curves of a run's metrics.jsonl")

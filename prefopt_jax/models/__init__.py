@@ -15,6 +15,7 @@ from typing import Any
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from prefopt_jax.models import peft
 from prefopt_jax.models.build import create_model, model_from_arrays, param_shardings
 from prefopt_jax.models.config import SUPPORTED, ModelConfig, ModelConfigError, RopeConfig, from_hf_config
 from prefopt_jax.models.decoder import Decoder, forward_hidden, logits_from_hidden, param_table, unembedding
@@ -87,12 +88,17 @@ def load_pretrained(
     given). With a mesh, parameters land sharded by `rules` (a preset name or a rules table; default
     "fsdp") without the full model on any one device."""
     path = resolve_source(source)
+    adapters = None
+    if peft.is_adapter_folder(path):  # a PEFT LoRA folder: its base with the adapters merged in
+        adapters, path = path, _adapter_base(path)
     if path.suffix == ".gguf":
         from prefopt_jax.models.gguf import load_gguf
 
+        if adapters is not None:
+            raise CheckpointError(f"{adapters}: adapters over a GGUF base ({path}) are not supported")
         cfg, get_array = load_gguf(path)
     else:
-        cfg, get_array = load_hf_folder(path)
+        cfg, get_array = load_hf_folder(path, adapters=adapters)
     return model_from_arrays(
         cfg,
         get_array,
@@ -103,6 +109,10 @@ def load_pretrained(
         scan_layers=scan_layers,
         remat=remat,
     )
+
+
+def _adapter_base(folder: Path) -> Path:
+    return resolve_source(peft.adapter_config(folder)["base_model_name_or_path"])
 
 
 def save_pretrained(model: Decoder, path: str | Path, tokenizer: Any = None) -> None:
@@ -119,6 +129,8 @@ def model_config(source: str | Path) -> ModelConfig:
     s = str(source)
     if s in SHORT_NAMES or Path(s).expanduser().exists():
         path = resolve_source(s)
+        if peft.is_adapter_folder(path):
+            return model_config(peft.adapter_config(path)["base_model_name_or_path"])
         if path.suffix == ".gguf":
             from prefopt_jax.models.gguf import read_gguf_config
 
@@ -140,6 +152,8 @@ def load_tokenizer(source: str | Path):
     """A tokenizer with `apply_chat_template`: from a .gguf (built from its metadata, no torch) or a HF
     folder / hub id (transformers' AutoTokenizer)."""
     path = resolve_source(source)
+    if peft.is_adapter_folder(path) and not (path / "tokenizer_config.json").is_file():
+        path = _adapter_base(path)  # an adapter folder saved without its tokenizer: the base's
     if path.suffix == ".gguf":
         from prefopt_jax.models.gguf import tokenizer_from_gguf
 

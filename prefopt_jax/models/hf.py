@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from prefopt_jax.models import peft
 from prefopt_jax.models.config import ModelConfig, from_hf_config, to_hf_config
 from prefopt_jax.models.decoder import param_table
 from prefopt_jax.models.safetensors_io import CheckpointError, read_checkpoint_folder, write_safetensors
@@ -122,14 +123,19 @@ def read_hf_config(folder: str | Path) -> ModelConfig:
     return from_hf_config(raw, where=str(cfg_file))
 
 
-def load_hf_folder(folder: str | Path) -> tuple[ModelConfig, Callable[[str], np.ndarray]]:
+def load_hf_folder(
+    folder: str | Path, *, adapters: Path | None = None
+) -> tuple[ModelConfig, Callable[[str], np.ndarray]]:
+    """The folder's architecture and a getter of its weights (with a PEFT LoRA folder's adapters merged)."""
     folder = Path(folder)
     cfg = read_hf_config(folder)
     tensors = read_checkpoint_folder(folder)
+    if adapters is not None:
+        tensors = peft.merged(tensors, adapters)
     return cfg, array_getter(cfg, HF_NAMES[cfg.family], tensors, str(folder))
 
 
-def _to_host(x: Any, dtype) -> np.ndarray:
+def host_array(x: Any, dtype) -> np.ndarray:
     """One array on this host in `dtype`: cast on the device first (half the transfer for bfloat16); an
     array spread over several processes is gathered (every process must take part)."""
     if isinstance(x, jax.Array):
@@ -206,7 +212,7 @@ def save_hf_folder(
             node = params
             for key in name.split("/"):
                 node = node[key]
-            value = _to_host(node if layer is None else node[layer], dtype)
+            value = host_array(node if layer is None else node[layer], dtype)
             tensors[hf_name] = LAYOUTS[layout][1](value)
             weight_map[hf_name] = file
             total += value.nbytes

@@ -468,13 +468,15 @@ def export(
     dtype: str = "bfloat16",
     max_shard_size: str | int = "5GB",
     push_to_hub: str | None = None,
+    adapters: bool = False,
     out: IO | None = None,
 ) -> Path:
     """`prefopt-jax export`: the newest checkpoint's policy (LoRA merged into the base) as a Hugging Face
     folder: safetensors shards of at most `max_shard_size` in `dtype` with their index, config.json,
     generation_config.json, the tokenizer and chat template, and a model card. Reads no data and builds
     no optimizer state; in a multi-host run every process takes part and process 0 writes. `push_to_hub`
-    uploads the folder to that hub repository (created if missing)."""
+    uploads the folder to that hub repository (created if missing). `adapters`: a LoRA run's adapters
+    alone, in PEFT's format over `model.source` (which must be a Hugging Face folder or hub id)."""
     out = out or sys.stdout
     dtypes = {"bfloat16": jnp.bfloat16, "float32": np.float32}
     if dtype not in dtypes:
@@ -483,6 +485,14 @@ def export(
         max_bytes = models.parse_size(max_shard_size)
     except ValueError as e:
         raise ConfigError(f"export --max-shard-size: {e}") from None
+    if adapters and not cfg.train.lora_rank:
+        raise ConfigError("export --adapters needs a LoRA run (train.lora_rank > 0); without it export the model")
+    base = str(cfg.model.source)
+    if adapters and (base in models.SHORT_NAMES or base.endswith(".gguf")):
+        raise ConfigError(
+            f"export --adapters: model.source={base} is a GGUF file, which transformers and PEFT cannot use as the "
+            "base; export the merged model instead"
+        )
     hub = hub_lib.preflight(push_to_hub) if push_to_hub else None  # offline or logged out: fail before any work
     run = setup(cfg, make_optimizer(cfg), out, splits=(), optimizer_state=False)
     run_dir = checkpoint.run_path(cfg.output.dir)
@@ -492,20 +502,36 @@ def export(
         raise FileNotFoundError(f"no checkpoint in {run_dir / 'checkpoints'} to export")
     state, meta = restored
     trainable = state["trainable"]
-    params = (
-        trainable if run.spec.lora_scale is None else lora_lib.merge_lora(run.frozen, trainable, run.spec.lora_scale)
-    )
     primary = jax.process_index() == 0
     out_dir = Path(out_dir)
-    files = models.save_hf_folder(
-        run.model_cfg, params, out_dir, dtype=dtypes[dtype], max_shard_bytes=max_bytes, write=primary
-    )
+    if adapters:
+        t = cfg.train
+        if Path(base).expanduser().exists():
+            base = str(Path(base).expanduser().resolve())
+        models.peft.save_adapters(
+            trainable, out_dir, rank=t.lora_rank, alpha=t.lora_alpha, dropout=t.lora_dropout, base=base,
+            dtype=dtypes[dtype], write=primary,
+        )  # fmt: skip
+        files = [out_dir / "adapter_model.safetensors"]
+    else:
+        params = (
+            trainable
+            if run.spec.lora_scale is None
+            else lora_lib.merge_lora(run.frozen, trainable, run.spec.lora_scale)
+        )
+        files = models.save_hf_folder(
+            run.model_cfg, params, out_dir, dtype=dtypes[dtype], max_shard_bytes=max_bytes, write=primary
+        )
     if primary:
         run.tokenizer.save_pretrained(str(out_dir))
         summary_file = run_dir / "summary.json"
         summary = json.loads(summary_file.read_text()) if summary_file.exists() else None
-        lora = f"LoRA r {cfg.train.lora_rank}, merged" if cfg.train.lora_rank else "full"
-        card = model_card_lib.model_card(cfg, summary, meta["history"], dtype=dtype, lora=lora)
+        how = (
+            "full"
+            if not cfg.train.lora_rank
+            else f"LoRA r {cfg.train.lora_rank}, " + ("adapters only (PEFT)" if adapters else "merged")
+        )
+        card = model_card_lib.model_card(cfg, summary, meta["history"], dtype=dtype, lora=how, adapters=adapters)
         (out_dir / "README.md").write_text(card)
         print(
             f"exported the policy at step {len(meta['history'])} to {out_dir} ({len(files)} shard(s), {dtype})",

@@ -19,12 +19,19 @@ def _figures(results: dict) -> dict[str, float]:
     return {k.removeprefix("eval/"): v for k, v in results.items() if isinstance(v, float)}
 
 
-def model_card(cfg: Config, summary: dict | None, history: list[dict], *, dtype: str, lora: str) -> str:
-    """Markdown with a YAML header the hub reads (base model, library, tags)."""
+def model_card(
+    cfg: Config, summary: dict | None, history: list[dict], *, dtype: str, lora: str, adapters: bool = False
+) -> str:
+    """Markdown with a YAML header the hub reads (base model, library, tags); `adapters`: the export is a
+    PEFT adapter folder over the base."""
     names = cfg.loss.names
     loss = " + ".join(f"{w:g}·{n}" for n, w in zip(names, cfg.loss.weights or (1.0,) * len(names), strict=True))
     base = str(cfg.model.source)
-    header = {"base_model": base, "library_name": "transformers", "tags": ["prefopt_jax", *names]}
+    header = {
+        "base_model": base,
+        "library_name": "peft" if adapters else "transformers",
+        "tags": ["prefopt_jax", *names],
+    }
     summary = summary or {}
     data = summary.get("data", {})
     lines = [
@@ -34,7 +41,8 @@ def model_card(cfg: Config, summary: dict | None, history: list[dict], *, dtype:
         "",
         f"# {base} trained with {loss}",
         "",
-        f"Preference-optimised with prefopt_jax {__version__} from `{base}`.",
+        f"Preference-optimised with prefopt_jax {__version__} from `{base}`"
+        + (": LoRA adapters, `peft.PeftModel.from_pretrained(base, this folder)`." if adapters else "."),
         "",
         "| | |",
         "|---|---|",

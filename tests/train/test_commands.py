@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from prefopt_jax import cli, models
-from prefopt_jax.config import load_config
+from prefopt_jax.config import ConfigError, load_config
 from prefopt_jax.train import reference_cache
 from prefopt_jax.train.loop import evaluate_checkpoint, export, train
 from tests.train.test_loop import quick, tiny_model_dir  # noqa: F401  (fixture)
@@ -158,3 +158,41 @@ def test_push_to_hub_offline_fails_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(hub.HubError, match="expected a repository id"):
         export(cfg, tmp_path / "hf", push_to_hub="model")
     assert cli.main(["export", str(tmp_path / "hf"), "--push-to-hub", "me/model"]) == 2
+
+
+def test_adapters_export_loads_in_peft_and_starts_a_run(tiny_model_dir, tmp_path):  # noqa: F811
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    cfg = quick(None, tiny_model_dir, tmp_path / "run", *STEPS)
+    state, _ = train(cfg)
+    export(cfg, tmp_path / "adapters", adapters=True, dtype="float32")
+    written = json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())
+    assert written["r"] == cfg.train.lora_rank and written["base_model_name_or_path"] == str(tiny_model_dir)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    tuned = peft.PeftModel.from_pretrained(base, tmp_path / "adapters").eval()
+    ids = np.random.default_rng(1).integers(1, 49152, (2, 12))
+    with torch.no_grad():
+        theirs = tuned(torch.tensor(ids)).logits.numpy()
+    from prefopt_jax.train.lora import with_lora
+
+    ours_base = models.load_pretrained(str(tiny_model_dir))
+    adapted = with_lora(ours_base.params(), state["trainable"], cfg.train.lora_alpha / cfg.train.lora_rank)
+    ours = models.logits_from_hidden(
+        ours_base.config, adapted, models.forward_hidden(ours_base.config, adapted, jnp.asarray(ids))
+    )
+    np.testing.assert_allclose(theirs, np.asarray(ours), atol=2e-5)
+    assert np.abs(np.asarray(ours) - np.asarray(ours_base(jnp.asarray(ids)))).max() > 1e-4  # the adapters matter
+    card = (tmp_path / "adapters" / "README.md").read_text()
+    assert "library_name: peft" in card and "adapters only (PEFT)" in card
+
+    # an adapter folder as model.source: the base with the adapters merged in
+    started = models.load_pretrained(str(tmp_path / "adapters"))
+    assert models.model_config(str(tmp_path / "adapters")) == started.config
+    np.testing.assert_allclose(np.asarray(started(jnp.asarray(ids))), theirs, atol=2e-5)
+    assert models.load_tokenizer(str(tmp_path / "adapters")).eos_token_id == started.config.eos_token_id
+
+    gguf = load_config(None, [f"output.dir={tmp_path / 'run'}"])  # the built-in job: a GGUF base
+    with pytest.raises(ConfigError, match="GGUF file, which transformers and PEFT cannot use"):
+        export(gguf, tmp_path / "x", adapters=True)
