@@ -2,6 +2,7 @@
 
 import io
 import json
+import struct
 
 import jax.numpy as jnp
 import numpy as np
@@ -50,12 +51,54 @@ def test_the_cache_key_follows_content():
     assert key != reference_cache.cache_key("m2", "float32", {"train": a, "eval": []})
 
 
-def test_tensorboard_events_and_plots(tiny_model_dir, tmp_path):  # noqa: F811
+def wandb_records(path):
+    """The protobuf records of a W&B run file (LevelDB's log format: 32 KiB blocks of checksummed chunks
+    after a 7-byte `:W&B` header); read here so the test needs no W&B server or sync."""
+    from wandb.proto import wandb_internal_pb2
+
+    raw = path.read_bytes()
+    assert raw[:4] == b":W&B"
+    pos, pending = 7, b""
+    while pos + 7 <= len(raw):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a chunk header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[pos : pos + 7])
+        pending += raw[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a whole record, or the last chunk of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record
+
+
+def test_tensorboard_events_wandb_offline_and_plots(tiny_model_dir, tmp_path, monkeypatch):  # noqa: F811
+    pytest.importorskip("wandb")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    train(quick(None, tiny_model_dir, tmp_path, *STEPS))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train(quick(None, tiny_model_dir, tmp_path, *STEPS, "output.wandb=true"))
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
+
+    # W&B: the same scalars under the same names and steps as TensorBoard, and the run's config
+    (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    logged, config = {}, None
+    for record in wandb_records(run_file):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+            logged[items["_step"]] = {k: v for k, v in items.items() if not k.startswith("_")}
+        elif kind == "run":
+            config = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.run.config.update}
+    tags = set(acc.Tags()["scalars"])
+    assert set().union(*(r.keys() for r in logged.values())) == tags
+    for tag in tags:
+        got = {step: r[tag] for step, r in logged.items() if tag in r}
+        assert got == pytest.approx({e.step: e.value for e in acc.Scalars(tag)}, rel=1e-6), tag
+    assert config["train"]["steps"] == 3 and config["loss"]["name"] == ["dpo", "sft"]
     assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3]
     assert [e.step for e in acc.Scalars("eval/rewards/accuracies")] == [0, 3]
     jsonl = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
