@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from prefopt_jax.data.batching import LAYOUTS, TILE, Batch, Geometry, Group, RowPlan, pack, tile_bound
+from prefopt_jax.data.batching import LAYOUTS, TILE, Batch, Geometry, Group, RowPlan, index_dtype, pack, tile_bound
 from prefopt_jax.data.collate import BatchSpec, batch_spec, host_arrays, packer
 from prefopt_jax.data.planner import MicroPlan, Packer, Part, TooLarge, derive_geometry
 from prefopt_jax.data.records import FORMATS, DataError, Origin, Pair, Ranked, Unpaired, detect_format, normalize
@@ -56,6 +56,7 @@ __all__ = [
     "derive_geometry",
     "detect_format",
     "host_arrays",
+    "index_dtype",
     "normalize",
     "pack",
     "packer",

@@ -162,13 +162,19 @@ class RowPlan:
         return True
 
 
+def index_dtype(length: int) -> type:
+    """The dtype of positions and segment ids in rows of `length` tokens: int16 while it holds them (half
+    the bytes sent to the devices), int32 past that. The step widens them to int32 on the device."""
+    return np.int16 if length <= np.iinfo(np.int16).max else np.int32
+
+
 @dataclasses.dataclass(frozen=True)
 class Batch:
     """One micro-batch's arrays (rows `rows` of the geometry's R, every group)."""
 
     input_ids: np.ndarray  # int32 [R, T]
-    positions: np.ndarray  # int32 [R, T]
-    segment_ids: np.ndarray  # int32 [R, T], 0 = padding
+    positions: np.ndarray  # `index_dtype(T)` [R, T]
+    segment_ids: np.ndarray  # `index_dtype(T)` [R, T], 0 = padding
     branch: np.ndarray  # int8 [R, T]: 0 = prompt, j + 1 = completion j
     completion_start: np.ndarray  # int32 [G, k]: flat r * T + t of each completion's first token
     completion_length: np.ndarray  # int32 [G, k]; 0 for the empty group slots
@@ -185,8 +191,8 @@ class Batch:
         """Keyword arguments of the model call."""
         return {
             "input_ids": self.input_ids,
-            "positions": self.positions,
-            "segment_ids": self.segment_ids,
+            "positions": self.positions.astype(np.int32),
+            "segment_ids": self.segment_ids.astype(np.int32),
             "branch": self.branch.astype(np.int32),
         }
 
@@ -212,8 +218,8 @@ def build(plan: RowPlan, groups: Sequence[Group], pad_id: int = 0, rows: slice |
     r0, r1, _ = rows.indices(g.rows)
     n = r1 - r0
     ids = np.full((n, g.length), pad_id, np.int32)
-    pos = np.zeros((n, g.length), np.int32)
-    seg = np.zeros((n, g.length), np.int32)
+    pos = np.zeros((n, g.length), index_dtype(g.length))
+    seg = np.zeros((n, g.length), index_dtype(g.length))
     br = np.zeros((n, g.length), np.int8)
     next_seg: dict[int, int] = {}
     for u, row, off in plan.placed:

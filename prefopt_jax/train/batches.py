@@ -157,8 +157,8 @@ def abstract_batch(spec: data.BatchSpec, micro_batches: int, mesh: Mesh, *, unpa
         token = lambda dtype, g=g: sds((m, g.rows, g.length), dtype, sharding=rows)
         out[part] = {
             "input_ids": token(np.int32),
-            "positions": token(np.int32),
-            "segment_ids": token(np.int32),
+            "positions": token(data.index_dtype(g.length)),
+            "segment_ids": token(data.index_dtype(g.length)),
             "branch": token(np.int8),
             "completion_start": sds((m, g.groups, g.completions), np.int32, sharding=whole),
             "completion_length": sds((m, g.groups, g.completions), np.int32, sharding=whole),

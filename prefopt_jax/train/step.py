@@ -111,6 +111,7 @@ def completion_stats(
     gradient into the reference). `dtype` is the layers' compute dtype (weights are cast at use); log-softmax
     is always float32. `constrain` (`sharding.activation_constraint`) keeps activations and each layer's
     weights on the mesh."""
+    b = {**b, **{k: b[k].astype(jnp.int32) for k in ("positions", "segment_ids", "branch")}}  # sent narrow
     scored, rank, predictor = token_layout(b, geometry.scored)
     at = jnp.maximum(scored, 0)
     pred = jnp.take_along_axis(predictor, at, axis=1)

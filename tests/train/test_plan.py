@@ -44,11 +44,12 @@ def expected_bytes(fsdp: int, V, D, F, L, H, K, E, lora_rank: int = 0) -> tuple[
 
 
 def batch_bytes(r: dict, micro: int, devices: int) -> int:
-    """A step's batch per device, counted by hand: each token of a row is 13 bytes (int32 id, position and
-    segment, int8 branch) and rows are split over the devices; each completion slot 8 bytes (int32 start and
-    length) and each group slot 4 (float32 weight), on every device."""
+    """A step's batch per device, counted by hand: each token of a row is 9 bytes (int32 id, int16 position
+    and segment, int8 branch) and rows are split over the devices; each completion slot 8 bytes (int32 start
+    and length) and each group slot 4 (float32 weight), on every device."""
     g = r["geometry"]
-    return micro * (g["rows"] // devices * g["length"] * 13 + g["groups"] * (g["completions"] * 8 + 4))
+    assert g["length"] < 2**15
+    return micro * (g["rows"] // devices * g["length"] * 9 + g["groups"] * (g["completions"] * 8 + 4))
 
 
 def test_plan_argument_bytes_match_the_hand_count(tiny_source, capsys):
