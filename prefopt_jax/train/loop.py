@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import shlex
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from functools import partial
@@ -474,7 +476,8 @@ def export(
     """`prefopt-jax export`: the newest checkpoint's policy (LoRA merged into the base) as a Hugging Face
     folder: safetensors shards of at most `max_shard_size` in `dtype` with their index, config.json,
     generation_config.json, the tokenizer and chat template, and a model card. Reads no data and builds
-    no optimizer state; in a multi-host run every process takes part and process 0 writes. `push_to_hub`
+    no optimizer state; in a multi-host run every process takes part and process 0 writes (to a `gs://`
+    destination through a local staging folder). `push_to_hub`
     uploads the folder to that hub repository (created if missing). `adapters`: a LoRA run's adapters
     alone, in PEFT's format over `model.source` (which must be a Hugging Face folder or hub id)."""
     out = out or sys.stdout
@@ -503,7 +506,9 @@ def export(
     state, meta = restored
     trainable = state["trainable"]
     primary = jax.process_index() == 0
-    out_dir = Path(out_dir)
+    destination = str(out_dir)
+    remote = "://" in destination  # a bucket: written here first, then copied
+    out_dir = Path(tempfile.mkdtemp(prefix="prefopt-export-")) if remote else Path(out_dir)
     if adapters:
         t = cfg.train
         if Path(base).expanduser().exists():
@@ -533,10 +538,24 @@ def export(
         )
         card = model_card_lib.model_card(cfg, summary, meta["history"], dtype=dtype, lora=how, adapters=adapters)
         (out_dir / "README.md").write_text(card)
-        print(
-            f"exported the policy at step {len(meta['history'])} to {out_dir} ({len(files)} shard(s), {dtype})",
-            file=out,
-        )
         if hub is not None:
             print(f"uploaded to {hub_lib.upload(hub, push_to_hub, out_dir)}", file=out)
-    return out_dir
+        if remote:
+            copy_folder(out_dir, destination)
+            shutil.rmtree(out_dir)
+        print(
+            f"exported the policy at step {len(meta['history'])} to {destination} ({len(files)} shard(s), {dtype})",
+            file=out,
+        )
+    return checkpoint.run_path(destination) if remote else out_dir
+
+
+def copy_folder(local: Path, destination: str) -> None:
+    """Every file of `local` into `destination` (a bucket URL), streamed in 64 MiB pieces."""
+    target = checkpoint.run_path(destination)
+    target.mkdir(parents=True, exist_ok=True)
+    for f in sorted(local.rglob("*")):
+        if f.is_file():
+            (target / f.relative_to(local)).parent.mkdir(parents=True, exist_ok=True)
+            with f.open("rb") as src, (target / f.relative_to(local)).open("wb") as dst:
+                shutil.copyfileobj(src, dst, 64 << 20)

@@ -203,7 +203,7 @@ def test_push_to_hub_offline_fails_before_any_work(tmp_path, monkeypatch):
     assert cli.main(["export", str(tmp_path / "hf"), "--push-to-hub", "me/model"]) == 2
 
 
-def test_adapters_export_loads_in_peft_and_starts_a_run(tiny_model_dir, tmp_path):  # noqa: F811
+def test_adapters_export_loads_in_peft_and_starts_a_run(tiny_model_dir, tmp_path, monkeypatch):  # noqa: F811
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     import transformers
@@ -235,6 +235,20 @@ def test_adapters_export_loads_in_peft_and_starts_a_run(tiny_model_dir, tmp_path
     assert models.model_config(str(tmp_path / "adapters")) == started.config
     np.testing.assert_allclose(np.asarray(started(jnp.asarray(ids))), theirs, atol=2e-5)
     assert models.load_tokenizer(str(tmp_path / "adapters")).eos_token_id == started.config.eos_token_id
+
+    # a bucket destination: staged here, then copied (the bucket is a local folder standing in for gs://)
+    from prefopt_jax.train import loop
+
+    real_run_path = loop.checkpoint.run_path
+    bucket = lambda d: real_run_path(str(d).replace("gs://bucket", str(tmp_path / "bucket")))
+    monkeypatch.setattr(loop.checkpoint, "run_path", bucket)
+    export(cfg, "gs://bucket/exports/adapters", adapters=True, dtype="float32")
+    copied = tmp_path / "bucket" / "exports" / "adapters"
+    names = sorted(p.name for p in (tmp_path / "adapters").iterdir())
+    assert sorted(p.name for p in copied.iterdir()) == names
+    assert (copied / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "adapters" / "adapter_model.safetensors"
+    ).read_bytes()
 
     gguf = load_config(None, [f"output.dir={tmp_path / 'run'}"])  # the built-in job: a GGUF base
     with pytest.raises(ConfigError, match="GGUF file, which transformers and PEFT cannot use"):
