@@ -118,9 +118,16 @@ def prepare(
 
 def unpaired_from_pairs(examples: Sequence[TokenizedPair]) -> list[TokenizedUnpaired]:
     """Each pair as two unpaired examples, chosen desirable and rejected undesirable (how TRL's KTO
-    trainer reads paired data)."""
+    trainer reads paired data); unpaired examples pass through."""
     return [
-        TokenizedUnpaired(e.prompt, completion, label, e.weight, e.origin)
+        u
         for e in examples
-        for completion, label in ((e.chosen, True), (e.rejected, False))
+        for u in (
+            [e]
+            if isinstance(e, TokenizedUnpaired)
+            else [
+                TokenizedUnpaired(e.prompt, c, label, e.weight, e.origin)
+                for c, label in ((e.chosen, True), (e.rejected, False))
+            ]
+        )
     ]

@@ -12,7 +12,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from prefopt_jax import data
-from prefopt_jax.config import Config
+from prefopt_jax.config import Config, ConfigError
 from prefopt_jax.data.synthetic import comparison_pairs
 
 ROW_AXES = ("data", "fsdp")
@@ -21,9 +21,10 @@ TOKEN_ARRAYS = ("input_ids", "positions", "segment_ids", "branch")
 
 def load_data(cfg: Config, tokenizer, splits=("train", "eval")) -> tuple[data.Prepared, list[str] | None]:
     """The train and held-out examples (only the `splits` asked for are tokenised; and, for the built-in
-    task, the held-out answers). Unpaired losses train on pairs read as two unpaired examples (chosen
-    desirable, rejected undesirable); the held-out pairs stay pairs, so reward accuracy is measured the same
-    way for every loss."""
+    task, the held-out answers). Unpaired losses train on unpaired files as they are, and on pairs read as
+    two unpaired examples (chosen desirable, rejected undesirable); held-out pairs stay pairs, so reward
+    accuracy is measured the same way for every loss, and held-out unpaired examples are scored by the loss
+    itself."""
     d = cfg.data
     if d.source == "builtin:compare":
         train_rows, eval_rows = comparison_pairs(d.num_train, d.num_eval, seed=cfg.train.seed)
@@ -44,7 +45,14 @@ def load_data(cfg: Config, tokenizer, splits=("train", "eval")) -> tuple[data.Pr
             splits=splits,
         )
         answers = None
-    if cfg.loss.build()[0].kind == "unpaired":
+    loss = cfg.loss.build()[0]
+    unpaired = [e for e in prepared.train + prepared.eval if isinstance(e, data.TokenizedUnpaired)]
+    if unpaired and loss.kind != "unpaired":
+        raise ConfigError(
+            f"loss {loss.name!r} trains on pairs, but data.source={d.source} holds unpaired examples "
+            f"({unpaired[0].origin}); use an unpaired loss (kto, bco, apo_zero_unpaired) or paired data"
+        )
+    if loss.kind == "unpaired":  # pairs become two examples each; unpaired files are used as they are
         prepared = data.Prepared(data.unpaired_from_pairs(prepared.train), prepared.eval, prepared.report)
     return prepared, answers
 

@@ -202,7 +202,8 @@ def setup(
         state,
     )  # fmt: skip
     eval_spec = dataclasses.replace(spec, geometries=specs["eval"].geometries) if specs else spec
-    if loss.kind == "unpaired":
+    held_out_pairs = any(isinstance(e, data.TokenizedPair) for e in prepared.eval[:1])
+    if loss.kind == "unpaired" and held_out_pairs:  # scored by their implicit reward, as every loss is
         beta = spec.loss.hyperparameters(**spec.hp).get("beta", 0.1)
         eval_spec = dataclasses.replace(eval_spec, loss=losses.get("dpo"), hp={"beta": beta})
     if specs:

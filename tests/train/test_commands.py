@@ -253,3 +253,17 @@ def test_adapters_export_loads_in_peft_and_starts_a_run(tiny_model_dir, tmp_path
     gguf = load_config(None, [f"output.dir={tmp_path / 'run'}"])  # the built-in job: a GGUF base
     with pytest.raises(ConfigError, match="GGUF file, which transformers and PEFT cannot use"):
         export(gguf, tmp_path / "x", adapters=True)
+
+
+def test_precompute_ref_for_an_unpaired_loss_on_pairs(tiny_model_dir, tmp_path):  # noqa: F811
+    """BCO trains on pairs read as unpaired examples and is evaluated on the held-out pairs: the cache holds
+    both kinds, and the precomputed run's losses are the fused run's."""
+    cache = f"train.reference_cache={tmp_path / 'cache'}"
+    over = ("loss.name=bco", "loss.hparams={}", "train.batch_size=16")
+    _, fused = train(quick(None, tiny_model_dir, tmp_path / "fused", *STEPS, *over))
+    pre_cfg = quick(None, tiny_model_dir, tmp_path / "pre", *STEPS, *over, "train.reference=precomputed", cache)
+    reference_cache.precompute(pre_cfg)
+    _, pre = train(pre_cfg)
+    np.testing.assert_allclose([h["loss"] for h in pre], [h["loss"] for h in fused], rtol=1e-5)
+    summary = json.loads((tmp_path / "pre" / "summary.json").read_text())
+    assert "eval/rewards/accuracies" in summary["after"]
