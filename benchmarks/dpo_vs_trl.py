@@ -9,7 +9,7 @@ step: what a user waits for) and the median step time after the first (every ste
 Peak resident memory is the process's ru_maxrss. MFU counts the work's useful FLOPs (prefopt_jax's analytic
 count for the packed layout, the same for both) against this machine's measured fp32 matmul peak.
 
-    python benchmarks/dpo_vs_trl.py --trl-python /path/to/venv-with-trl/bin/python [--steps 8]
+    python benchmarks/dpo_vs_trl.py --trl-python /path/to/venv-with-trl/bin/python [--steps 8] [--main-only]
 
 TRL runs need a Python with trl, peft and torch (CPU) installed; `--skip-trl` runs only prefopt_jax.
 Also printed: TRL in bf16 for reference, each of prefix sharing / packing / precomputed reference log-probs
@@ -207,6 +207,7 @@ def main() -> None:
     parser.add_argument("--side-steps", type=int, default=2, help="timed steps of TRL bf16 and the ablations")
     parser.add_argument("--trl-python", default=os.environ.get("TRL_PYTHON"), help="a Python with trl + peft + torch")
     parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument("--main-only", action="store_true", help="only the four runs of the comparison itself")
     parser.add_argument("--work", help="working folder (default: a temporary one)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
@@ -249,7 +250,7 @@ def main() -> None:
     ]
     results = {}
     for kind, variant in plan:
-        if kind == "trl" and args.skip_trl:
+        if (kind == "trl" and args.skip_trl) or (args.main_only and variant["name"] not in MAIN):
             continue
         python = args.trl_python if kind == "trl" else sys.executable
         name = variant["name"]
