@@ -294,7 +294,8 @@ def train(cfg: Config, *, out: IO | None = None, stop_after: int | None = None) 
     optimizer = make_optimizer(cfg)
     run = setup(cfg, optimizer, out)
     spec = run.spec
-    train_step = step_lib.make_train_step(run.model_cfg, spec, optimizer)
+    layout = (jax.tree.map(lambda a: a.sharding, run.state), NamedSharding(run.mesh, PartitionSpec()))
+    train_step = step_lib.make_train_step(run.model_cfg, spec, optimizer, out_shardings=layout)
     eval_step = step_lib.make_eval_step(run.model_cfg, run.eval_spec)
     peak, peak_source = flops_lib.peak_flops(t.peak_tflops)
     geometry = run.batch_specs["train"].geometries["main"]

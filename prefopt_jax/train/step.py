@@ -371,8 +371,13 @@ def init_state(trainable: Any, optimizer: optax.GradientTransformation, loss: Lo
     return state
 
 
-def make_train_step(cfg: ModelConfig, spec: StepSpec, optimizer: optax.GradientTransformation) -> Callable:
+def make_train_step(
+    cfg: ModelConfig, spec: StepSpec, optimizer: optax.GradientTransformation, out_shardings: Any = None
+) -> Callable:
     """`step(state, frozen, ref_params, batch) -> (state, metrics)`, jitted, the state donated.
+    `out_shardings` ((the state's shardings, the metrics'), as the run holds them) keeps the new state in
+    exactly the layout the next step takes, so the step compiles once (XLA may otherwise name an
+    equivalent layout differently, which is a new input signature).
 
     `batch` holds micro-batches stacked on a leading axis (gradient accumulation inside the step: a scan
     that sums gradients); the step's objective is the weighted mean loss over all of its groups. A step
@@ -429,7 +434,9 @@ def make_train_step(cfg: ModelConfig, spec: StepSpec, optimizer: optax.GradientT
             )
         return new_state, {**metrics, "grad_norm": grad_norm, "skipped": new_state["skipped"]}
 
-    return jax.jit(step, donate_argnums=(0,))
+    if out_shardings is None:
+        return jax.jit(step, donate_argnums=(0,))
+    return jax.jit(step, donate_argnums=(0,), out_shardings=out_shardings)
 
 
 def make_eval_step(cfg: ModelConfig, spec: StepSpec) -> Callable:

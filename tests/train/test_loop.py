@@ -77,6 +77,7 @@ def test_full_finetuning_with_a_frozen_reference_and_accumulation(tiny_model_dir
     )  # fmt: skip
     state, history = prefopt_jax.train(cfg)  # the Python entry point
     assert "lora" not in state["trainable"].get("layers", {}) and history[-1]["step"] == 2
+    assert history[-1]["compilations"] == 1  # the donated full state comes back in the same layout
     with pytest.raises(TypeError, match="Config or a YAML path"):
         prefopt_jax.train({"train": {}})
 
