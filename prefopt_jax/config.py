@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -16,6 +17,16 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key and the valid choices."""
+
+
+def cache_folder(where: str | None, name: str) -> str | None:
+    """A cache setting's folder: "auto" is `name` under the user's cache ($XDG_CACHE_HOME or ~/.cache, then
+    prefopt_jax); None is off; a path is expanded; a URL is kept."""
+    if where == "auto":
+        return str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "prefopt_jax" / name)
+    if where is not None and "://" not in where:
+        return str(Path(where).expanduser())
+    return where
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +54,9 @@ class MeshSection:
 
 @dataclasses.dataclass(frozen=True)
 class DataSection:
-    source: str = "builtin:compare"  # generated "which is larger?" pairs; or a file, glob or hub dataset id
+    # generated "which is larger?" pairs; or a file, glob or hub dataset id; or a list of them: a mixture
+    source: str | tuple[str, ...] = "builtin:compare"
+    weights: tuple[float, ...] | None = None  # a mixture's shares of the training stream; None: by size
     format: str | None = None
     max_length: int = 256
     max_prompt_length: int | None = None
@@ -52,6 +65,7 @@ class DataSection:
     pack_length: int | None = None  # tokens per batch row (a multiple of 32; 128 for TPU/GPU); None: from the data
     micro_batch_rows: int | None = None  # rows per micro-batch; None: sized from the data (see data.derive_geometry)
     on_error: str = "raise"
+    cache: str | None = "auto"  # tokenised examples ("auto": ~/.cache/prefopt_jax/tokenized); null: off
     num_train: int = 512  # builtin:compare sizes
     num_eval: int = 64
 
@@ -332,6 +346,7 @@ def validate(cfg: Config, devices: int | None = None) -> None:
             raise ConfigError(f"train.profile_steps must be [first, last] steps with 1 <= first <= last, got {list(p)}")
         if p[1] > t.steps:
             raise ConfigError(f"train.profile_steps={list(p)} goes past train.steps={t.steps}")
+    check_sources(cfg)
     if devices is None:
         import jax
 
@@ -368,6 +383,20 @@ RANGES = {
     "output.checkpoint_every": (0, None, False),
     "output.keep": (1, None, False),
 }
+
+
+def check_sources(cfg: Config) -> None:
+    d = cfg.data
+    sources = (d.source,) if isinstance(d.source, str) else d.source
+    if not sources or not all(isinstance(s, str) and s for s in sources):
+        raise ConfigError(f"data.source must be a file, glob or hub id, or a non-empty list of them; got {d.source!r}")
+    if len(sources) > 1 and "builtin:compare" in sources:
+        raise ConfigError("data.source: builtin:compare cannot be part of a mixture")
+    if d.weights is not None:
+        if len(d.weights) != len(sources):
+            raise ConfigError(f"data.weights has {len(d.weights)} entries for the {len(sources)} data.source entries")
+        if not all(w > 0 for w in d.weights):
+            raise ConfigError(f"data.weights must all be positive, got {list(d.weights)}")
 
 
 def check_ranges(cfg: Config) -> None:

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 from prefopt_jax import cli, losses
 from prefopt_jax.losses.docs import render_markdown
 
@@ -51,3 +53,21 @@ def test_cli_prints_configuration_errors_in_one_line_and_keeps_tracebacks_of_bug
 
     with pytest.raises(ValueError, match="a genuine bug"):  # not swallowed into one line
         cli.main(["losses"])
+
+
+def test_bad_data_stops_train_and_eval_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """A file as a spreadsheet exports it (Latin-1 bytes on line 3): exit 2 with the file, line and column,
+    no traceback, and no model loaded (the data is read before it)."""
+    import json
+
+    from prefopt_jax.train import runtime
+
+    good = json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}).encode()
+    bad = tmp_path / "export.jsonl"
+    bad.write_bytes(b"\r\n".join([good, good, b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}', good]))
+    monkeypatch.setattr(runtime, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    for command in ("train", "eval"):
+        assert cli.main([command, f"data.source={bad}", f"output.dir={tmp_path / 'run'}"]) == 2
+        err = capsys.readouterr().err
+        assert f"{bad}, line 3: byte 0xe9 at column 16 is not UTF-8; save the file as UTF-8" in err, err
+        assert "Traceback" not in err

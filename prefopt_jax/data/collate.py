@@ -78,8 +78,10 @@ def parts(spec: BatchSpec, examples: Sequence) -> dict[str, Part]:
     return out
 
 
-def packer(spec: BatchSpec, examples: Sequence, *, seed: int = 0, shuffle: bool = True, state=None) -> Packer:
-    return Packer(len(examples), parts(spec, examples), seed=seed, shuffle=shuffle, state=state)
+def packer(
+    spec: BatchSpec, examples: Sequence, *, seed: int = 0, shuffle: bool = True, state=None, mixture=None
+) -> Packer:
+    return Packer(len(examples), parts(spec, examples), seed=seed, shuffle=shuffle, state=state, mixture=mixture)
 
 
 def host_arrays(

@@ -64,12 +64,19 @@ class Packer:
         shuffle: bool = True,
         lookahead: int | None = None,
         state: dict | None = None,
+        mixture: tuple[np.ndarray, Sequence[float]] | None = None,
     ):
         if n < 1:
             raise ValueError("no examples to batch")
         if "main" not in parts:
             raise ValueError("a micro-batch needs a 'main' part")
-        self.n, self.parts, self.seed, self.shuffle = n, parts, seed, shuffle
+        if mixture is not None:
+            source_of, weights = np.asarray(mixture[0]), [float(w) for w in mixture[1]]
+            empty = [s for s in range(len(weights)) if not np.any(source_of == s)]
+            if len(source_of) != n or empty:
+                raise ValueError(f"mixture sources {empty} have no training examples" if empty else "mixture size")
+            mixture = (source_of, weights)
+        self.n, self.parts, self.seed, self.shuffle, self.mixture = n, parts, seed, shuffle, mixture
         self.groups = parts["main"].geometry.groups
         self.lookahead = lookahead if lookahead is not None else 4 * self.groups
         self.epoch, self.position, self.deferred = 0, 0, []
@@ -80,11 +87,28 @@ class Packer:
     # ---- order and state ----------------------------------------------------------------------------
 
     def order(self, epoch: int) -> np.ndarray:
+        """The examples epoch `epoch` visits, in order: a seeded permutation; for a mixture, each source's
+        share of n draws (weight / sum of weights), taken from that source's own stream of seeded
+        permutations (so over epochs every example of a source is drawn equally often), shuffled together."""
         if not self.shuffle:
             return np.arange(self.n)
         if epoch != self._order_epoch:
-            self._order_epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(self.n) if self.mixture is None else self._mixture_draws(epoch)
+            self._order_epoch, self._order = epoch, order[rng.permutation(len(order))] if self.mixture else order
         return self._order
+
+    def _mixture_draws(self, epoch: int) -> np.ndarray:
+        source_of, weights = self.mixture
+        draws = np.maximum(1, np.round(self.n * np.asarray(weights) / sum(weights))).astype(np.int64)
+        picks = []
+        for s, d in enumerate(draws):
+            members = np.flatnonzero(source_of == s)
+            at = np.arange(epoch * d, (epoch + 1) * d)  # positions in the source's endless stream
+            for cycle in np.unique(at // len(members)):
+                perm = np.random.default_rng([self.seed, 1 + s, int(cycle)]).permutation(len(members))
+                picks.append(members[perm[at[at // len(members) == cycle] % len(members)]])
+        return np.concatenate(picks)
 
     def state(self) -> dict:
         """Where the next micro-batch starts (JSON-serialisable)."""
@@ -94,13 +118,20 @@ class Packer:
             "deferred": list(self.deferred),
             "seed": self.seed,
             "num_examples": self.n,
+            "mixture": None if self.mixture is None else self.mixture[1],
         }
 
     def restore(self, state: dict) -> None:
-        if state.get("num_examples", self.n) != self.n or state.get("seed", self.seed) != self.seed:
+        weights = None if self.mixture is None else self.mixture[1]
+        if (state.get("num_examples", self.n), state.get("seed", self.seed), state.get("mixture")) != (
+            self.n,
+            self.seed,
+            weights,
+        ):
             raise ValueError(
-                f"packer state {state} was saved for {state.get('num_examples')} examples and seed "
-                f"{state.get('seed')}; this run has {self.n} and seed {self.seed}"
+                f"packer state {state} was saved for {state.get('num_examples')} examples, seed "
+                f"{state.get('seed')} and mixture weights {state.get('mixture')}; this run has {self.n}, "
+                f"{self.seed} and {weights}"
             )
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self.deferred = [int(i) for i in state["deferred"]]
@@ -123,7 +154,7 @@ class Packer:
         return True
 
     def _next_candidate(self) -> int | None:
-        if self.position == self.n:
+        if self.position == len(self.order(self.epoch)):
             if not self.shuffle:
                 return None
             self.epoch, self.position = self.epoch + 1, 0

@@ -12,11 +12,15 @@ Optional everywhere: "system" (a system prompt) and "weight" (a per-example weig
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 Messages = tuple[tuple[str, str], ...]  # ((role, content), ...)
 FORMATS = ("standard", "conversational", "implicit", "unpaired", "ranked")
+# the roles chat templates render; anything else would be trained on as whatever the template makes of it
+ROLES = ("system", "user", "assistant", "tool")
+ROLE_HINTS = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "developer": "system"}
 
 
 class DataError(ValueError):
@@ -28,13 +32,19 @@ class DataError(ValueError):
         self.reason = reason
 
 
-@dataclasses.dataclass(frozen=True)
-class Origin:
+class Origin(typing.NamedTuple):
+    """Where a row came from, said the way its source counts: a text file's 1-based line, a table's (or hub
+    dataset's, or .json list's) 1-based row, an in-memory list's Python index. (A named tuple: a cached
+    source of a million rows makes a million of them.)"""
+
     source: str
-    row: int  # 0-based row index within the source (line number - 1 for JSONL)
+    index: int  # 0-based position within the source
+    unit: str = "row"  # "line" | "row" | "index"
 
     def __str__(self) -> str:
-        return f"{self.source}, row {self.row}"
+        if self.unit == "index":
+            return f"{self.source}[{self.index}]"
+        return f"{self.source}, {self.unit} {self.index + 1}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +113,13 @@ def _messages(value: Any, what: str) -> Messages:
             raise DataError(f"`{what}[{i}]` must be a {{'role', 'content'}} message, got {m!r:.80}")
         if not isinstance(m["content"], str):
             raise DataError(f"`{what}[{i}].content` must be a string, got {type(m['content']).__name__}")
+        if m["role"] not in ROLES:
+            hint = f" (rename {m['role']!r} to {ROLE_HINTS[m['role']]!r})" if m["role"] in ROLE_HINTS else ""
+            raise DataError(
+                f"`{what}[{i}].role` is {m['role']!r}, which chat templates do not know; expected one of "
+                f"{', '.join(ROLES)}{hint}",
+                "unknown role",
+            )
         out.append((str(m["role"]), m["content"]))
     return tuple(out)
 

@@ -26,10 +26,20 @@ class DataReport:
     unused: int = 0
     dropped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     truncated: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    first: dict[str, str] = dataclasses.field(default_factory=dict)  # reason -> the first such row's message
 
-    def drop(self, reason: str) -> None:
+    def drop(self, error: DataError) -> None:
         self.used -= 1
-        self.dropped[reason] += 1
+        self.dropped[error.reason] += 1
+        self.first.setdefault(error.reason, str(error))
+
+    def merge(self, other: DataReport) -> None:
+        """Add another source's accounting to this one."""
+        self.read, self.used, self.unused = self.read + other.read, self.used + other.used, self.unused + other.unused
+        self.dropped.update(other.dropped)
+        self.truncated.update(other.truncated)
+        for reason, message in other.first.items():
+            self.first.setdefault(reason, message)
 
     def check(self) -> None:
         if self.read != self.used + self.unused + sum(self.dropped.values()):
@@ -37,68 +47,138 @@ class DataReport:
 
     def summary(self) -> str:
         parts = [f"{self.read} rows read, {self.used} used"]
-        parts += [f"{n} dropped ({reason})" for reason, n in sorted(self.dropped.items())]
+        parts += [f"{n} dropped ({reason}; first: {self.first[reason]})" for reason, n in sorted(self.dropped.items())]
         parts += [f"{self.unused} not needed (another split)"] if self.unused else []
         parts += [f"{n} truncated ({what})" for what, n in sorted(self.truncated.items())]
         return ", ".join(parts)
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f):
+BOMS = {b"\xff\xfe": "UTF-16", b"\xfe\xff": "UTF-16", b"\xff\xfe\x00\x00": "UTF-32"}
+
+
+def _not_utf8(path: Path, raw: bytes, at: int, first_line: int = 1) -> DataError:
+    """The error for the byte at offset `at` of `raw` (a file's bytes, or a line's: `first_line` is its number),
+    naming its 1-based line and column."""
+    line, column = raw.count(b"\n", 0, at) + first_line, at - raw.rfind(b"\n", 0, at)
+    return DataError(
+        f"{path}, line {line}: byte 0x{raw[at]:02x} at column {column} is not UTF-8; save the file as UTF-8",
+        "not UTF-8",
+    )
+
+
+def _check_encoding(path: Path, head: bytes) -> None:
+    for bom, name in sorted(BOMS.items(), key=lambda kv: -len(kv[0])):
+        if head.startswith(bom):
+            raise DataError(f"{path}: the file is {name}; save it as UTF-8")
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[Origin, Any]]:
+    """Rows of a JSON Lines file by 1-based line: a UTF-8 BOM, CRLF endings and blank lines are fine; a line
+    that is not UTF-8 or not JSON comes back as its DataError (so it can be skipped)."""
+    with path.open("rb") as f:
+        _check_encoding(path, f.read(4))
+        f.seek(0)
+        rows = 0
+        for i, raw in enumerate(f):
+            if i == 0 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            origin = Origin(str(path), i, "line")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                rows += 1
+                yield origin, _not_utf8(path, raw, e.start, first_line=i + 1)
+                continue
             if not line.strip():
                 continue
+            rows += 1
             try:
-                yield i, json.loads(line)
+                yield origin, json.loads(line)
             except json.JSONDecodeError as e:
-                yield i, DataError(f"{path}, row {i}: malformed JSON ({e.msg} at column {e.colno})", "malformed JSON")
+                yield origin, DataError(f"{origin}: malformed JSON ({e.msg} at column {e.colno})", "malformed JSON")
+    if not rows:
+        raise DataError(f"{path}: the file holds no rows")
 
 
-def _file_rows(path: Path) -> Iterator[tuple[int, Any]]:
+def _json_rows(path: Path) -> Iterator[tuple[Origin, Any]]:
+    raw = path.read_bytes()
+    _check_encoding(path, raw[:4])
+    raw = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, raw, e.start) from None
+    if not text.strip():
+        raise DataError(f"{path}: the file holds no rows")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        where = f"{path}, line {e.lineno}"
+        raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})", "malformed JSON") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        kind = type(data).__name__
+        raise DataError(f"{path}: a .json source must hold a list of rows (or {{'data': [...]}}), got a {kind}")
+    if not data:
+        raise DataError(f"{path}: the file holds no rows")
+    for i, row in enumerate(data):
+        yield Origin(str(path), i, "row"), row
+
+
+def _table_rows(path: Path) -> Iterator[tuple[Origin, Any]]:
+    import datasets
+
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        yield from _jsonl_rows(path)
-    elif suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})", "malformed JSON") from None
-        if isinstance(data, dict) and isinstance(data.get("data"), list):
-            data = data["data"]
-        if not isinstance(data, list):
-            raise DataError(f"{path}: a .json source must hold a list of rows (or {{'data': [...]}})")
-        yield from enumerate(data)
-    elif suffix in (".parquet", ".arrow"):
-        import datasets
-
+    try:
         ds = datasets.Dataset.from_parquet(str(path)) if suffix == ".parquet" else datasets.Dataset.from_file(str(path))
-        yield from enumerate(ds)
-    else:
-        raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .parquet or .arrow")
+    except Exception as e:  # not a parquet/arrow file, truncated, ...
+        raise DataError(f"{path}: cannot be read as {suffix[1:]} ({type(e).__name__}: {e})") from None
+    if len(ds) == 0:
+        raise DataError(f"{path}: the file holds no rows")
+    for i, row in enumerate(ds):
+        yield Origin(str(path), i, "row"), row
+
+
+FILE_READERS = {".jsonl": _jsonl_rows, ".json": _json_rows, ".parquet": _table_rows, ".arrow": _table_rows}
+
+
+def _file_rows(path: Path) -> Iterator[tuple[Origin, Any]]:
+    reader = FILE_READERS.get(path.suffix.lower())
+    if reader is None:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .json, .parquet or .arrow")
+    yield from reader(path)
+
+
+def source_files(source: str) -> list[Path]:
+    """The local files a source names (a path or a glob; none for a hub id); a glob or a data-file path that
+    matches nothing is an error."""
+    text = str(source)
+    paths = sorted(glob.glob(text)) if any(c in text for c in "*?[") else ([text] if Path(text).exists() else [])
+    if not paths and (text.endswith(tuple(FILE_READERS)) or any(c in text for c in "*?[")):
+        raise DataError(f"no data file matches {text!r}")
+    return [Path(p) for p in paths]
 
 
 def _rows(source: str | Path | Sequence[dict], split: str | None) -> Iterator[tuple[Origin, Any]]:
     if isinstance(source, (list, tuple)):
         for i, row in enumerate(source):
-            yield Origin("in-memory rows", i), row
+            yield Origin("in-memory rows", i, "index"), row
         return
-    text = str(source)
-    paths = sorted(glob.glob(text)) if any(c in text for c in "*?[") else ([Path(text)] if Path(text).exists() else [])
+    paths = source_files(str(source))
     if paths:
-        for p in map(Path, paths):
-            for i, row in _file_rows(p):
-                yield Origin(str(p), i), row
+        for p in paths:
+            yield from _file_rows(p)
         return
-    if text.endswith((".jsonl", ".json", ".parquet", ".arrow")) or "*" in text:
-        raise DataError(f"no data file matches {text!r}")
     import datasets  # a hub dataset id
 
+    text = str(source)
     try:
         ds = datasets.load_dataset(text, split=split or "train")
     except Exception as e:  # offline, unknown id, unknown split
         raise DataError(f"{text!r} is neither a local file nor a loadable hub dataset: {e}") from None
     for i, row in enumerate(ds):
-        yield Origin(f"{text}[{split or 'train'}]", i), row
+        yield Origin(f"{text}[{split or 'train'}]", i, "row"), row
 
 
 def read_records(
@@ -118,7 +198,9 @@ def read_records(
     report = report or DataReport()
     records: list[Record] = []
     fmt = format
+    read = 0
     for origin, row in _rows(source, split):
+        read += 1
         report.read += 1
         report.used += 1
         try:
@@ -133,17 +215,32 @@ def read_records(
         except DataError as e:
             if on_error == "raise":
                 raise
-            report.drop(e.reason)
+            report.drop(e)
+    if not read:
+        raise DataError(f"{_name(source)}{f' [{split}]' if split else ''}: no rows")
+    if not records:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(report.dropped.items()))
+        raise DataError(f"{_name(source)}: none of its {read} rows can be used ({reasons})")
     report.check()
     return records, report
 
 
-def split_records(records: Sequence[Record], eval_fraction: float, seed: int = 0) -> tuple[list, list]:
-    """A deterministic train/eval split: the same seed and rows give the same split."""
+def _name(source: str | Path | Sequence[dict]) -> str:
+    return "in-memory rows" if isinstance(source, (list, tuple)) else str(source)
+
+
+def split_indices(n: int, eval_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """A deterministic train/eval split of `n` rows (each in source order): the same seed and count give the
+    same split."""
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must lie in [0, 1), got {eval_fraction}")
-    order = np.random.default_rng(seed).permutation(len(records))
-    n_eval = round(len(records) * eval_fraction)
-    held = set(order[:n_eval].tolist())
-    train = [r for i, r in enumerate(records) if i not in held]
-    return train, [records[i] for i in sorted(held)]
+    order = np.random.default_rng(seed).permutation(n)
+    held = np.zeros(n, bool)
+    held[order[: round(n * eval_fraction)]] = True
+    return np.flatnonzero(~held).tolist(), np.flatnonzero(held).tolist()
+
+
+def split_records(records: Sequence[Record], eval_fraction: float, seed: int = 0) -> tuple[list, list]:
+    """`split_indices` applied to records."""
+    train, held = split_indices(len(records), eval_fraction, seed)
+    return [records[i] for i in train], [records[i] for i in held]

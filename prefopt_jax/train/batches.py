@@ -12,7 +12,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from prefopt_jax import data
-from prefopt_jax.config import Config, ConfigError
+from prefopt_jax.config import Config, ConfigError, cache_folder
 from prefopt_jax.data.synthetic import comparison_pairs
 
 ROW_AXES = ("data", "fsdp")
@@ -21,10 +21,10 @@ TOKEN_ARRAYS = ("input_ids", "positions", "segment_ids", "branch")
 
 def load_data(cfg: Config, tokenizer, splits=("train", "eval")) -> tuple[data.Prepared, list[str] | None]:
     """The train and held-out examples (only the `splits` asked for are tokenised; and, for the built-in
-    task, the held-out answers). Unpaired losses train on unpaired files as they are, and on pairs read as
-    two unpaired examples (chosen desirable, rejected undesirable); held-out pairs stay pairs, so reward
-    accuracy is measured the same way for every loss, and held-out unpaired examples are scored by the loss
-    itself."""
+    task, the held-out answers), through the tokenised cache (`data.cache`). Unpaired losses train on
+    unpaired files as they are, and on pairs read as two unpaired examples (chosen desirable, rejected
+    undesirable); held-out pairs stay pairs, so reward accuracy is measured the same way for every loss, and
+    held-out unpaired examples are scored by the loss itself."""
     d = cfg.data
     if d.source == "builtin:compare":
         train_rows, eval_rows = comparison_pairs(d.num_train, d.num_eval, seed=cfg.train.seed)
@@ -33,9 +33,8 @@ def load_data(cfg: Config, tokenizer, splits=("train", "eval")) -> tuple[data.Pr
         held = data.prepare(eval_rows, tokenizer, splits=("train",) if "eval" in splits else (), **kw)
         prepared, answers = data.Prepared(train.train, held.train, train.report), [r["answer"] for r in eval_rows]
     else:
-        prepared = data.prepare(
-            d.source,
-            tokenizer,
+        sources = (d.source,) if isinstance(d.source, str) else d.source
+        kw = dict(
             format=d.format,
             max_length=d.max_length,
             max_prompt_length=d.max_prompt_length,
@@ -43,7 +42,9 @@ def load_data(cfg: Config, tokenizer, splits=("train", "eval")) -> tuple[data.Pr
             eval_fraction=d.eval_fraction,
             seed=cfg.train.seed,
             splits=splits,
+            cache_dir=cache_folder(d.cache, "tokenized"),
         )
+        prepared = _first_process_writes(lambda: data.prepare_mixture(sources, d.weights, tokenizer, **kw))
         answers = None
     loss = cfg.loss.build()[0]
     unpaired = [e for e in prepared.train + prepared.eval if isinstance(e, data.TokenizedUnpaired)]
@@ -53,8 +54,55 @@ def load_data(cfg: Config, tokenizer, splits=("train", "eval")) -> tuple[data.Pr
             f"({unpaired[0].origin}); use an unpaired loss (kto, bco, apo_zero_unpaired) or paired data"
         )
     if loss.kind == "unpaired":  # pairs become two examples each; unpaired files are used as they are
-        prepared = data.Prepared(data.unpaired_from_pairs(prepared.train), prepared.eval, prepared.report)
+        train, shares = [], []
+        for share in prepared.sources:
+            part = data.unpaired_from_pairs(prepared.train[share.train])
+            shares.append(dataclasses.replace(share, train=slice(len(train), len(train) + len(part))))
+            train += part
+        prepared = dataclasses.replace(
+            prepared, train=train if shares else data.unpaired_from_pairs(prepared.train), sources=shares
+        )
     return prepared, answers
+
+
+def mixture(cfg: Config, prepared: data.Prepared):
+    """The packer's mixture (each training example's source, the weights), or None (no weights given)."""
+    return None if cfg.data.weights is None else (prepared.source_of_train(), cfg.data.weights)
+
+
+def _first_process_writes(prepare):
+    """Run `prepare` so that in a multi-host run one process writes the tokenised cache and the others read
+    it: process 0 first, then the rest (a folder that is not shared: each tokenises for itself). An error in
+    process 0 still reaches the barrier, so no process waits for ever; the others meet it themselves."""
+    if jax.process_count() == 1:
+        return prepare()
+    from jax.experimental import multihost_utils
+
+    first, error = jax.process_index() == 0, None
+    if first:
+        try:
+            result = prepare()
+        except Exception as e:  # raised after the barrier
+            error = e
+    multihost_utils.sync_global_devices("prefopt_jax tokenised cache")
+    if error is not None:
+        raise error
+    return result if first else prepare()
+
+
+def describe(prepared: data.Prepared) -> str:
+    """The data line of a run's log: the row accounting, and per source of a mixture its share."""
+    text = prepared.report.summary()
+    if len(prepared.sources) > 1:
+        total = sum((s.weight or 0.0) for s in prepared.sources)
+        for s in prepared.sources:
+            n = s.train.stop - s.train.start
+            share = f"weight {s.weight:g} ({s.weight / total:.0%} of the stream)" if s.weight else "by size"
+            text += f"\n  {s.name}: {n} train / {s.eval.stop - s.eval.start} held-out, {share}; {s.report.summary()}"
+    cached = {s.cache for s in prepared.sources} - {None}
+    if cached:
+        text += f" (tokenised cache: {', '.join(sorted(cached))})"
+    return text
 
 
 def rows_per_device_group(mesh: Mesh) -> int:

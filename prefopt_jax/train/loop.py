@@ -169,15 +169,14 @@ def setup(
     the initial state. Without `optimizer_state` the optimizer's part of the state is shapes only (evaluation
     and export read a checkpoint's policy and allocate no Adam moments)."""
     t = cfg.train
-    mesh, model, tokenizer = runtime.load(cfg)
-    mcfg, base = model.config, model.params()
+    mesh, tokenizer = runtime.start(cfg)
     if t.reference == "precomputed" and splits:  # the cache key covers both splits
         splits = ("train", "eval")
-    prepared, answers = batches.load_data(cfg, tokenizer, splits)
-    print(
-        f"model {cfg.model.source} ({mcfg.num_params() / 1e6:.0f}M params) loaded; data: {prepared.report.summary()}",
-        file=out,
-    )
+    prepared, answers = batches.load_data(cfg, tokenizer, splits)  # bad data stops the run before the model loads
+    print(f"data: {batches.describe(prepared)}", file=out)
+    model = runtime.load_model(cfg, mesh)
+    mcfg, base = model.config, model.params()
+    print(f"model {cfg.model.source} ({mcfg.num_params() / 1e6:.0f}M params) loaded", file=out)
     attention = runtime.attention(cfg, mcfg, mesh.devices.flat[0].platform)
     specs = batch_specs(cfg, prepared, mesh, attention)
     spec = step_spec(cfg, specs["train"].geometries if specs else {}, attention, mesh)
@@ -302,7 +301,9 @@ def train(cfg: Config, *, out: IO | None = None, stop_after: int | None = None) 
 
     ckpt = checkpoint.manager(run_dir / "checkpoints", keep=cfg.output.keep)
     restored = checkpoint.restore_latest(ckpt, run.state) if cfg.output.resume else None
-    packer = data.packer(run.batch_specs["train"], run.prepared.train, seed=t.seed)
+    packer = data.packer(
+        run.batch_specs["train"], run.prepared.train, seed=t.seed, mixture=batches.mixture(cfg, run.prepared)
+    )
     if restored is None:
         history: list[dict] = []
         before = evaluate(run, eval_step, run.state["trainable"], run.state["loss_state"])
@@ -326,6 +327,7 @@ def train(cfg: Config, *, out: IO | None = None, stop_after: int | None = None) 
         pad_id=run.pad_id, ref_cache=ref,
     )  # fmt: skip
     iterator_state = packer.state()  # where the data stream stands after the last finished step
+    source_of = run.prepared.source_of_train()
     progress = {"in_a_row": 0, "tokens": 0, "last": time.perf_counter(), "t0": time.perf_counter()}
 
     def finish(i: int, metrics, item: pipeline_lib.StepInput) -> None:
@@ -351,6 +353,10 @@ def train(cfg: Config, *, out: IO | None = None, stop_after: int | None = None) 
             "mfu": step_flops / step_time / peak,
             "compilations": compilations(train_step),
         }
+        if len(run.prepared.sources) > 1:  # a mixture: examples trained on from each source this step
+            k = len(run.prepared.sources)
+            drawn = np.bincount(source_of[[j for p in item.plans for j in p.examples]], minlength=k)
+            m |= {f"examples/source_{s}": int(n) for s, n in enumerate(drawn)}
         history.append(m)
         iterator_state = item.packer_state
         writer.write(i + 1, m)
@@ -413,6 +419,18 @@ def train(cfg: Config, *, out: IO | None = None, stop_after: int | None = None) 
             "train": len(run.prepared.train),
             "eval": len(run.prepared.eval),
             "report": run.prepared.report.summary(),
+            "sources": [
+                {
+                    "name": s.name,
+                    "weight": s.weight,
+                    "train": s.train.stop - s.train.start,
+                    "eval": s.eval.stop - s.eval.start,
+                    "report": s.report.summary(),
+                    "tokenised_cache": s.cache,
+                    "examples_trained_on": sum(h.get(f"examples/source_{k}", 0) for h in history),
+                }
+                for k, s in enumerate(run.prepared.sources)
+            ],
         },
         "command": shlex.join(["prefopt-jax", *sys.argv[1:]]) if Path(sys.argv[0]).name == "prefopt-jax" else None,
     }

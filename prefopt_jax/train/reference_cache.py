@@ -147,8 +147,9 @@ def precompute(cfg, out=None) -> str:
     from prefopt_jax.train import step as step_lib
 
     out = out or sys.stdout
-    mesh, model, tokenizer = runtime.load(cfg)
+    mesh, tokenizer = runtime.start(cfg)
     prepared, _ = batches.load_data(cfg, tokenizer)
+    model = runtime.load_model(cfg, mesh)
     key = key_for(cfg, prepared)
     root = cfg.train.reference_cache
     splits = {"train": prepared.train, "eval": prepared.eval}

@@ -3,15 +3,12 @@ model loaded into its shards, the tokenizer and the attention implementation."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from prefopt_jax import models, sharding
-from prefopt_jax.config import Config, ConfigError
+from prefopt_jax.config import Config, ConfigError, cache_folder
 from prefopt_jax.models import attention as attention_lib
 
 
@@ -20,10 +17,7 @@ def use_compilation_cache(where: str | None) -> str | None:
     repeated run loads its step instead of compiling it. Returns the folder in use."""
     from jax.experimental.compilation_cache import compilation_cache
 
-    if where == "auto":
-        where = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "prefopt_jax" / "xla")
-    elif where is not None and "://" not in where:
-        where = str(Path(where).expanduser())
+    where = cache_folder(where, "xla")
     if jax.config.jax_compilation_cache_dir != where:
         jax.config.update("jax_compilation_cache_dir", where)
         compilation_cache.reset_cache()  # the next compilation opens the new folder
@@ -34,12 +28,16 @@ def dtype_of(name: str):
     return jnp.bfloat16 if name == "bfloat16" else jnp.float32
 
 
-def load(cfg: Config) -> tuple[Mesh, models.Decoder, object]:
-    """(mesh, model with its parameters sharded over the mesh, tokenizer)."""
+def start(cfg: Config) -> tuple[Mesh, object]:
+    """(mesh, tokenizer): what a command needs before its data, so bad data stops it before the model loads."""
     use_compilation_cache(cfg.output.compilation_cache)  # before the first compilation of the command
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    model = models.load_pretrained(cfg.model.source, dtype=dtype_of(cfg.model.dtype), mesh=mesh, rules=cfg.mesh.rules)
-    return mesh, model, models.load_tokenizer(cfg.model.source)
+    return mesh, models.load_tokenizer(cfg.model.source)
+
+
+def load_model(cfg: Config, mesh: Mesh) -> models.Decoder:
+    """The model with its parameters sharded over the mesh."""
+    return models.load_pretrained(cfg.model.source, dtype=dtype_of(cfg.model.dtype), mesh=mesh, rules=cfg.mesh.rules)
 
 
 def attention(cfg: Config, mcfg: models.ModelConfig, platform: str) -> str:

@@ -32,7 +32,7 @@ def test_resume_continues_at_the_exact_next_micro_batch():
     expected = [summary(first.next_micro()) for _ in range(10)]
     resumed = data.packer(spec, ex, seed=7, state=state)
     assert [summary(resumed.next_micro()) for _ in range(10)] == expected
-    with pytest.raises(ValueError, match="saved for 103 examples and seed 7"):
+    with pytest.raises(ValueError, match="saved for 103 examples, seed 7"):
         data.packer(spec, ex, seed=8, state=state)
 
 
@@ -96,3 +96,76 @@ def test_an_example_too_long_for_the_geometry_is_an_error():
         data.packer(spec, [*ex, long], shuffle=False).next_step(3)
     with pytest.raises(data.TooLarge, match="example 0 "):
         data.packer(spec, [long, *ex], seed=0, shuffle=True).next_step(50)  # raised, not deferred forever
+
+
+def test_a_mixture_draws_each_source_by_its_weight_and_every_example_of_a_source_equally():
+    ex = examples(90)
+    source_of = np.array([0] * 60 + [1] * 20 + [2] * 10)
+    weights = [1.0, 1.0, 2.0]  # source 2 (10 examples) gets half the stream: each drawn ~4.5x per epoch
+    spec = spec_for(ex)
+    packer = data.packer(spec, ex, seed=5, mixture=(source_of, weights))
+    taken = []
+    while packer.epoch < 4:
+        taken += packer.next_micro().examples
+    counts = np.bincount(source_of[taken], minlength=3) / len(taken)
+    np.testing.assert_allclose(counts, [0.25, 0.25, 0.5], atol=0.03)
+    per_example = np.bincount(np.concatenate([packer.order(e) for e in range(4)]), minlength=90)
+    for s in range(3):  # the stream draws every example of a source as often as any other, give or take one
+        drawn = per_example[source_of == s]
+        assert drawn.max() - drawn.min() <= 1, (s, drawn)
+    a, b = (data.packer(spec, ex, seed=5, mixture=(source_of, weights)) for _ in range(2))
+    assert [summary(a.next_micro()) for _ in range(5)] == [summary(b.next_micro()) for _ in range(5)]
+    state = packer.state()
+    expected = [summary(packer.next_micro()) for _ in range(6)]
+    resumed = data.packer(spec, ex, seed=5, mixture=(source_of, weights), state=state)
+    assert [summary(resumed.next_micro()) for _ in range(6)] == expected
+    with pytest.raises(ValueError, match=r"mixture weights \[1.0, 1.0, 2.0\]"):
+        data.packer(spec, ex, seed=5, mixture=(source_of, [1.0, 1.0, 1.0]), state=state)
+    with pytest.raises(ValueError, match=r"mixture sources \[2\] have no training examples"):
+        data.packer(spec, ex, mixture=(np.minimum(source_of, 1), weights))
+
+
+class Recorded:
+    """A token array that records who reads its tokens (not its length, which every process plans with)."""
+
+    def __init__(self, ids, key, log):
+        self.ids, self.key, self.log = ids, key, log
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __array__(self, dtype=None, copy=None):
+        self.log.append(self.key)
+        return self.ids if dtype is None else self.ids.astype(dtype)
+
+
+def test_eight_processes_read_each_example_once_and_only_their_share():
+    """A simulated 8-host run (8 row shares of every micro-batch): over one pass every completion's tokens are
+    read by exactly one process, and each process reads about an eighth of them."""
+    base = examples(160, seed=2)
+    logs = [[] for _ in range(8)]
+    spec = data.batch_spec(base, layout="packed", groups=16, max_length=100, row_multiple=8, length_multiple=32)
+    rows = spec.geometries["main"].rows // 8
+    plans = []
+    packer = data.packer(spec, base, shuffle=False)
+    while (plan := packer.next_micro()) is not None:
+        plans.append(plan)
+    for h in range(8):
+        ex = [
+            data.TokenizedPair(
+                Recorded(e.prompt, (i, "p"), logs[h]),
+                Recorded(e.chosen, (i, "c"), logs[h]),
+                Recorded(e.rejected, (i, "r"), logs[h]),
+                1.0,
+                i,
+            )
+            for i, e in enumerate(base)
+        ]
+        for plan in plans:
+            data.host_arrays(spec, plan, ex, rows={"main": slice(h * rows, (h + 1) * rows)})
+    read = [k for log in logs for k in log]
+    assert sorted(read) == sorted((i, c) for i in range(160) for c in "pcr")  # each read exactly once
+    tokens = np.array([sum(len(getattr(base[i], {"p": "prompt", "c": "chosen", "r": "rejected"}[c])) for i, c in log)
+                       for log in logs])  # fmt: skip
+    shares = tokens / tokens.sum()
+    assert shares.max() < 1 / 8 * 1.5 and shares.min() > 1 / 8 * 0.5, shares

@@ -17,7 +17,7 @@ MSG = [{"role": "user", "content": "hi"}]
 
 def test_formats_are_detected_and_normalised():
     standard, _ = data.read_records([{"prompt": "p", "chosen": "a", "rejected": "b", "weight": 0.5}])
-    assert standard[0] == data.Pair("p", "a", "b", 0.5, data.Origin("in-memory rows", 0))
+    assert standard[0] == data.Pair("p", "a", "b", 0.5, data.Origin("in-memory rows", 0, "index"))
     conv, _ = data.read_records([{"prompt": MSG, "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"}])
     assert conv[0].prompt == (("user", "hi"),) and conv[0].chosen == "a"
     implicit, _ = data.read_records(
@@ -53,11 +53,13 @@ def test_ultrafeedback_rows_take_the_prompt_from_the_conversation():
 
 
 def test_format_override_and_unknown_format():
-    with pytest.raises(data.DataError, match=r"row 0: missing field 'label' for the unpaired format"):
+    with pytest.raises(data.DataError, match=r"in-memory rows\[0\]: missing field 'label' for the unpaired format"):
         data.read_records([{"prompt": "p", "chosen": "a", "rejected": "b"}], format="unpaired")
     with pytest.raises(data.DataError, match="unknown format 'pairs'"):
         data.read_records([], format="pairs")
-    with pytest.raises(data.DataError, match=r"row 0: cannot tell the format from the keys \['question'\]"):
+    with pytest.raises(
+        data.DataError, match=r"in-memory rows\[0\]: cannot tell the format from the keys \['question'\]"
+    ):
         data.read_records([{"question": "?"}])
 
 
@@ -70,7 +72,7 @@ def test_file_sources_json_jsonl_parquet_and_globs(tmp_path):
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "c.parquet"))
     got, report = data.read_records(str(tmp_path / "*"))
     assert [r.prompt for r in got] == ["p0", "p1", "p2", "p3", "p0", "p1", "p2", "p3"]
-    assert got[2].origin == data.Origin(str(tmp_path / "b.json"), 0)
+    assert got[2].origin == data.Origin(str(tmp_path / "b.json"), 0, "row")
     assert report.read == report.used == 8
     with pytest.raises(data.DataError, match="no data file matches"):
         data.read_records(str(tmp_path / "missing.jsonl"))
@@ -81,14 +83,14 @@ def test_file_sources_json_jsonl_parquet_and_globs(tmp_path):
 @pytest.mark.parametrize(
     "line,match,reason",
     [
-        ('{"prompt": "p", "chosen": "a", "rejected": ', r"bad\.jsonl, row 1: malformed JSON", "malformed JSON"),
-        ('{"prompt": "p", "chosen": "a"}', r"bad\.jsonl, row 1: missing field 'rejected'", "missing field"),
-        ('{"prompt": "p", "chosen": "", "rejected": "b"}', r"bad\.jsonl, row 1: empty chosen completion", "empty completion"),
-        ('{"prompt": "p", "chosen": "same", "rejected": "same"}', r"bad\.jsonl, row 1: chosen and rejected are identical", "identical pair"),
-        ('{"prompt": "p", "chosen": 3, "rejected": "b"}', r"bad\.jsonl, row 1: `chosen` must be a string", "invalid row"),
-        ('{"prompt": [{"role": "user", "content": 5}], "chosen": "a", "rejected": "b"}', r"row 1: `prompt\[0\]\.content` must be a string", "invalid row"),
-        ('{"prompt": "p", "chosen": "a", "rejected": "b", "weight": -1}', r"row 1: `weight` must be a non-negative number", "invalid row"),
-        ('[1, 2]', r"bad\.jsonl, row 1: a row must be a JSON object", "invalid row"),
+        ('{"prompt": "p", "chosen": "a", "rejected": ', r"bad\.jsonl, line 2: malformed JSON", "malformed JSON"),
+        ('{"prompt": "p", "chosen": "a"}', r"bad\.jsonl, line 2: missing field 'rejected'", "missing field"),
+        ('{"prompt": "p", "chosen": "", "rejected": "b"}', r"bad\.jsonl, line 2: empty chosen completion", "empty completion"),
+        ('{"prompt": "p", "chosen": "same", "rejected": "same"}', r"bad\.jsonl, line 2: chosen and rejected are identical", "identical pair"),
+        ('{"prompt": "p", "chosen": 3, "rejected": "b"}', r"bad\.jsonl, line 2: `chosen` must be a string", "invalid row"),
+        ('{"prompt": [{"role": "user", "content": 5}], "chosen": "a", "rejected": "b"}', r"line 2: `prompt\[0\]\.content` must be a string", "invalid row"),
+        ('{"prompt": "p", "chosen": "a", "rejected": "b", "weight": -1}', r"line 2: `weight` must be a non-negative number", "invalid row"),
+        ('[1, 2]', r"bad\.jsonl, line 2: a row must be a JSON object", "invalid row"),
     ],
 )  # fmt: skip
 def test_bad_rows_name_the_file_and_row_or_are_counted(tmp_path, line, match, reason):
@@ -108,3 +110,98 @@ def test_split_is_deterministic_and_disjoint():
     assert (train, held) == again and len(held) == 10 and len(train) == 40
     assert {r.prompt for r in train}.isdisjoint({r.prompt for r in held})
     assert data.split_records(records, 0.2, seed=4)[1] != held
+
+
+GOOD = {"prompt": "p", "chosen": "a", "rejected": "b"}
+
+
+def test_files_as_editors_and_spreadsheets_save_them_load(tmp_path):
+    """A UTF-8 byte-order mark, CRLF line ends, blank lines and any Unicode are valid; lines are 1-based
+    and count the blank ones."""
+    rows = [
+        {"prompt": "naïve café? 日本語", "chosen": "😀 ok", "rejected": "مرحبا"},
+        {"prompt": [{"role": "user", "content": "hi\r\nthere"}], "chosen": "a", "rejected": "b"},
+    ]
+    text = "\r\n".join([json.dumps(rows[0], ensure_ascii=False), "", "   ", json.dumps(rows[1])]) + "\r\n"
+    path = tmp_path / "saved.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    records, report = data.read_records(path)
+    assert [r.prompt for r in records] == ["naïve café? 日本語", (("user", "hi\r\nthere"),)]
+    assert records[0].chosen == "😀 ok" and report.read == report.used == 2
+    assert [str(r.origin) for r in records] == [f"{path}, line 1", f"{path}, line 4"]
+    as_json = tmp_path / "saved.json"
+    as_json.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows, ensure_ascii=False).encode("utf-8"))
+    assert [r.chosen for r in data.read_records(as_json)[0]] == ["😀 ok", "a"]
+
+
+def test_bytes_that_are_not_utf8_name_the_line_and_column_and_can_be_skipped(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    bad = json.dumps({"prompt": "caf\u00e9", "chosen": "a", "rejected": "b"}, ensure_ascii=False).encode("latin-1")
+    path.write_bytes(b"\n".join([json.dumps(GOOD).encode(), bad, json.dumps(GOOD).encode()]) + b"\n")
+    column = bad.index(b"\xe9") + 1
+    with pytest.raises(data.DataError, match=rf"latin1\.jsonl, line 2: byte 0xe9 at column {column} is not UTF-8"):
+        data.read_records(path)
+    records, report = data.read_records(path, on_error="skip")
+    assert len(records) == 2 and report.dropped == {"not UTF-8": 1}
+    assert "not UTF-8; first: " in report.summary() and "line 2" in report.summary()
+    whole = tmp_path / "latin1.json"
+    whole.write_bytes(b"[\n" + json.dumps(GOOD).encode() + b",\n" + bad + b"\n]")
+    with pytest.raises(data.DataError, match=rf"latin1\.json, line 3: byte 0xe9 at column {column} is not UTF-8"):
+        data.read_records(whole)
+    utf16 = tmp_path / "utf16.jsonl"
+    utf16.write_bytes(json.dumps(GOOD).encode("utf-16"))
+    with pytest.raises(data.DataError, match=r"utf16\.jsonl: the file is UTF-16; save it as UTF-8"):
+        data.read_records(utf16)
+
+
+def test_json_errors_are_1_based_lines(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('[\n  {"prompt": "p", "chosen": "a", "rejected": "b"},\n  {"prompt": oops}\n]')
+    with pytest.raises(data.DataError, match=r"broken\.json, line 3: malformed JSON"):
+        data.read_records(path)
+
+
+@pytest.mark.parametrize(
+    "write,match",
+    [
+        (lambda p: p.write_text(""), r"empty\.jsonl: the file holds no rows"),
+        (lambda p: p.write_text("\n \r\n\n"), r"empty\.jsonl: the file holds no rows"),
+        (lambda p: p.with_suffix(".json").write_text("[]"), r"empty\.json: the file holds no rows"),
+        (lambda p: p.with_suffix(".json").write_text(""), r"empty\.json: the file holds no rows"),
+    ],
+)
+def test_an_empty_file_is_an_error_not_zero_examples(tmp_path, write, match):
+    write(tmp_path / "empty.jsonl")
+    with pytest.raises(data.DataError, match=match):
+        data.read_records(str(tmp_path / "empty.*"))
+    with pytest.raises(data.DataError, match=match):  # skipping rows does not skip an empty file
+        data.read_records(str(tmp_path / "empty.*"), on_error="skip")
+
+
+def test_no_rows_and_no_usable_rows_are_errors(tmp_path):
+    with pytest.raises(data.DataError, match="in-memory rows: no rows"):
+        data.read_records([])
+    path = write_jsonl(tmp_path / "all_bad.jsonl", ["{", '{"prompt": "p"}', "[1]"])
+    with pytest.raises(data.DataError, match=r"all_bad\.jsonl: none of its 3 rows can be used \(1 invalid row"):
+        data.read_records(path, on_error="skip")
+
+
+@pytest.mark.parametrize(
+    "messages,match",
+    [
+        ([{"role": "human", "content": "hi"}], r"`prompt\[0\]\.role` is 'human'.*rename 'human' to 'user'"),
+        (
+            [{"role": "user", "content": "a"}, {"role": "narrator", "content": "b"}],
+            r"`prompt\[1\]\.role` is 'narrator'",
+        ),
+    ],
+)
+def test_a_role_chat_templates_do_not_know_is_refused(tmp_path, messages, match):
+    path = write_jsonl(tmp_path / "roles.jsonl", [GOOD, {"prompt": messages, "chosen": "a", "rejected": "b"}])
+    with pytest.raises(data.DataError, match=r"roles\.jsonl, line 2: " + match):
+        data.read_records(path)
+    records, report = data.read_records(path, on_error="skip")
+    assert len(records) == 1 and report.dropped == {"unknown role": 1}
+    implicit = {"chosen": [{"role": "gpt", "content": "x"}], "rejected": [{"role": "gpt", "content": "y"}]}
+    with pytest.raises(data.DataError, match=r"`chosen\[0\]\.role` is 'gpt'.*rename 'gpt' to 'assistant'"):
+        data.read_records([implicit])

@@ -55,9 +55,7 @@ def test_truncation_is_counted(tok):
 
 def test_prompt_longer_than_max_length_names_the_row(tok):
     rows = [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "long " * 300, "chosen": "b", "rejected": "c"}]
-    with pytest.raises(
-        data.DataError, match=r"in-memory rows, row 1: the prompt alone is \d+ tokens, max_length is 64"
-    ):
+    with pytest.raises(data.DataError, match=r"in-memory rows\[1\]: the prompt alone is \d+ tokens, max_length is 64"):
         data.prepare(rows, tok, max_length=64)
     skipped = data.prepare(rows, tok, max_length=64, on_error="skip")
     assert skipped.report.read == 2 and skipped.report.used == 1 and skipped.report.dropped == {"prompt too long": 1}

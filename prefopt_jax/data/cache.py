@@ -1,0 +1,228 @@
+"""The tokenised cache: what a source becomes before the train/held-out split (every usable row's tokens, or
+why it cannot be used, and what truncation cut), stored as one Arrow IPC file per key, written once and
+memory-mapped by every later load. The key hashes everything that decides the tokens: the bytes of each file
+(or a hub dataset's fingerprint), the format, the tokenizer's whole serialised definition, its special tokens,
+the chat template and the truncation settings, so a changed setting gives a new key, never a stale hit.
+
+A load builds the examples as views into the mapped file: every process reads the lengths (each plans the
+global batch from them) but only the token pages of the rows it builds."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import tempfile
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from prefopt_jax.data.records import DataError, Origin
+from prefopt_jax.data.sources import DataReport, source_files
+from prefopt_jax.data.tokenize import Encoded, Encoder, TokenizedPair, TokenizedRanked, TokenizedUnpaired
+
+VERSION = "1"  # bump when what the Encoder makes of a record changes
+KINDS = {TokenizedPair: 0, TokenizedUnpaired: 1, TokenizedRanked: 2}
+DROPPED = -1
+
+
+def _hasher():
+    import xxhash  # a dependency of datasets; ~10 GB/s, so hashing the source costs next to nothing
+
+    return xxhash.xxh3_128()
+
+
+def source_digest(source: str, split: str | None, format: str | None) -> str:
+    """A hash of a source's content: each local file's path and bytes, or a hub dataset's fingerprint."""
+    h = _hasher()
+    h.update(json.dumps({"version": VERSION, "format": format, "split": split}).encode())
+    paths = source_files(source)
+    for p in paths:
+        h.update(str(p).encode() + b"\0")
+        with p.open("rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    if not paths:  # a hub dataset: datasets fingerprints what it downloaded
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(source, split=split or "train")
+        except Exception as e:  # offline, unknown id, unknown split
+            raise DataError(f"{source!r} is neither a local file nor a loadable hub dataset: {e}") from None
+        h.update(f"{source}\0{ds._fingerprint}".encode())
+    return h.hexdigest()
+
+
+_DEFINITIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (its size, digest)
+
+
+def _definition_digest(tok) -> str:
+    """A hash of the tokenizer's whole serialised definition (vocabulary, merges, normaliser, pre-tokeniser,
+    added tokens), kept per tokenizer object and size: serialising a large vocabulary takes ~0.1 s."""
+    try:
+        size, digest = _DEFINITIONS[tok]
+        if size == len(tok):
+            return digest
+    except (KeyError, TypeError):
+        pass
+    backend = getattr(tok, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
+    h = _hasher()
+    h.update(definition.encode())
+    try:
+        _DEFINITIONS[tok] = (len(tok), h.hexdigest())
+    except TypeError:  # not weak-referenceable: hashed every time
+        pass
+    return h.hexdigest()
+
+
+def encoder_digest(encoder: Encoder) -> str:
+    """A hash of what decides the tokens of a record: the tokenizer, the template and the truncation."""
+    tok = encoder.tokenizer
+    settings = {
+        "special": {k: str(v) for k, v in tok.special_tokens_map.items()},
+        "bos": encoder.bos,
+        "eos": encoder.eos,
+        "template": getattr(tok, "chat_template", None) if encoder.use_chat_template else None,
+        "max_length": encoder.max_length,
+        "max_prompt_length": encoder.max_prompt_length,
+        "max_completion_length": encoder.max_completion_length,
+        "prompt_truncation": encoder.prompt_truncation,
+    }
+    h = _hasher()
+    h.update(_definition_digest(tok).encode())
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def key(source: str, split: str | None, format: str | None, encoder: Encoder) -> str:
+    h = _hasher()
+    h.update(f"{source_digest(source, split, format)}\0{encoder_digest(encoder)}".encode())
+    return h.hexdigest()
+
+
+def path_for(root: str | Path, cache_key: str) -> Path:
+    return Path(root).expanduser() / f"{cache_key}.arrow"
+
+
+def write(
+    root: str | Path, cache_key: str, outcomes: Sequence[Encoded], origins: Sequence[Origin], read: DataReport
+) -> Path:
+    """Store one source's outcomes and their origins (one per usable row, in order) and its read accounting
+    (rows read, rows dropped while reading by reason, with the first message of each). Written to a temporary
+    file and renamed, so a reader never sees a partial file and concurrent writers of one key leave one file."""
+    import pyarrow as pa
+
+    kinds, segments, tokens, labels, scores, weights = [], [], [], [], [], []
+    reasons, messages, cut_prompt, cut_completions = [], [], [], []
+    for o in outcomes:
+        e = o.example
+        dropped = isinstance(e, DataError)
+        kinds.append(DROPPED if dropped else KINDS[type(e)])
+        parts = [] if dropped else [e.prompt, *_completions(e)]
+        segments.append([len(p) for p in parts])
+        tokens.append(np.concatenate(parts) if parts else np.zeros(0, np.int32))
+        labels.append(bool(getattr(e, "label", False)))
+        scores.append(list(getattr(e, "scores", ())))
+        weights.append(0.0 if dropped else e.weight)
+        reasons.append(e.reason if dropped else None)
+        messages.append(str(e) if dropped else None)
+        cut_prompt.append(o.truncated_prompt)
+        cut_completions.append(o.truncated_completions)
+    names = sorted({o.source for o in origins})
+    source_ids = {n: i for i, n in enumerate(names)}
+    offsets = np.concatenate([[0], np.cumsum([len(t) for t in tokens])]).astype(np.int64)
+    flat = np.concatenate(tokens).astype(np.int32) if tokens else np.zeros(0, np.int32)
+    table = pa.table(
+        {
+            "kind": pa.array(kinds, pa.int8()),
+            "tokens": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat)),
+            "segments": pa.array(segments, pa.list_(pa.int32())),
+            "label": pa.array(labels, pa.bool_()),
+            "scores": pa.array(scores, pa.list_(pa.float64())),
+            "weight": pa.array(weights, pa.float64()),
+            "source": pa.array([source_ids[o.source] for o in origins], pa.int32()),
+            "index": pa.array([o.index for o in origins], pa.int64()),
+            "unit": pa.array([o.unit for o in origins], pa.string()).dictionary_encode(),
+            "drop_reason": pa.array(reasons, pa.string()),
+            "drop_message": pa.array(messages, pa.string()),
+            "truncated_prompt": pa.array(cut_prompt, pa.bool_()),
+            "truncated_completions": pa.array(cut_completions, pa.int16()),
+        }
+    )
+    meta = {"version": VERSION, "sources": names, "read": read.read, "dropped": read.dropped, "first": read.first}
+    table = table.replace_schema_metadata({"prefopt_jax": json.dumps(meta)})
+    target = path_for(root, cache_key)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{cache_key}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f, pa.ipc.new_file(f, table.schema) as writer:
+            writer.write_table(table, max_chunksize=1 << 30)  # one record batch: contiguous columns
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def _completions(e) -> list[np.ndarray]:
+    if isinstance(e, TokenizedPair):
+        return [e.chosen, e.rejected]
+    if isinstance(e, TokenizedUnpaired):
+        return [e.completion]
+    return list(e.responses)
+
+
+def read(root: str | Path, cache_key: str) -> tuple[list[Encoded], DataReport] | None:
+    """(outcomes, read accounting) of a stored key, or None when there is none (or it is unreadable: then it
+    is rebuilt)."""
+    import pyarrow as pa
+
+    path = path_for(root, cache_key)
+    if not path.is_file():
+        return None
+    try:
+        table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+        meta = json.loads(table.schema.metadata[b"prefopt_jax"])
+    except (pa.ArrowException, OSError, KeyError, ValueError):
+        return None
+    if meta.get("version") != VERSION:
+        return None
+    col = lambda name: table.column(name).combine_chunks()
+    tokens, segments = col("tokens"), col("segments")
+    values = tokens.values  # int32, no nulls: a view of its buffer into the mapped file (no page is read yet)
+    flat = np.frombuffer(values.buffers()[1], np.int32, count=len(values), offset=values.offset * 4)
+    flat.flags.writeable = False  # a write would land in (or fault on) the mapped file
+    lengths = segments.values.to_numpy()
+    # rows are contiguous in `flat` and a dropped row has no segments, so segment s starts where the previous ended
+    starts = (np.cumsum(lengths) - lengths).tolist()
+    ends = np.cumsum(lengths).tolist()
+    first_segment = segments.offsets.to_numpy().tolist()
+    kinds = col("kind").to_numpy().tolist()
+    labels = col("label").to_pylist()
+    weights = col("weight").to_numpy().tolist()
+    scores = col("scores").to_pylist()
+    reasons, messages = col("drop_reason").to_pylist(), col("drop_message").to_pylist()
+    cut_prompt, cut_completions = col("truncated_prompt").to_pylist(), col("truncated_completions").to_pylist()
+    names, units = meta["sources"], col("unit").to_pylist()
+    sources, indices = col("source").to_numpy().tolist(), col("index").to_numpy().tolist()
+    outcomes = []
+    for r, kind in enumerate(kinds):
+        if kind == DROPPED:
+            outcomes.append(Encoded(DataError(messages[r], reasons[r])))
+            continue
+        origin = Origin(names[sources[r]], indices[r], units[r])
+        parts = [flat[starts[s] : ends[s]] for s in range(first_segment[r], first_segment[r + 1])]
+        if kind == 0:
+            e = TokenizedPair(parts[0], parts[1], parts[2], weights[r], origin)
+        elif kind == 1:
+            e = TokenizedUnpaired(parts[0], parts[1], labels[r], weights[r], origin)
+        else:
+            e = TokenizedRanked(parts[0], tuple(parts[1:]), tuple(scores[r]), weights[r], origin)
+        outcomes.append(Encoded(e, cut_prompt[r], cut_completions[r]))
+    dropped = collections.Counter(meta["dropped"])
+    report = DataReport(read=meta["read"], used=meta["read"] - sum(dropped.values()), dropped=dropped)
+    report.first.update(meta["first"])
+    return outcomes, report

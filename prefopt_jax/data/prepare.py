@@ -1,0 +1,157 @@
+"""From sources to tokenised train and held-out examples: read, split (seeded, before tokenisation, so the
+split depends on neither the tokenizer nor the truncation), tokenise in batches, through the tokenised cache
+when one is configured, and account for every row; several sources make a weighted mixture."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from prefopt_jax.data import cache
+from prefopt_jax.data.records import DataError
+from prefopt_jax.data.sources import DataReport, read_records, split_indices
+from prefopt_jax.data.tokenize import CHUNK, Encoded, Encoder
+
+
+@dataclasses.dataclass
+class SourceShare:
+    """One source of a run: its name, its mixture weight (None: in proportion to its size), its examples'
+    span in `Prepared.train` and `Prepared.eval`, and its own row accounting."""
+
+    name: str
+    weight: float | None
+    train: slice
+    eval: slice
+    report: DataReport
+    cache: str | None = None  # "hit", "written" or None (no cache)
+
+
+@dataclasses.dataclass
+class Prepared:
+    train: list
+    eval: list
+    report: DataReport
+    sources: list[SourceShare] = dataclasses.field(default_factory=list)
+
+    def source_of_train(self) -> np.ndarray:
+        """[len(train)] the source index of each training example."""
+        out = np.zeros(len(self.train), np.int32)
+        for i, s in enumerate(self.sources):
+            out[s.train] = i
+        return out
+
+
+def _encode(encoder: Encoder, records: Sequence, indices: Sequence[int]) -> dict[int, Encoded]:
+    out = {}
+    for start in range(0, len(indices), CHUNK):
+        chunk = indices[start : start + CHUNK]
+        out.update(zip(chunk, encoder.encode([records[i] for i in chunk]), strict=True))
+    return out
+
+
+def _outcomes(
+    source, split: str | None, format: str | None, encoder: Encoder, on_error: str, cache_dir: str | None, need
+) -> tuple[int, Any, DataReport, str | None]:
+    """(rows usable after reading, outcome of row i (only those `need(n)` asks for, unless the cache is being
+    written), the read accounting, the cache status) of one source."""
+    in_memory = isinstance(source, (list, tuple))
+    key = None if in_memory or cache_dir is None else cache.key(str(source), split, format, encoder)
+    hit = cache.read(cache_dir, key) if key else None
+    if hit is not None:
+        outcomes, report = hit
+        if on_error == "raise" and report.first:  # rows the cache's writer (on_error=skip) dropped while reading
+            raise DataError(next(iter(report.first.values())))
+        return len(outcomes), outcomes.__getitem__, report, "hit"
+    records, report = read_records(source, format=format, split=split, on_error=on_error)
+    wanted = range(len(records)) if key else sorted(i for part in need(len(records)) for i in part)
+    encoded = _encode(encoder, records, list(wanted))
+    status = None
+    if key:
+        outcomes = [encoded[i] for i in range(len(records))]
+        if on_error == "raise":
+            for o in outcomes:  # nothing bad is written for a run that would stop at it
+                if isinstance(o.example, DataError):
+                    raise o.example
+        cache.write(cache_dir, key, outcomes, [r.origin for r in records], report)
+        status = "written"
+    return len(records), encoded.__getitem__, report, status
+
+
+def prepare(
+    source: str | Path | Sequence[dict],
+    tokenizer: Any,
+    *,
+    format: str | None = None,
+    split: str | None = None,
+    max_length: int = 1024,
+    max_prompt_length: int | None = None,
+    max_completion_length: int | None = None,
+    use_chat_template: bool | None = None,
+    on_error: str = "raise",
+    eval_fraction: float = 0.0,
+    eval_split: str | None = None,
+    seed: int = 0,
+    splits: Sequence[str] = ("train", "eval"),
+    cache_dir: str | None = None,
+    weight: float | None = None,
+) -> Prepared:
+    """Read, normalise, split and tokenise a preference source; `report` accounts for every row. The eval
+    set is a seeded `eval_fraction` of the usable rows, or the named `eval_split` of a hub dataset. Only the
+    `splits` asked for are tokenised (the other comes back empty), unless the cache is being written: it holds
+    every row. With `cache_dir` a file or hub source is tokenised once and read back on later calls."""
+    if eval_fraction and eval_split:
+        raise ValueError("give eval_fraction or eval_split, not both")
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    encoder = Encoder(tokenizer, max_length, max_prompt_length, max_completion_length, "keep_end", use_chat_template)
+    common = dict(format=format, encoder=encoder, on_error=on_error, cache_dir=cache_dir)
+    if eval_split is None:
+        by_fraction = lambda n: split_indices(n, eval_fraction, seed)
+        need = lambda n: [part for name, part in zip(("train", "eval"), by_fraction(n), strict=True) if name in splits]
+        n, outcome, report, status = _outcomes(source, split, need=need, **common)
+        parts = [(name, idx, outcome) for name, idx in zip(("train", "eval"), by_fraction(n), strict=True)]
+    else:
+        n, outcome, report, status = _outcomes(
+            source, split, need=lambda n: [range(n)] if "train" in splits else [], **common
+        )
+        m, held_outcome, held_report, _ = _outcomes(
+            source, eval_split, need=lambda m: [range(m)] if "eval" in splits else [], **common
+        )
+        report.merge(held_report)
+        parts = [("train", range(n), outcome), ("eval", range(m), held_outcome)]
+    out = {}
+    for name, idx, get in parts:
+        if name in splits:
+            out[name] = [e for e in (get(i).add_to(report, on_error) for i in idx) if e is not None]
+        else:
+            out[name] = []
+            report.used -= len(idx)
+            report.unused += len(idx)
+    report.check()
+    name = "in-memory rows" if isinstance(source, (list, tuple)) else str(source)
+    share = SourceShare(name, weight, slice(0, len(out["train"])), slice(0, len(out["eval"])), report, status)
+    return Prepared(out["train"], out["eval"], report, [share])
+
+
+def prepare_mixture(sources: Sequence[str], weights: Sequence[float] | None, tokenizer: Any, **kwargs) -> Prepared:
+    """Several sources prepared one by one (each split with the same seed, each with its own accounting) and
+    concatenated; `weights` (one per source) are their shares of the training stream (see `data.Packer`)."""
+    if weights is not None and len(weights) != len(sources):
+        raise ValueError(f"{len(weights)} weights for {len(sources)} sources")
+    if weights is not None and not all(w > 0 for w in weights):
+        raise ValueError(f"mixture weights must be positive, got {list(weights)}")
+    total = Prepared([], [], DataReport())
+    for i, source in enumerate(sources):
+        one = prepare(source, tokenizer, weight=None if weights is None else float(weights[i]), **kwargs)
+        (share,) = one.sources
+        share.train = slice(len(total.train), len(total.train) + len(one.train))
+        share.eval = slice(len(total.eval), len(total.eval) + len(one.eval))
+        total.train += one.train
+        total.eval += one.eval
+        total.report.merge(one.report)
+        total.sources.append(share)
+    return total
