@@ -10,6 +10,7 @@ global batch from them) but only the token pages of the rows it builds."""
 from __future__ import annotations
 
 import collections
+import gc
 import json
 import os
 import tempfile
@@ -190,7 +191,7 @@ def read(root: str | Path, cache_key: str) -> tuple[list[Encoded], DataReport] |
         return None
     if meta.get("version") != VERSION:
         return None
-    col = lambda name: table.column(name).combine_chunks()
+    col = lambda name: table.column(name).chunk(0)  # written as one record batch
     tokens, segments = col("tokens"), col("segments")
     values = tokens.values  # int32, no nulls: a view of its buffer into the mapped file (no page is read yet)
     flat = np.frombuffer(values.buffers()[1], np.int32, count=len(values), offset=values.offset * 4)
@@ -200,28 +201,40 @@ def read(root: str | Path, cache_key: str) -> tuple[list[Encoded], DataReport] |
     starts = (np.cumsum(lengths) - lengths).tolist()
     ends = np.cumsum(lengths).tolist()
     first_segment = segments.offsets.to_numpy().tolist()
-    kinds = col("kind").to_numpy().tolist()
-    labels = col("label").to_pylist()
+    kinds_np = col("kind").to_numpy()
+    kinds = kinds_np.tolist()
+    labels = col("label").to_numpy(zero_copy_only=False).tolist()
     weights = col("weight").to_numpy().tolist()
-    scores = col("scores").to_pylist()
-    reasons, messages = col("drop_reason").to_pylist(), col("drop_message").to_pylist()
-    cut_prompt, cut_completions = col("truncated_prompt").to_pylist(), col("truncated_completions").to_pylist()
-    names, units = meta["sources"], col("unit").to_pylist()
-    sources, indices = col("source").to_numpy().tolist(), col("index").to_numpy().tolist()
+    cut_prompt = col("truncated_prompt").to_numpy(zero_copy_only=False).tolist()
+    cut_completions = col("truncated_completions").to_numpy().tolist()
+    unit_codes = col("unit")
+    unit_names = unit_codes.dictionary.to_pylist()
+    units = [unit_names[c] for c in unit_codes.indices.to_numpy().tolist()]
+    names, sources, indices = meta["sources"], col("source").to_numpy().tolist(), col("index").to_numpy().tolist()
+    # the rare columns (scores of ranked rows, messages of dropped ones) are read only where they are set
+    ranked = {int(r): col("scores")[int(r)].as_py() for r in np.flatnonzero(kinds_np == 2)}
+    drops = {int(r): (col("drop_message")[int(r)].as_py(), col("drop_reason")[int(r)].as_py())
+             for r in np.flatnonzero(kinds_np == DROPPED)}  # fmt: skip
     outcomes = []
-    for r, kind in enumerate(kinds):
-        if kind == DROPPED:
-            outcomes.append(Encoded(DataError(messages[r], reasons[r])))
-            continue
-        origin = Origin(names[sources[r]], indices[r], units[r])
-        parts = [flat[starts[s] : ends[s]] for s in range(first_segment[r], first_segment[r + 1])]
-        if kind == 0:
-            e = TokenizedPair(parts[0], parts[1], parts[2], weights[r], origin)
-        elif kind == 1:
-            e = TokenizedUnpaired(parts[0], parts[1], labels[r], weights[r], origin)
-        else:
-            e = TokenizedRanked(parts[0], tuple(parts[1:]), tuple(scores[r]), weights[r], origin)
-        outcomes.append(Encoded(e, cut_prompt[r], cut_completions[r]))
+    collecting = gc.isenabled()
+    gc.disable()  # tens of thousands of small acyclic objects: the cycle collector would only rescan them
+    try:
+        for r, kind in enumerate(kinds):
+            if kind == DROPPED:
+                outcomes.append(Encoded(DataError(*drops[r])))
+                continue
+            origin = Origin(names[sources[r]], indices[r], units[r])
+            parts = [flat[starts[s] : ends[s]] for s in range(first_segment[r], first_segment[r + 1])]
+            if kind == 0:
+                e = TokenizedPair(parts[0], parts[1], parts[2], weights[r], origin)
+            elif kind == 1:
+                e = TokenizedUnpaired(parts[0], parts[1], labels[r], weights[r], origin)
+            else:
+                e = TokenizedRanked(parts[0], tuple(parts[1:]), tuple(ranked[r]), weights[r], origin)
+            outcomes.append(Encoded(e, cut_prompt[r], cut_completions[r]))
+    finally:
+        if collecting:
+            gc.enable()
     dropped = collections.Counter(meta["dropped"])
     report = DataReport(read=meta["read"], used=meta["read"] - sum(dropped.values()), dropped=dropped)
     report.first.update(meta["first"])

@@ -7,6 +7,7 @@ The embedded default model, SmolLM2-135M-Instruct, comes as a GGUF file inside t
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -48,10 +49,19 @@ def packaged_gguf(package: str, filename: str, short_name: str) -> Path:
 
 
 def _reader(path: Path):
-    import gguf
-
+    """The file's reader, parsed once per process and file version: gguf parses every metadata field
+    element by element (~4 s for SmolLM2's 49k-token vocabulary), and the tokenizer and the weights both
+    need it."""
     if not path.is_file():
         raise CheckpointError(f"GGUF file not found: {path}")
+    stat = path.stat()
+    return _parsed(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _parsed(path: Path, size: int, mtime_ns: int):
+    import gguf
+
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # the reader raises assorted errors on a damaged file
