@@ -24,6 +24,9 @@ import numpy as np
 
 from prefopt_jax.data.batching import ONE_PER_ROW, SPLIT, TILE, Geometry, RowPlan, round_up, tile_bound, units_of
 
+# row lengths derive_geometry tries, as multiples of the longest unit: in eighths, because with a few rows per
+# micro-batch the total (rows x length) moves in large steps, and the finer lengths find a fuller one
+LENGTH_FACTORS = tuple(1 + k / 8 for k in range(9))
 # (example index, its position in the micro-batch, G) -> [(group slot, prompt length, completion lengths)]
 GroupsOf = Callable[[int, int, int], list[tuple[int, int, tuple[int, ...]]]]
 # (examples selected, G) -> [(group slot, prompt length, completion lengths)]
@@ -222,8 +225,8 @@ def derive_geometry(
     """A run's micro-batch geometry from its examples' lengths (`prompt_lens` [N], `completion_lens` [N, k]):
     the fewest tokens per micro-batch (rows x row length) for which, over the first `sample` micro-batches
     of a simulated run, at most a `max_short` fraction hold fewer than `groups` groups and at most 4 x `groups`
-    examples wait at once. Row lengths tried: the longest unit rounded up to `length_multiple` and 1.25,
-    1.5 and 2 times that (or `length`); rows: from the mean demand up, in multiples of `row_multiple` (or
+    examples wait at once. Row lengths tried: the longest unit rounded up to `length_multiple` and 1.125,
+    1.25, ... 2 times that (or `length`); rows: from the mean demand up, in multiples of `row_multiple` (or
     `rows`). Per-row budgets of scored tokens and attention tiles (`tiles`: block-sparse) are 10% above the
     most any row held in a packing without row limit, and never below what the largest example needs in an
     empty row, so every example fits."""
@@ -270,7 +273,7 @@ def derive_geometry(
         return short <= max_short * count and waiting <= 4 * groups
 
     base = round_up(longest, length_multiple)
-    lengths = [length] if length else sorted({round_up(int(base * f), length_multiple) for f in (1, 1.25, 1.5, 2)})
+    lengths = [length] if length else sorted({round_up(int(base * f), length_multiple) for f in LENGTH_FACTORS})
     demand = groups * float(np.mean([sum(u.size for u in us) for us in units]))
     best = None
     for t in lengths:
