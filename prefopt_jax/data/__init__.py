@@ -24,7 +24,6 @@ from prefopt_jax.data.tokenize import (
     TokenizedPair,
     TokenizedRanked,
     TokenizedUnpaired,
-    tokenize_records,
 )
 
 __all__ = [
@@ -66,7 +65,6 @@ __all__ = [
     "split_indices",
     "split_records",
     "tile_bound",
-    "tokenize_records",
     "unpaired_from_pairs",
 ]
 

@@ -241,18 +241,3 @@ class Encoded:
 
 
 CHUNK = 512  # records per batch encode: large enough for the Rust encoder's threads, small enough to stream
-
-
-def tokenize_records(
-    records: Sequence[Record], encoder: Encoder, report: DataReport, on_error: str = "raise", check: bool = True
-) -> list[Tokenized]:
-    """Encode every record; rows that cannot be encoded raise, or are dropped and counted on request."""
-    out = []
-    for start in range(0, len(records), CHUNK):
-        for encoded in encoder.encode(records[start : start + CHUNK]):
-            example = encoded.add_to(report, on_error)
-            if example is not None:
-                out.append(example)
-    if check:
-        report.check()
-    return out

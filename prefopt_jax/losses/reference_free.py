@@ -230,7 +230,14 @@ def _rrhf(x: PairLogps | RankedLogps, state, hp: dict) -> LossOutput:
         best = jnp.argmax(r, axis=1)
         pick = jax.vmap(lambda a, i: a[i])
         ft = _rrhf_ft(pick(x.policy, best), pick(x.mask, best), hp["ft_reduction"])
-        metrics = {"rrhf/best_score": batch_mean(sg(pick(s, best)), v)}
+        # ranking accuracy: of the candidate pairs the scores order, the share the model's s orders alike
+        above = r[:, :, None] > r[:, None, :]
+        pairs = jnp.sum(above, axis=(1, 2))
+        agree = jnp.sum(above & (s[:, :, None] > s[:, None, :]), axis=(1, 2)) / jnp.maximum(pairs, 1)
+        metrics = {
+            "rrhf/best_score": batch_mean(sg(pick(s, best)), v),
+            "rrhf/rank_accuracy": batch_mean(sg(agree), v & (pairs > 0)),  # rows with all scores tied say nothing
+        }
     metrics = {**metrics, "rrhf/rank_loss": batch_mean(sg(rank), v), "rrhf/ft_loss": batch_mean(sg(ft), v)}
     return LossOutput(w * rank + ft, metrics, None)
 

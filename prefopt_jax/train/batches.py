@@ -47,12 +47,7 @@ def load_data(cfg: Config, tokenizer, splits=("train", "eval")) -> tuple[data.Pr
         prepared = _first_process_writes(lambda: data.prepare_mixture(sources, d.weights, tokenizer, **kw))
         answers = None
     loss = cfg.loss.build()[0]
-    unpaired = [e for e in prepared.train + prepared.eval if isinstance(e, data.TokenizedUnpaired)]
-    if unpaired and loss.kind != "unpaired":
-        raise ConfigError(
-            f"loss {loss.name!r} trains on pairs, but data.source={d.source} holds unpaired examples "
-            f"({unpaired[0].origin}); use an unpaired loss (kto, bco, apo_zero_unpaired) or paired data"
-        )
+    check_input_kind(loss, prepared, d.source)
     if loss.kind == "unpaired":  # pairs become two examples each; unpaired files are used as they are
         train, shares = [], []
         for share in prepared.sources:
@@ -63,6 +58,36 @@ def load_data(cfg: Config, tokenizer, splits=("train", "eval")) -> tuple[data.Pr
             prepared, train=train if shares else data.unpaired_from_pairs(prepared.train), sources=shares
         )
     return prepared, answers
+
+
+def check_input_kind(loss, prepared: data.Prepared, source) -> None:
+    """The examples are what the loss trains on: unpaired examples need an unpaired loss, ranked candidate
+    sets a loss that ranks (RRHF) and one number of candidates; pairs suit every loss (unpaired losses read
+    each as two examples, ranking losses as two candidates)."""
+    examples = prepared.train + prepared.eval
+    unpaired = next((e for e in examples if isinstance(e, data.TokenizedUnpaired)), None)
+    ranked = [e for e in examples if isinstance(e, data.TokenizedRanked)]
+    if unpaired is not None and loss.kind != "unpaired":
+        raise ConfigError(
+            f"loss {loss.name!r} trains on pairs, but data.source={source} holds unpaired examples "
+            f"({unpaired.origin}); use an unpaired loss (kto, bco, apo_zero_unpaired) or paired data"
+        )
+    if ranked and loss.kind != "paired or ranked":
+        raise ConfigError(
+            f"loss {loss.name!r} trains on {'unpaired examples' if loss.kind == 'unpaired' else 'pairs'}, but "
+            f"data.source={source} holds ranked candidates ({ranked[0].origin}); use a ranking loss (rrhf) or "
+            "paired data"
+        )
+    if ranked and len(ranked) != len(examples):
+        other = next(e for e in examples if not isinstance(e, data.TokenizedRanked))
+        raise ConfigError(f"data.source={source} mixes ranked rows ({ranked[0].origin}) with pairs ({other.origin})")
+    counts = {len(e.responses) for e in ranked}
+    if len(counts) > 1:
+        odd = next(e for e in ranked if len(e.responses) != len(ranked[0].responses))
+        raise data.DataError(
+            f"{odd.origin}: {len(odd.responses)} candidates, but {ranked[0].origin} has {len(ranked[0].responses)}; "
+            "every ranked row of a run needs the same number"
+        )
 
 
 def mixture(cfg: Config, prepared: data.Prepared):
@@ -223,6 +248,8 @@ def abstract_batch(spec: data.BatchSpec, micro_batches: int, mesh: Mesh, *, unpa
     out["weight"] = sds((m, g.groups), np.float32, sharding=whole)
     if unpaired:
         out["label"] = sds((m, g.groups), np.bool_, sharding=whole)
+    if spec.kind == "ranked":
+        out["scores"] = sds((m, g.groups, g.completions), np.float32, sharding=whole)
     if precomputed:
         out["ref_logps"] = sds((m, g.groups, g.completions, g.width), np.float32, sharding=whole)
     return out

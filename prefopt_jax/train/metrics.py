@@ -92,10 +92,16 @@ def progress(step: int, total: int, m: dict, out: IO | None = None) -> None:
     out = out or sys.stdout
     width = 20
     done = int(width * step / total)
+    if "rrhf/rank_accuracy" in m:  # ranked candidates: how many of the scores' orderings the model keeps
+        quality = f"rank acc {m['rrhf/rank_accuracy']:.3f}"
+    else:
+        quality = (
+            f"reward acc {m.get('rewards/accuracies', float('nan')):.3f}  "
+            f"margin {m.get('rewards/margins', float('nan')):+.3f}"
+        )
     text = (
-        f"[{'#' * done}{'.' * (width - done)}] step {step}/{total}  loss {m['loss']:.4f}  "
-        f"reward acc {m.get('rewards/accuracies', float('nan')):.3f}  "
-        f"margin {m.get('rewards/margins', float('nan')):+.3f}  {m['tokens_per_s']:.0f} tok/s"
+        f"[{'#' * done}{'.' * (width - done)}] step {step}/{total}  loss {m['loss']:.4f}  {quality}  "
+        f"{m['tokens_per_s']:.0f} tok/s"
         + (f"  MFU {m['mfu']:.1%}" if "mfu" in m else "")
         + (f"  compiled {m['compilations']:.0f}x" if "compilations" in m else "")
     )

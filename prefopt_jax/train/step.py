@@ -20,7 +20,7 @@ import optax
 
 from prefopt_jax.data.batching import Geometry
 from prefopt_jax.logprobs import token_stats
-from prefopt_jax.losses import Loss, PairLogps, UnpairedLogps
+from prefopt_jax.losses import Loss, PairLogps, RankedLogps, UnpairedLogps
 from prefopt_jax.models.attention import AttentionSpec
 from prefopt_jax.models.config import ModelConfig
 from prefopt_jax.models.decoder import forward_hidden, no_constraint, unembedding
@@ -317,7 +317,9 @@ def make_loss_fn(cfg: ModelConfig, spec: StepSpec, *, training: bool = True) -> 
         main = batch["main"]
         sum_sq = "wpo_aligned_chosen" in spec.extras
         stats, mask = stats_of(params, "main", main, reference=ref, sum_sq=sum_sq, remat=spec.remat)
-        if spec.loss.kind != "unpaired":  # pairs (RRHF on pairs: two ranked candidates)
+        if "scores" in batch:  # ranked candidate sets (RRHF with K candidates)
+            x, extra_metrics = RankedLogps(stats["logps"], mask, batch["scores"]), {}
+        elif spec.loss.kind != "unpaired":  # pairs (RRHF on pairs: two ranked candidates)
             alone = None
             if "response_only_chosen_avg" in spec.extras:
                 logps, alone_mask = stats_of(params, "response_only", batch["response_only"])

@@ -1,6 +1,7 @@
 """Every shipped config runs a few steps end to end (a tiny random model with the SmolLM2 tokenizer stands
 in for the weights), and the loop logs, evaluates and refuses what it cannot do."""
 
+import itertools
 import json
 from pathlib import Path
 
@@ -205,3 +206,37 @@ def test_a_second_run_loads_its_programs_from_the_compilation_cache(tiny_model_d
         jax.monitoring.unregister_event_listener(listen)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
         runtime.use_compilation_cache(None)
+
+
+def ranked_rows(shared_file, n=24):
+    """Ranked candidate sets made from real HH-RLHF pairs: the chosen answer (score 2), the rejected one
+    (1) and the next row's chosen answer, which answers another question (0)."""
+    rows = [
+        json.loads(line) for line in shared_file("hh_rlhf_test.jsonl").read_text().splitlines()[2303 : 2303 + n + 1]
+    ]
+    return [
+        {"prompt": r["prompt"], "responses": [r["chosen"], r["rejected"], nxt["chosen"]], "scores": [2, 1, 0]}
+        for r, nxt in itertools.pairwise(rows)
+    ]
+
+
+def test_rrhf_trains_on_ranked_candidates_and_other_losses_refuse_them(tiny_model_dir, tmp_path, shared_file, capsys):
+    rows = ranked_rows(shared_file)
+    path = tmp_path / "ranked.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    ranked_run = ("loss.name=rrhf", "loss.weights=null", "train.reference=none", "data.max_length=160",
+                  "data.max_prompt_length=96", "train.batch_size=4", "eval.generate=false", "data.eval_fraction=0.25")  # fmt: skip
+    cfg = quick(None, tiny_model_dir, tmp_path / "run", f"data.source={path}", *ranked_run)
+    _, history = train(cfg)
+    assert [h["step"] for h in history] == [1, 2] and all(h["compilations"] == 1 for h in history)
+    assert "rank acc" in capsys.readouterr().out  # the progress line says what a ranked run measures
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert 0.0 <= summary["after"]["eval/rrhf/rank_accuracy"] <= 1.0 and "eval/rrhf/rank_loss" in summary["after"]
+    with pytest.raises(prefopt_jax.config.ConfigError, match=r"loss 'dpo' trains on pairs, but .* ranked candidates"):
+        train(quick(None, tiny_model_dir, tmp_path / "dpo", f"data.source={path}", *ranked_run[3:], "loss.name=dpo",
+                    "loss.weights=null"))  # fmt: skip
+    uneven = tmp_path / "uneven.jsonl"
+    uneven.write_text("\n".join(json.dumps(r) for r in [*rows[:5], {**rows[5], "responses": rows[5]["responses"][:2],
+                                                                     "scores": [2, 1]}]))  # fmt: skip
+    with pytest.raises(prefopt_jax.data.DataError, match=r"uneven\.jsonl, line 6: 2 candidates, but .* has 3"):
+        train(quick(None, tiny_model_dir, tmp_path / "uneven", f"data.source={uneven}", *ranked_run))
