@@ -1,4 +1,4 @@
-"""Logical axis names, the rules that map them to mesh axes, and the mesh itself.
+"""Logical axis names, the rules that map them to mesh axes, the mesh itself, and arrays brought back to a host.
 
 Models annotate every parameter with logical names only; one rules table decides the layout, so pure
 data parallel, FSDP and FSDP+TP differ by a preset name. A logical name with no rule is an error,
@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -154,3 +155,15 @@ class activation_constraint:
 
     def __hash__(self) -> int:
         return hash((self.mesh, tuple(sorted(self.rules.items()))))
+
+
+def host_array(x: Any, dtype) -> np.ndarray:
+    """One array on this host in `dtype`: cast on the device first (half the transfer for bfloat16); an
+    array spread over several processes is gathered (every process must take part)."""
+    if isinstance(x, jax.Array):
+        x = x.astype(dtype)
+        if not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x).astype(dtype, copy=False)

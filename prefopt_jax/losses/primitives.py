@@ -49,7 +49,12 @@ def log1mexp(x: Array) -> Array:
 
 def running_moments_init() -> dict:
     """TRL's RunningMoments start: mean 0, var 1, count 1e-24."""
-    return {"mean": jnp.zeros((), jnp.float32), "var": jnp.ones((), jnp.float32), "count": jnp.full((), 1e-24)}
+    # all float32 and strongly typed: a weakly typed leaf comes back strong from the step, a new signature
+    return {
+        "mean": jnp.zeros((), jnp.float32),
+        "var": jnp.ones((), jnp.float32),
+        "count": jnp.full((), 1e-24, jnp.float32),
+    }
 
 
 def running_moments_update(state: dict, xs: Array, valid: Array | None = None) -> dict:

@@ -8,13 +8,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 
 from prefopt_jax.models import peft
 from prefopt_jax.models.config import ModelConfig, from_hf_config, to_hf_config
 from prefopt_jax.models.decoder import param_table
 from prefopt_jax.models.safetensors_io import CheckpointError, read_checkpoint_folder, write_safetensors
+from prefopt_jax.sharding import host_array
 
 _L = "model.layers.{i}."
 _COMMON = {
@@ -133,18 +133,6 @@ def load_hf_folder(
     if adapters is not None:
         tensors = peft.merged(tensors, adapters)
     return cfg, array_getter(cfg, HF_NAMES[cfg.family], tensors, str(folder))
-
-
-def host_array(x: Any, dtype) -> np.ndarray:
-    """One array on this host in `dtype`: cast on the device first (half the transfer for bfloat16); an
-    array spread over several processes is gathered (every process must take part)."""
-    if isinstance(x, jax.Array):
-        x = x.astype(dtype)
-        if not x.is_fully_addressable:
-            from jax.experimental import multihost_utils
-
-            x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(x).astype(dtype, copy=False)
 
 
 def parse_size(text: str | int) -> int:

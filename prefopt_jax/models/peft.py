@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from prefopt_jax.models.safetensors_io import CheckpointError, read_safetensors, write_safetensors
+from prefopt_jax.sharding import host_array
 
 # our LoRA target -> the transformers module it adapts (in every supported family)
 MODULES = {
@@ -77,7 +78,6 @@ def save_adapters(
     """The run's adapters ({target: {"a": [L, *in, r], "b": [L, r, *out]}}) as adapter_config.json and
     adapter_model.safetensors: A as [r, in] and B as [out, r] per layer and module, PEFT's names. In a
     multi-host run every process calls this (the adapters are gathered) and those with `write` write."""
-    from prefopt_jax.models.hf import host_array
 
     folder = Path(folder)
     tensors: dict[str, Any] = {}

@@ -235,3 +235,15 @@ def test_padding_examples_change_nothing(name):
     for k in fields:
         assert np.isfinite(np.asarray(g_pad[k])).all()
         np.testing.assert_allclose(g_pad[k][:b], g_plain[k], rtol=2e-5, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if losses.get(n).stateful])
+def test_a_stateful_loss_returns_its_state_with_the_types_it_started_with(name):
+    """The state a loss starts from and the one it returns have the same dtypes, shapes and (strong) types:
+    otherwise the compiled step sees a new input signature on its second call and compiles again (BCO's
+    running count started weakly typed and made every BCO run compile its step twice)."""
+    fn, hp = losses.get(name), HP.get(name, {})
+    start = fn.init_state()
+    after = jax.jit(lambda s: fn(example(name), state=s, **hp).state)(start)
+    signature = lambda tree: [(a.shape, a.dtype, a.weak_type) for a in jax.tree.leaves(jax.tree.map(jnp.asarray, tree))]
+    assert signature(after) == signature(start)

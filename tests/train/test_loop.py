@@ -70,8 +70,9 @@ def test_every_shipped_config_runs_a_few_steps(path, tiny_model_dir, tmp_path, c
     summary = json.loads((tmp_path / "summary.json").read_text())
     if builtin:  # held-out pairs and the task's answers
         assert {"eval/rewards/accuracies", "eval/task_accuracy"} <= set(summary["after"])
-    elif cfg.loss.build()[0].kind == "unpaired":  # held-out unpaired examples, scored by KTO itself
-        assert {"eval/loss", "eval/rewards/chosen", "eval/rewards/rejected", "eval/kl"} <= set(summary["after"])
+    elif cfg.loss.build()[0].kind == "unpaired":  # held-out unpaired examples, scored by the loss itself
+        own = {"kto": "eval/kl", "bco": "eval/delta"}[cfg.loss.names[0]]  # KTO's reference point, BCO's shift
+        assert {"eval/loss", "eval/rewards/chosen", "eval/rewards/rejected", own} <= set(summary["after"])
     else:
         assert "eval/rewards/accuracies" in summary["after"]
     if len(sources) > 1:  # a mixture: each source accounted for, and what the run drew from each
