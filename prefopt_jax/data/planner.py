@@ -25,7 +25,7 @@ import numpy as np
 from prefopt_jax.data.batching import ONE_PER_ROW, SPLIT, TILE, Geometry, RowPlan, round_up, tile_bound, units_of
 
 # row lengths derive_geometry tries, as multiples of the longest unit: in eighths, because with a few rows per
-# micro-batch the total (rows x length) moves in large steps, and the finer lengths find a fuller one
+# micro-batch the total (rows x length) moves in large steps, and a finer length may find a fuller one
 LENGTH_FACTORS = tuple(1 + k / 8 for k in range(9))
 # (example index, its position in the micro-batch, G) -> [(group slot, prompt length, completion lengths)]
 GroupsOf = Callable[[int, int, int], list[tuple[int, int, tuple[int, ...]]]]
@@ -224,7 +224,8 @@ def derive_geometry(
 ) -> Geometry:
     """A run's micro-batch geometry from its examples' lengths (`prompt_lens` [N], `completion_lens` [N, k]):
     the fewest tokens per micro-batch (rows x row length) for which, over the first `sample` micro-batches
-    of a simulated run, at most a `max_short` fraction hold fewer than `groups` groups and at most 4 x `groups`
+    of a simulated run (across epochs: a small set must fit every epoch's order, not only the first one),
+    at most a `max_short` fraction hold fewer than `groups` groups and at most 4 x `groups`
     examples wait at once. Row lengths tried: the longest unit rounded up to `length_multiple` and 1.125,
     1.25, ... 2 times that (or `length`); rows: from the mean demand up, in multiples of `row_multiple` (or
     `rows`). Per-row budgets of scored tokens and attention tiles (`tiles`: block-sparse) are 10% above the
@@ -242,17 +243,19 @@ def derive_geometry(
     per_group = k if SPLIT[layout] else 1
     sizes = lambda i, slot, g: [(slot, int(prompt_lens[i]), tuple(int(c) for c in completion_lens[i]))]
 
-    def simulate(g: Geometry, lookahead: int | None = None):
+    def simulate(g: Geometry, lookahead: int | None = None, one_pass: bool = False):
         packer = Packer(n, {"main": Part(g, layout, sizes)}, seed=seed, lookahead=lookahead)
         for _ in range(sample):
             yield packer.next_micro(), packer
-            if packer.epoch > 0:  # the whole data set has been seen
+            if one_pass and packer.epoch > 0:  # the whole data set has been seen
                 return
 
     def budgets(t: int) -> tuple[int, int]:
         """Scored tokens and tile bound per row, from a packing without row or budget limits."""
         scored, tile_counts = [own_scored], [own_tiles]
-        for plan, _ in simulate(Geometry(groups * per_group, t, groups, k, width, 10**9, 0), lookahead=0):
+        for plan, _ in simulate(
+            Geometry(groups * per_group, t, groups, k, width, 10**9, 0), lookahead=0, one_pass=True
+        ):
             rp = plan.parts["main"]
             per_row = np.zeros(rp.geometry.rows, np.int64)
             for u, row, off in rp.placed:
