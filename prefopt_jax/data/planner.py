@@ -27,6 +27,9 @@ from prefopt_jax.data.batching import ONE_PER_ROW, SPLIT, TILE, Geometry, RowPla
 # row lengths derive_geometry tries, as multiples of the longest unit: in eighths, because with a few rows per
 # micro-batch the total (rows x length) moves in large steps, and a finer length may find a fuller one
 LENGTH_FACTORS = tuple(1 + k / 8 for k in range(9))
+# epochs derive_geometry simulates at most (a small set's geometry must hold several epochs' orders; more
+# would only cost time: every candidate geometry is simulated)
+SIMULATED_EPOCHS = 8
 # (example index, its position in the micro-batch, G) -> [(group slot, prompt length, completion lengths)]
 GroupsOf = Callable[[int, int, int], list[tuple[int, int, tuple[int, ...]]]]
 # (examples selected, G) -> [(group slot, prompt length, completion lengths)]
@@ -224,7 +227,7 @@ def derive_geometry(
 ) -> Geometry:
     """A run's micro-batch geometry from its examples' lengths (`prompt_lens` [N], `completion_lens` [N, k]):
     the fewest tokens per micro-batch (rows x row length) for which, over the first `sample` micro-batches
-    of a simulated run (across epochs: a small set must fit every epoch's order, not only the first one),
+    of a simulated run (up to SIMULATED_EPOCHS epochs: a small set must fit several epochs' orders, not one),
     at most a `max_short` fraction hold fewer than `groups` groups and at most 4 x `groups`
     examples wait at once. Row lengths tried: the longest unit rounded up to `length_multiple` and 1.125,
     1.25, ... 2 times that (or `length`); rows: from the mean demand up, in multiples of `row_multiple` (or
@@ -247,7 +250,7 @@ def derive_geometry(
         packer = Packer(n, {"main": Part(g, layout, sizes)}, seed=seed, lookahead=lookahead)
         for _ in range(sample):
             yield packer.next_micro(), packer
-            if one_pass and packer.epoch > 0:  # the whole data set has been seen
+            if packer.epoch >= (1 if one_pass else SIMULATED_EPOCHS):  # enough orders of a small set seen
                 return
 
     def budgets(t: int) -> tuple[int, int]:
