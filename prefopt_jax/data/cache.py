@@ -22,7 +22,14 @@ import numpy as np
 
 from prefopt_jax.data.records import DataError, Origin
 from prefopt_jax.data.sources import DataReport, source_files
-from prefopt_jax.data.tokenize import Encoded, Encoder, TokenizedPair, TokenizedRanked, TokenizedUnpaired
+from prefopt_jax.data.tokenize import (
+    Encoded,
+    Encoder,
+    TokenizedPair,
+    TokenizedRanked,
+    TokenizedUnpaired,
+    completions_of,
+)
 
 VERSION = "1"  # bump when what the Encoder makes of a record changes
 KINDS = {TokenizedPair: 0, TokenizedUnpaired: 1, TokenizedRanked: 2}
@@ -122,7 +129,7 @@ def write(
         e = o.example
         dropped = isinstance(e, DataError)
         kinds.append(DROPPED if dropped else KINDS[type(e)])
-        parts = [] if dropped else [e.prompt, *_completions(e)]
+        parts = [] if dropped else [e.prompt, *completions_of(e)]
         segments.append([len(p) for p in parts])
         tokens.append(np.concatenate(parts) if parts else np.zeros(0, np.int32))
         labels.append(bool(getattr(e, "label", False)))
@@ -168,14 +175,6 @@ def write(
     return target
 
 
-def _completions(e) -> list[np.ndarray]:
-    if isinstance(e, TokenizedPair):
-        return [e.chosen, e.rejected]
-    if isinstance(e, TokenizedUnpaired):
-        return [e.completion]
-    return list(e.responses)
-
-
 def read(root: str | Path, cache_key: str) -> tuple[list[Encoded], DataReport] | None:
     """(outcomes, read accounting) of a stored key, or None when there is none (or it is unreadable: then it
     is rebuilt)."""
@@ -198,8 +197,8 @@ def read(root: str | Path, cache_key: str) -> tuple[list[Encoded], DataReport] |
     flat.flags.writeable = False  # a write would land in (or fault on) the mapped file
     lengths = segments.values.to_numpy()
     # rows are contiguous in `flat` and a dropped row has no segments, so segment s starts where the previous ended
-    starts = (np.cumsum(lengths) - lengths).tolist()
-    ends = np.cumsum(lengths).tolist()
+    ends_np = np.cumsum(lengths)
+    starts, ends = (ends_np - lengths).tolist(), ends_np.tolist()
     first_segment = segments.offsets.to_numpy().tolist()
     kinds_np = col("kind").to_numpy()
     kinds = kinds_np.tolist()

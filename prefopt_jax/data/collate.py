@@ -11,7 +11,7 @@ import numpy as np
 
 from prefopt_jax.data.batching import TILE, Batch, Geometry, build, round_up
 from prefopt_jax.data.planner import MicroPlan, Packer, Part, derive_geometry
-from prefopt_jax.data.tokenize import TokenizedPair, TokenizedRanked, TokenizedUnpaired
+from prefopt_jax.data.tokenize import TokenizedPair, TokenizedRanked, TokenizedUnpaired, completions_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,13 +30,7 @@ class BatchSpec:
 
 
 def _main_group(e) -> tuple[np.ndarray, list[np.ndarray]]:
-    if isinstance(e, TokenizedPair):
-        return e.prompt, [e.chosen, e.rejected]
-    if isinstance(e, TokenizedUnpaired):
-        return e.prompt, [e.completion]
-    if isinstance(e, TokenizedRanked):
-        return e.prompt, list(e.responses)
-    raise TypeError(f"cannot batch a {type(e).__name__}")
+    return e.prompt, completions_of(e)
 
 
 def _alone(c: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:

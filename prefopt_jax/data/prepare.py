@@ -5,6 +5,7 @@ when one is configured, and account for every row; several sources make a weight
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,8 @@ def _outcomes(
     if hit is not None:
         outcomes, report = hit
         if on_error == "raise" and report.first:  # rows the cache's writer (on_error=skip) dropped while reading
-            raise DataError(next(iter(report.first.values())))
+            reason, message = next(iter(report.first.items()))
+            raise DataError(message, reason)
         return len(outcomes), outcomes.__getitem__, report, "hit"
     records, report = read_records(source, format=format, split=split, on_error=on_error)
     wanted = range(len(records)) if key else sorted(i for part in need(len(records)) for i in part)
@@ -110,10 +112,15 @@ def prepare(
     encoder = Encoder(tokenizer, max_length, max_prompt_length, max_completion_length, "keep_end", use_chat_template)
     common = dict(format=format, encoder=encoder, on_error=on_error, cache_dir=cache_dir)
     if eval_split is None:
-        by_fraction = lambda n: split_indices(n, eval_fraction, seed)
-        need = lambda n: [part for name, part in zip(("train", "eval"), by_fraction(n), strict=True) if name in splits]
+
+        @functools.cache
+        def by_fraction(n: int) -> dict[str, list[int]]:  # the seeded split, computed once
+            train, held = split_indices(n, eval_fraction, seed)
+            return {"train": train, "eval": held}
+
+        need = lambda n: [part for name, part in by_fraction(n).items() if name in splits]
         n, outcome, report, status = _outcomes(source, split, need=need, **common)
-        parts = [(name, idx, outcome) for name, idx in zip(("train", "eval"), by_fraction(n), strict=True)]
+        parts = [(name, idx, outcome) for name, idx in by_fraction(n).items()]
     else:
         n, outcome, report, status = _outcomes(
             source, split, need=lambda n: [range(n)] if "train" in splits else [], **common

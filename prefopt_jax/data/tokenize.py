@@ -46,6 +46,17 @@ class TokenizedRanked:
 Tokenized = TokenizedPair | TokenizedUnpaired | TokenizedRanked
 
 
+def completions_of(e: Tokenized) -> list[Ids]:
+    """A tokenised example's completions in order: chosen and rejected, the one completion, or the candidates."""
+    if isinstance(e, TokenizedPair):
+        return [e.chosen, e.rejected]
+    if isinstance(e, TokenizedUnpaired):
+        return [e.completion]
+    if isinstance(e, TokenizedRanked):
+        return list(e.responses)
+    raise TypeError(f"cannot batch a {type(e).__name__}")
+
+
 def _ids(out: Any) -> list[int]:
     return list(out["input_ids"] if hasattr(out, "keys") else out)
 
