@@ -4,6 +4,7 @@ On ../shared/data/hh_rlhf_test.jsonl (8,486 multi-turn pairs) with the SmolLM2 t
 1. First pass (read, normalise, render the chat template, tokenise in batches, write the cache): rows/s,
    against the previous way in the same run (one `apply_chat_template(tokenize=True)` per prompt and per
    prompt + completion, what `prepare` did before), median of `--repeats`.
+   The same with one Grain tokenisation worker process per core (`data.workers`).
 2. A second load from the cache (what a restart or another run does): seconds and the ratio to the first.
 3. Time to the first batch in a fresh process (interpreter start, imports, tokenizer, data, geometry, the
    first step's arrays): without a cache and with one.
@@ -124,10 +125,19 @@ def main() -> None:
                 second.append(time.perf_counter() - t)
                 assert hit.sources[0].cache == "hit"
             size = sum(p.stat().st_size for p in Path(root).glob("*.arrow"))
+    pooled = []  # the first pass with Grain tokenisation workers (one per core), no cache
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        with_workers = data.prepare(SOURCE, tok, workers=os.cpu_count(), **SETTINGS)
+        pooled.append(time.perf_counter() - t)
+    assert [e.prompt.tolist() for e in with_workers.train] == [e.prompt.tolist() for e in prepared.train]
     t_old, t_first, t_second = (statistics.median(x) for x in (old, first, second))
     print(f"{n} rows of {SOURCE.name}, SmolLM2 tokenizer, max length {MAX_LENGTH}, {os.cpu_count()} cores")
     print(f"before (per-record apply_chat_template, tokenisation only): {n / t_old:,.0f} rows/s ({t_old:.2f} s)")
     print(f"first pass (read + template + batch tokenise + write cache): {n / t_first:,.0f} rows/s ({t_first:.2f} s)")
+    t_pooled = statistics.median(pooled)
+    print(f"first pass with {os.cpu_count()} Grain tokenisation workers (one encoder thread each, no cache): "
+          f"{n / t_pooled:,.0f} rows/s ({t_pooled:.2f} s, worker start-up included)")  # fmt: skip
     print(f"second load from the cache ({size / 2**20:.1f} MiB): {t_second * 1000:.0f} ms, "
           f"{t_first / t_second:.0f}x faster than the first pass")  # fmt: skip
     with tempfile.TemporaryDirectory() as root:
@@ -138,6 +148,7 @@ def main() -> None:
           f"restart {warm[0]:.1f} s ({warm[1]})")  # fmt: skip
     eight_processes(hit)
     figures = {"rows": n, "before_rows_per_s": n / t_old, "first_rows_per_s": n / t_first, "second_load_s": t_second}
+    figures["workers_rows_per_s"] = n / t_pooled
     print(json.dumps({**figures, "first_batch_s": {"none": none[0], "cold": cold[0], "warm": warm[0]}}))
 
 

@@ -66,6 +66,7 @@ class DataSection:
     micro_batch_rows: int | None = None  # rows per micro-batch; None: sized from the data (see data.derive_geometry)
     on_error: str = "raise"
     cache: str | None = "auto"  # tokenised examples ("auto": ~/.cache/prefopt_jax/tokenized); null: off
+    workers: int = 0  # processes tokenising a first pass (Grain workers); 0: this one (the encoder's threads)
     num_train: int = 512  # builtin:compare sizes
     num_eval: int = 64
 
@@ -365,6 +366,7 @@ RANGES = {
     "data.micro_batch_rows": (1, None, False),
     "data.num_train": (1, None, False),
     "data.num_eval": (0, None, False),
+    "data.workers": (0, None, False),
     "train.steps": (1, None, False),
     "train.batch_size": (1, None, False),
     "train.micro_batches": (1, None, False),

@@ -1,6 +1,7 @@
-"""Preference data, host side (numpy, datasets, tokenizers; no jax): sources and formats, chat-template
-tokenisation with truncation, fixed-shape micro-batches in four layouts (packed and prefix-shared by
-default), and a deterministic, resumable plan of which examples go where (the same on every host).
+"""Preference data, host side (numpy, datasets, tokenizers, Grain; no device arrays): sources and formats,
+chat-template tokenisation with truncation, fixed-shape micro-batches in four layouts (packed and
+prefix-shared by default), and a deterministic, resumable plan of which examples go where (the same on
+every host), as a Grain iterator.
 
     prepared = prepare("../shared/data/hh_rlhf_test.jsonl", tokenizer, max_length=1024, eval_fraction=0.05,
                        cache_dir="~/.cache/prefopt_jax/tokenized")   # tokenised once, memory-mapped after
@@ -14,8 +15,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from prefopt_jax.data.batching import LAYOUTS, TILE, Batch, Geometry, Group, RowPlan, index_dtype, pack, tile_bound
-from prefopt_jax.data.collate import BatchSpec, batch_spec, host_arrays, packer
-from prefopt_jax.data.planner import MicroPlan, Packer, Part, TooLarge, derive_geometry
+from prefopt_jax.data.collate import BatchSpec, batch_spec, host_arrays, micro_batches, packer
+from prefopt_jax.data.order import Order
+from prefopt_jax.data.planner import MicroBatches, MicroPlan, Packer, Part, TooLarge, derive_geometry
 from prefopt_jax.data.prepare import Prepared, SourceShare, prepare, prepare_mixture
 from prefopt_jax.data.records import FORMATS, DataError, Origin, Pair, Ranked, Unpaired, detect_format, normalize
 from prefopt_jax.data.sources import DataReport, read_records, split_indices, split_records
@@ -37,7 +39,9 @@ __all__ = [
     "Encoder",
     "Geometry",
     "Group",
+    "MicroBatches",
     "MicroPlan",
+    "Order",
     "Origin",
     "Packer",
     "Pair",
@@ -56,6 +60,7 @@ __all__ = [
     "detect_format",
     "host_arrays",
     "index_dtype",
+    "micro_batches",
     "normalize",
     "pack",
     "packer",

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from prefopt_jax.data.batching import TILE, Batch, Geometry, build, round_up
-from prefopt_jax.data.planner import MicroPlan, Packer, Part, derive_geometry
+from prefopt_jax.data.planner import MicroBatches, MicroPlan, Packer, Part, derive_geometry
 from prefopt_jax.data.tokenize import TokenizedPair, TokenizedRanked, TokenizedUnpaired, completions_of
 
 
@@ -76,6 +76,11 @@ def packer(
     spec: BatchSpec, examples: Sequence, *, seed: int = 0, shuffle: bool = True, state=None, mixture=None
 ) -> Packer:
     return Packer(len(examples), parts(spec, examples), seed=seed, shuffle=shuffle, state=state, mixture=mixture)
+
+
+def micro_batches(spec: BatchSpec, examples: Sequence, *, seed: int = 0, mixture=None) -> MicroBatches:
+    """The training stream of micro-batch plans as a Grain dataset (endless; see `data.planner`)."""
+    return MicroBatches(len(examples), parts(spec, examples), seed=seed, mixture=mixture)
 
 
 def host_arrays(

@@ -1,14 +1,17 @@
 """Which examples go into which micro-batch, and where: deterministic, resumable, the same on every process.
 
-Epoch e visits the examples in the order of a permutation seeded by (seed, e). Micro-batches of a fixed
-`Geometry` are filled from that stream in order: an example that does not fit the current micro-batch
-(its rows are full, or its scored-token or tile budget is spent) waits and goes first into the next one, so
-none is dropped and the order is kept up to those waits. A micro-batch takes at most G examples; it holds
-fewer only when more than `lookahead` of the examples after it do not fit, or a single pass runs out, and its
-empty group slots have weight 0. The plan depends on the examples' lengths alone, so every process of a
-multi-host run computes the same plan (integers, microseconds) and builds only the rows of its own devices;
-the order depends neither on the number of processes nor on prefetching. The state (`epoch`, `position`,
-`deferred`) is all a resumed run needs.
+The examples come in the order of `data.order` (Grain's global index shuffle, reshuffled each epoch, or its
+weighted mix of per-source streams). Micro-batches of a fixed `Geometry` are filled from that stream in
+order: an example that does not fit the current micro-batch (its rows are full, or its scored-token or tile
+budget is spent) waits and goes first into the next one, so none is dropped and the order is kept up to those
+waits. Epochs do not mix: a micro-batch stops at its epoch's end, so every example is trained exactly once
+per epoch. A micro-batch takes at most G examples; it holds fewer only when more than `lookahead` of the
+examples after it do not fit, or an epoch (or a single pass) ends, and its empty group slots have weight 0.
+The plan depends on the examples' lengths alone, so every process of a multi-host run computes the same plan
+(integers, microseconds) and builds only the rows of its own devices: processes split the packed rows, not
+the examples, so a multi-host run trains on exactly the batches of a single-host one. The `Packer` is a
+Grain iterator (a `MicroBatches` dataset's), so the rest of the input pipeline is Grain's
+(`train.pipeline`); its state (the stream position, the examples waiting) is all a resumed run needs.
 
 A micro-batch can have several *parts*, each a sub-batch with its own geometry: the main groups, RMiPO's
 response-only sequences (placed with each example: it is taken only when both fit), KTO's mismatched KL
@@ -20,9 +23,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 
+import grain
 import numpy as np
 
 from prefopt_jax.data.batching import ONE_PER_ROW, SPLIT, TILE, Geometry, RowPlan, round_up, tile_bound, units_of
+from prefopt_jax.data.order import Order
 
 # row lengths derive_geometry tries, as multiples of the longest unit: in eighths, because with a few rows per
 # micro-batch the total (rows x length) moves in large steps, and a finer length may find a fuller one
@@ -57,9 +62,10 @@ class TooLarge(ValueError):
     """An example that does not fit even an empty micro-batch."""
 
 
-class Packer:
-    """Plans micro-batches over `n` examples (see the module docstring). `shuffle=False` goes through the
-    examples once in order (held-out evaluation) and then stops."""
+class Packer(grain.DatasetIterator):
+    """Plans micro-batches over `n` examples (see the module docstring): `next(packer)` is the next
+    micro-batch's `MicroPlan`. `shuffle=False` goes through the examples once in order (held-out
+    evaluation) and then stops."""
 
     def __init__(
         self,
@@ -72,6 +78,7 @@ class Packer:
         state: dict | None = None,
         mixture: tuple[np.ndarray, Sequence[float]] | None = None,
     ):
+        super().__init__()
         if n < 1:
             raise ValueError("no examples to batch")
         if "main" not in parts:
@@ -85,42 +92,22 @@ class Packer:
         self.n, self.parts, self.seed, self.shuffle, self.mixture = n, parts, seed, shuffle, mixture
         self.groups = parts["main"].geometry.groups
         self.lookahead = lookahead if lookahead is not None else 4 * self.groups
-        self.epoch, self.position, self.deferred = 0, 0, []
-        self._order_epoch, self._order = -1, None
+        self.order = Order(n, seed=seed, mixture=mixture) if shuffle else None
+        self.cursor, self.deferred = 0, []  # the next stream position; examples taken from it, waiting
         if state is not None:
             self.restore(state)
 
-    # ---- order and state ----------------------------------------------------------------------------
+    # ---- state --------------------------------------------------------------------------------------
 
-    def order(self, epoch: int) -> np.ndarray:
-        """The examples epoch `epoch` visits, in order: a seeded permutation; for a mixture, each source's
-        share of n draws (weight / sum of weights), taken from that source's own stream of seeded
-        permutations (so over epochs every example of a source is drawn equally often), shuffled together."""
-        if not self.shuffle:
-            return np.arange(self.n)
-        if epoch != self._order_epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            order = rng.permutation(self.n) if self.mixture is None else self._mixture_draws(epoch)
-            self._order_epoch, self._order = epoch, order[rng.permutation(len(order))] if self.mixture else order
-        return self._order
-
-    def _mixture_draws(self, epoch: int) -> np.ndarray:
-        source_of, weights = self.mixture
-        draws = np.maximum(1, np.round(self.n * np.asarray(weights) / sum(weights))).astype(np.int64)
-        picks = []
-        for s, d in enumerate(draws):
-            members = np.flatnonzero(source_of == s)
-            at = np.arange(epoch * d, (epoch + 1) * d)  # positions in the source's endless stream
-            for cycle in np.unique(at // len(members)):
-                perm = np.random.default_rng([self.seed, 1 + s, int(cycle)]).permutation(len(members))
-                picks.append(members[perm[at[at // len(members) == cycle] % len(members)]])
-        return np.concatenate(picks)
+    @property
+    def epoch(self) -> int:
+        """Epochs of the stream read so far (a mixture's epoch: n draws)."""
+        return self.cursor // self.n
 
     def state(self) -> dict:
         """Where the next micro-batch starts (JSON-serialisable)."""
         return {
-            "epoch": self.epoch,
-            "position": self.position,
+            "next_index": self.cursor,
             "deferred": list(self.deferred),
             "seed": self.seed,
             "num_examples": self.n,
@@ -128,6 +115,11 @@ class Packer:
         }
 
     def restore(self, state: dict) -> None:
+        if "next_index" not in state:
+            raise ValueError(
+                f"packer state {state} was saved by an earlier version, whose data order this version does "
+                "not reproduce: start the run in a new output.dir (or set output.resume=false)"
+            )
         weights = None if self.mixture is None else self.mixture[1]
         if (state.get("num_examples", self.n), state.get("seed", self.seed), state.get("mixture")) != (
             self.n,
@@ -139,13 +131,15 @@ class Packer:
                 f"{state.get('seed')} and mixture weights {state.get('mixture')}; this run has {self.n}, "
                 f"{self.seed} and {weights}"
             )
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.cursor = int(state["next_index"])
         self.deferred = [int(i) for i in state["deferred"]]
+
+    get_state, set_state = state, restore  # Grain's iterator protocol
 
     @property
     def exhausted(self) -> bool:
         """A single pass (shuffle=False) has placed every example."""
-        return not self.shuffle and self.epoch > 0 and not self.deferred
+        return not self.shuffle and self.cursor >= self.n and not self.deferred
 
     # ---- planning -----------------------------------------------------------------------------------
 
@@ -160,15 +154,16 @@ class Packer:
         return True
 
     def _next_candidate(self) -> int | None:
-        if self.position == len(self.order(self.epoch)):
-            if not self.shuffle:
-                return None
-            self.epoch, self.position = self.epoch + 1, 0
-        i = int(self.order(self.epoch)[self.position])
-        self.position += 1
-        if self.position == self.n and not self.shuffle:
-            self.epoch = 1  # the single pass is read to its end
+        if not self.shuffle and self.cursor >= self.n:
+            return None
+        i = self.order[self.cursor] if self.shuffle else self.cursor
+        self.cursor += 1
         return i
+
+    def _epoch_ends(self, chosen: list[int]) -> bool:
+        """The stream is at an epoch's end and this micro-batch holds (or defers) examples of that epoch: it
+        stops there, so epochs do not mix and each example is trained once per epoch."""
+        return self.shuffle and self.cursor > 0 and self.cursor % self.n == 0 and bool(chosen or self.deferred)
 
     def next_micro(self) -> MicroPlan | None:
         """The next micro-batch's plan (None once a single pass is exhausted)."""
@@ -190,7 +185,7 @@ class Packer:
         for i in waiting:
             take(i)
         misses = 0
-        while len(chosen) < self.groups and misses <= self.lookahead:
+        while len(chosen) < self.groups and misses <= self.lookahead and not self._epoch_ends(chosen):
             i = self._next_candidate()
             if i is None:
                 break
@@ -208,6 +203,24 @@ class Packer:
     def next_step(self, micro_batches: int) -> list[MicroPlan]:
         """The micro-batches of one optimizer step."""
         return [self.next_micro() for _ in range(micro_batches)]
+
+    def __next__(self) -> MicroPlan:
+        plan = self.next_micro()
+        if plan is None:
+            raise StopIteration
+        return plan
+
+
+class MicroBatches(grain.IterDataset):
+    """The packer as a Grain dataset of `MicroPlan`s: `iter()` starts a `Packer` at the stream's start (its
+    `set_state` moves it), so Grain's transformations and prefetching apply downstream."""
+
+    def __init__(self, n: int, parts: dict[str, Part], **packer_options):
+        super().__init__()
+        self.n, self.parts, self.packer_options = n, parts, packer_options
+
+    def __iter__(self) -> Packer:
+        return Packer(self.n, self.parts, **self.packer_options)
 
 
 def derive_geometry(
@@ -228,7 +241,8 @@ def derive_geometry(
     """A run's micro-batch geometry from its examples' lengths (`prompt_lens` [N], `completion_lens` [N, k]):
     the fewest tokens per micro-batch (rows x row length) for which, over the first `sample` micro-batches
     of a simulated run (up to SIMULATED_EPOCHS epochs: a small set must fit several epochs' orders, not one),
-    at most a `max_short` fraction hold fewer than `groups` groups and at most 4 x `groups`
+    at most a `max_short` fraction hold fewer than `groups` groups (besides an epoch's remainder of n % G
+    examples) and at most 4 x `groups`
     examples wait at once. Row lengths tried: the longest unit rounded up to `length_multiple` and 1.125,
     1.25, ... 2 times that (or `length`); rows: from the mean demand up, in multiples of `row_multiple` (or
     `rows`). Per-row budgets of scored tokens and attention tiles (`tiles`: block-sparse) are 10% above the
@@ -276,7 +290,8 @@ def derive_geometry(
             count += 1
             short += len(plan.examples) < groups
             waiting = max(waiting, len(packer.deferred))
-        return short <= max_short * count and waiting <= 4 * groups
+        remainders = packer.epoch if n % groups else 0  # an epoch of n examples ends with n % G of them
+        return short <= max_short * count + remainders and waiting <= 4 * groups
 
     base = round_up(longest, length_multiple)
     lengths = [length] if length else sorted({round_up(int(base * f), length_multiple) for f in LENGTH_FACTORS})

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import grain
 import numpy as np
+from absl import flags
 
 from prefopt_jax.data import cache
 from prefopt_jax.data.records import DataError
@@ -46,16 +49,41 @@ class Prepared:
         return out
 
 
-def _encode(encoder: Encoder, records: Sequence, indices: Sequence[int]) -> dict[int, Encoded]:
+def _encode(encoder: Encoder, records: Sequence, indices: Sequence[int], workers: int = 0) -> dict[int, Encoded]:
+    """The outcomes of records[i] for i in `indices`, `CHUNK` records per batch encode; with `workers` > 1,
+    the chunks are encoded by that many Grain worker processes (in order, so the result is the same)."""
+    chunks = [indices[start : start + CHUNK] for start in range(0, len(indices), CHUNK)]
+    if workers > 1 and len(chunks) > 1:
+        if not flags.FLAGS.is_parsed():  # Grain's multiprocessing reads absl flags; this is not an absl program
+            flags.FLAGS.mark_as_parsed()
+        dataset = grain.MapDataset.source([[records[i] for i in c] for c in chunks]).map(encoder.encode)
+        options = grain.MultiprocessingOptions(num_workers=min(workers, len(chunks)))
+        encoded = iter(dataset.to_iter_dataset().mp_prefetch(options, worker_init_fn=_one_thread_each))
+    else:
+        encoded = (encoder.encode([records[i] for i in c]) for c in chunks)
     out = {}
-    for start in range(0, len(indices), CHUNK):
-        chunk = indices[start : start + CHUNK]
-        out.update(zip(chunk, encoder.encode([records[i] for i in chunk]), strict=True))
+    for chunk in chunks:
+        out.update(zip(chunk, next(encoded), strict=True))
+    if hasattr(encoded, "close"):
+        encoded.close()  # the worker processes
     return out
 
 
+def _one_thread_each(worker: int, workers: int) -> None:
+    """A tokenisation worker's Rust encoder on one thread: the workers share the cores, not each take all."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ["RAYON_NUM_THREADS"] = "1"
+
+
 def _outcomes(
-    source, split: str | None, format: str | None, encoder: Encoder, on_error: str, cache_dir: str | None, need
+    source,
+    split: str | None,
+    format: str | None,
+    encoder: Encoder,
+    on_error: str,
+    cache_dir: str | None,
+    need,
+    workers: int = 0,
 ) -> tuple[int, Any, DataReport, str | None]:
     """(rows usable after reading, outcome of row i (only those `need(n)` asks for, unless the cache is being
     written), the read accounting, the cache status) of one source."""
@@ -70,7 +98,7 @@ def _outcomes(
         return len(outcomes), outcomes.__getitem__, report, "hit"
     records, report = read_records(source, format=format, split=split, on_error=on_error)
     wanted = range(len(records)) if key else sorted(i for part in need(len(records)) for i in part)
-    encoded = _encode(encoder, records, list(wanted))
+    encoded = _encode(encoder, records, list(wanted), workers)
     status = None
     if key:
         outcomes = [encoded[i] for i in range(len(records))]
@@ -100,17 +128,19 @@ def prepare(
     splits: Sequence[str] = ("train", "eval"),
     cache_dir: str | None = None,
     weight: float | None = None,
+    workers: int = 0,
 ) -> Prepared:
     """Read, normalise, split and tokenise a preference source; `report` accounts for every row. The eval
     set is a seeded `eval_fraction` of the usable rows, or the named `eval_split` of a hub dataset. Only the
     `splits` asked for are tokenised (the other comes back empty), unless the cache is being written: it holds
-    every row. With `cache_dir` a file or hub source is tokenised once and read back on later calls."""
+    every row. With `cache_dir` a file or hub source is tokenised once and read back on later calls; `workers` > 1
+    tokenises in that many worker processes (the same examples)."""
     if eval_fraction and eval_split:
         raise ValueError("give eval_fraction or eval_split, not both")
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     encoder = Encoder(tokenizer, max_length, max_prompt_length, max_completion_length, "keep_end", use_chat_template)
-    common = dict(format=format, encoder=encoder, on_error=on_error, cache_dir=cache_dir)
+    common = dict(format=format, encoder=encoder, on_error=on_error, cache_dir=cache_dir, workers=workers)
     if eval_split is None:
 
         @functools.cache

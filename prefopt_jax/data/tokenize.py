@@ -83,6 +83,14 @@ class Encoder:
         self.bos = self.tokenizer.bos_token_id
         self._template = _compiled_template(self.tokenizer) if self.use_chat_template else None
 
+    def __getstate__(self) -> dict:  # to a tokenisation worker: the compiled template is rebuilt there
+        return {**self.__dict__, "_template": None, "_fast_template": self._template is not None}
+
+    def __setstate__(self, state: dict) -> None:
+        fast = state.pop("_fast_template")
+        self.__dict__.update(state)
+        self._template = _compiled_template(self.tokenizer) if fast else None
+
     # ---- raw encoding ----------------------------------------------------------------------------
 
     def _messages(self, prompt: Messages | str) -> list[dict]:

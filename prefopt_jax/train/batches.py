@@ -43,6 +43,7 @@ def load_data(cfg: Config, tokenizer, splits=("train", "eval")) -> tuple[data.Pr
             seed=cfg.train.seed,
             splits=splits,
             cache_dir=cache_folder(d.cache, "tokenized"),
+            workers=d.workers,
         )
         prepared = _first_process_writes(lambda: data.prepare_mixture(sources, d.weights, tokenizer, **kw))
         answers = None

@@ -301,16 +301,18 @@ def train(cfg: Config, *, out: IO | None = None, stop_after: int | None = None) 
 
     ckpt = checkpoint.manager(run_dir / "checkpoints", keep=cfg.output.keep)
     restored = checkpoint.restore_latest(ckpt, run.state) if cfg.output.resume else None
-    packer = data.packer(
-        run.batch_specs["train"], run.prepared.train, seed=t.seed, mixture=batches.mixture(cfg, run.prepared)
-    )
+    ref = run.ref_cache["train"] if run.ref_cache is not None else None
+    inputs = pipeline_lib.step_inputs(
+        run.batch_specs["train"], run.prepared.train, run.mesh, micro_batches=t.micro_batches, pad_id=run.pad_id,
+        seed=t.seed, mixture=batches.mixture(cfg, run.prepared), ref_cache=ref,
+    )  # fmt: skip
     if restored is None:
         history: list[dict] = []
         before = evaluate(run, eval_step, run.state["trainable"], run.state["loss_state"])
         print(f"before training: {_fmt(before)}", file=out)
     else:
         run.state, meta = restored
-        packer.restore(meta["iterator"])
+        inputs.set_state(meta["iterator"])
         history, before = meta["history"], meta["before"]
         print(f"resumed from the checkpoint at step {len(history)} in {run_dir / 'checkpoints'}", file=out)
     writer = metrics_lib.MetricsWriter(
@@ -321,16 +323,11 @@ def train(cfg: Config, *, out: IO | None = None, stop_after: int | None = None) 
         writer.write(0, _eval_record(0, before))
     stop = _stop_on_signals()
     print(f"MFU against {peak / 1e12:.2f} TFLOP/s ({peak_source})", file=out)
-    ref = run.ref_cache["train"] if run.ref_cache is not None else None
-    inputs = pipeline_lib.StepPipeline(
-        run.batch_specs["train"], packer, run.prepared.train, run.mesh, micro_batches=t.micro_batches,
-        pad_id=run.pad_id, ref_cache=ref,
-    )  # fmt: skip
-    iterator_state = packer.state()  # where the data stream stands after the last finished step
+    iterator_state = inputs.get_state()  # where the data stream stands after the last finished step
     source_of = run.prepared.source_of_train()
     progress = {"in_a_row": 0, "tokens": 0, "last": time.perf_counter(), "t0": time.perf_counter()}
 
-    def finish(i: int, metrics, item: pipeline_lib.StepInput) -> None:
+    def finish(i: int, metrics, item: pipeline_lib.StepInput, stream_after: dict) -> None:
         """Read step i's metrics (the device has the next step queued by now), log them, check them."""
         nonlocal iterator_state
         m = {k: float(v) for k, v in metrics.items()}
@@ -358,7 +355,7 @@ def train(cfg: Config, *, out: IO | None = None, stop_after: int | None = None) 
             drawn = np.bincount(source_of[[j for p in item.plans for j in p.examples]], minlength=k)
             m |= {f"examples/source_{s}": int(n) for s, n in enumerate(drawn)}
         history.append(m)
-        iterator_state = item.packer_state
+        iterator_state = stream_after
         writer.write(i + 1, m)
         if (i + 1) % cfg.output.log_every == 0 or i + 1 == t.steps:
             metrics_lib.progress(i + 1, t.steps, m, out)
@@ -374,10 +371,11 @@ def train(cfg: Config, *, out: IO | None = None, stop_after: int | None = None) 
         meta = {"iterator": iterator_state, "history": history, "before": before}
         checkpoint.save(ckpt, step, run.state, meta)
 
-    pending = None  # (step index, its metrics on the device, its input)
+    pending = None  # (step index, its metrics on the device, its input, the stream's state after it)
     profile, tracing = t.profile_steps, False
     for i in range(len(history), t.steps):
         item = next(inputs)
+        stream_after = inputs.get_state()
         if profile is not None and i + 1 == profile[0]:
             jax.profiler.start_trace(str(run_dir / "profile"))
             tracing = True
@@ -391,7 +389,7 @@ def train(cfg: Config, *, out: IO | None = None, stop_after: int | None = None) 
             print(f"profile of steps {profile[0]}-{i + 1} in {run_dir / 'profile'} (TensorBoard's Profile)", file=out)
         if pending is not None:
             finish(*pending)
-        pending = (i, metrics, item)
+        pending = (i, metrics, item, stream_after)
         every = cfg.output.checkpoint_every
         if (every and (i + 1) % every == 0) or interrupted or i + 1 == t.steps:
             finish(*pending)

@@ -93,3 +93,20 @@ def test_tokenisation_rate_and_layout_figures_on_hh_rlhf(tok, shared_file):
         f"padding fraction (fixed-shape micro-batches of 8 pairs): padded {1 - padded_tokens / slots['padded']:.1%}, "
         f"packed {1 - packed_tokens / slots['packed']:.1%}"
     )
+
+
+@pytest.mark.integration
+def test_worker_processes_tokenise_to_the_same_examples(tok, shared_file):
+    """Grain worker processes (3 chunks of 512 rows over 2 workers) give exactly the in-process examples,
+    rows dropped for their length included (their DataErrors cross the process boundary)."""
+    kw = dict(max_length=256, on_error="skip", eval_fraction=0.1)
+    here = data.prepare(shared_file("llmbar_all.jsonl"), tok, **kw)
+    pooled = data.prepare(shared_file("llmbar_all.jsonl"), tok, workers=2, **kw)
+    assert here.report.dropped and pooled.report.dropped == here.report.dropped
+    assert pooled.report.first == here.report.first
+    for a, b in zip(here.train + here.eval, pooled.train + pooled.eval, strict=True):
+        assert (a.prompt.tolist(), a.chosen.tolist(), a.rejected.tolist()) == (
+            b.prompt.tolist(),
+            b.chosen.tolist(),
+            b.rejected.tolist(),
+        )
