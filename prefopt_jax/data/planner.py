@@ -4,9 +4,11 @@ The examples come in the order of `data.order` (Grain's global index shuffle, re
 weighted mix of per-source streams). Micro-batches of a fixed `Geometry` are filled from that stream in
 order: an example that does not fit the current micro-batch (its rows are full, or its scored-token or tile
 budget is spent) waits and goes first into the next one, so none is dropped and the order is kept up to those
-waits. Epochs do not mix: a micro-batch stops at its epoch's end, so every example is trained exactly once
-per epoch. A micro-batch takes at most G examples; it holds fewer only when more than `lookahead` of the
-examples after it do not fit, or an epoch (or a single pass) ends, and its empty group slots have weight 0.
+waits. Near an epoch's end the lookahead may take the next epoch's first examples (as packing pipelines
+do): each stream position is trained exactly once, and an example met again while it is held or waiting
+waits too, so no micro-batch holds an example twice. A micro-batch takes at most G examples; it holds
+fewer only when more than `lookahead` of the examples after it do not fit, or a single pass runs out, and
+its empty group slots have weight 0.
 The plan depends on the examples' lengths alone, so every process of a multi-host run computes the same plan
 (integers, microseconds) and builds only the rows of its own devices: processes split the packed rows, not
 the examples, so a multi-host run trains on exactly the batches of a single-host one. The `Packer` is a
@@ -160,11 +162,6 @@ class Packer(grain.DatasetIterator):
         self.cursor += 1
         return i
 
-    def _epoch_ends(self, chosen: list[int]) -> bool:
-        """The stream is at an epoch's end and this micro-batch holds (or defers) examples of that epoch: it
-        stops there, so epochs do not mix and each example is trained once per epoch."""
-        return self.shuffle and self.cursor > 0 and self.cursor % self.n == 0 and bool(chosen or self.deferred)
-
     def next_micro(self) -> MicroPlan | None:
         """The next micro-batch's plan (None once a single pass is exhausted)."""
         if self.exhausted:
@@ -174,7 +171,8 @@ class Packer(grain.DatasetIterator):
         waiting, self.deferred = self.deferred, []
 
         def take(i: int) -> bool:
-            if len(chosen) < self.groups and self._take(plans, i, len(chosen)):
+            # an example met again (the lookahead reached the next epoch) waits: never twice in one micro-batch
+            if len(chosen) < self.groups and i not in chosen and self._take(plans, i, len(chosen)):
                 chosen.append(i)
                 return True
             if not chosen:  # it does not fit even an empty micro-batch: it never would
@@ -185,7 +183,7 @@ class Packer(grain.DatasetIterator):
         for i in waiting:
             take(i)
         misses = 0
-        while len(chosen) < self.groups and misses <= self.lookahead and not self._epoch_ends(chosen):
+        while len(chosen) < self.groups and misses <= self.lookahead:
             i = self._next_candidate()
             if i is None:
                 break
@@ -241,8 +239,7 @@ def derive_geometry(
     """A run's micro-batch geometry from its examples' lengths (`prompt_lens` [N], `completion_lens` [N, k]):
     the fewest tokens per micro-batch (rows x row length) for which, over the first `sample` micro-batches
     of a simulated run (up to SIMULATED_EPOCHS epochs: a small set must fit several epochs' orders, not one),
-    at most a `max_short` fraction hold fewer than `groups` groups (besides an epoch's remainder of n % G
-    examples) and at most 4 x `groups`
+    at most a `max_short` fraction hold fewer than `groups` groups and at most 4 x `groups`
     examples wait at once. Row lengths tried: the longest unit rounded up to `length_multiple` and 1.125,
     1.25, ... 2 times that (or `length`); rows: from the mean demand up, in multiples of `row_multiple` (or
     `rows`). Per-row budgets of scored tokens and attention tiles (`tiles`: block-sparse) are 10% above the
@@ -290,8 +287,7 @@ def derive_geometry(
             count += 1
             short += len(plan.examples) < groups
             waiting = max(waiting, len(packer.deferred))
-        remainders = packer.epoch if n % groups else 0  # an epoch of n examples ends with n % G of them
-        return short <= max_short * count + remainders and waiting <= 4 * groups
+        return short <= max_short * count and waiting <= 4 * groups
 
     base = round_up(longest, length_multiple)
     lengths = [length] if length else sorted({round_up(int(base * f), length_multiple) for f in LENGTH_FACTORS})
