@@ -286,13 +286,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), d
 
 def validate(cfg: Config, devices: int | None = None) -> None:
     from prefopt_jax.data import LAYOUTS as data_layouts
+    from prefopt_jax.train import build  # the trainer's own decisions (loss, reference, extras, LoRA)
 
     check_ranges(cfg)
-    loss, hparams = cfg.loss.build()  # unknown losses and unknown or out-of-range hyperparameters fail here
-    loss.hyperparameters(**hparams)
     t = cfg.train
     choices = {
-        "train.reference": (t.reference, ("frozen", "lora_base", "precomputed", "none")),
         "train.reference_dtype": (t.reference_dtype, (None, "float32", "bfloat16")),
         "train.schedule": (t.schedule, ("cosine", "linear", "constant")),
         "data.layout": (cfg.data.layout, data_layouts),
@@ -306,39 +304,7 @@ def validate(cfg: Config, devices: int | None = None) -> None:
     for key, (value, valid) in choices.items():
         if value not in valid:
             raise ConfigError(f"{key}={value!r}; valid: {list(valid)}")
-    if loss.kind not in ("paired", "unpaired", "paired or ranked"):
-        raise ConfigError(f"loss.name={loss.name!r} is {loss.kind}; the trainer runs paired and unpaired losses")
-    if not loss.needs_reference and t.reference != "none":
-        raise ConfigError(f"loss {loss.name!r} needs no reference: set train.reference=none")
-    if loss.needs_reference and t.reference == "none":
-        raise ConfigError(
-            f"loss {loss.name!r} needs a reference: train.reference must be frozen, lora_base or precomputed"
-        )
-    from prefopt_jax.train.step import STEP_EXTRAS
-
-    missing = sorted(set(loss.required_extras(**hparams)) - STEP_EXTRAS)
-    if missing:
-        raise ConfigError(
-            f"loss {loss.name!r} with these hyperparameters needs {missing}, which the trainer does not compute "
-            "yet" + (" (set loss.nll_over_prompt=false)" if loss.name == "orpo" else "")
-        )
-    if t.reference == "lora_base" and t.lora_rank == 0:
-        raise ConfigError("train.reference=lora_base needs LoRA (train.lora_rank > 0)")
-    if t.reference_dtype is not None and t.reference != "frozen":
-        raise ConfigError("train.reference_dtype applies to train.reference=frozen only (the reference copy)")
-    if t.ref_sync_every < 0 or not 0.0 < t.ref_sync_alpha <= 1.0:
-        raise ConfigError("train.ref_sync_every must be >= 0 and train.ref_sync_alpha in (0, 1]")
-    if t.ref_sync_every and t.reference not in ("frozen", "lora_base"):
-        raise ConfigError("train.ref_sync_every (TR-DPO) needs train.reference=frozen or lora_base")
-    if not 0.0 <= t.lora_dropout < 1.0:
-        raise ConfigError(f"train.lora_dropout must be in [0, 1), got {t.lora_dropout}")
-    if t.lora_dropout and not t.lora_rank:
-        raise ConfigError("train.lora_dropout needs LoRA (train.lora_rank > 0)")
-    if t.reference == "precomputed" and (loss.needs_kl or "seq_kl_chosen" in loss.required_extras(**hparams)):
-        raise ConfigError(
-            f"loss {loss.name!r} needs the reference inside the step (mismatched pairs or full distributions): "
-            "train.reference must be frozen or lora_base"
-        )
+    build.parts(cfg)
     if t.batch_size % t.micro_batches:
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.micro_batches={t.micro_batches}")
     if t.profile_steps is not None:

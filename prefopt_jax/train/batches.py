@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from prefopt_jax import data
+from prefopt_jax import data, losses
 from prefopt_jax.config import Config, ConfigError, cache_folder
 from prefopt_jax.data.synthetic import comparison_pairs
 
@@ -19,7 +19,9 @@ ROW_AXES = ("data", "fsdp")
 TOKEN_ARRAYS = ("input_ids", "positions", "segment_ids", "branch")
 
 
-def load_data(cfg: Config, tokenizer, splits=("train", "eval")) -> tuple[data.Prepared, list[str] | None]:
+def load_data(
+    cfg: Config, tokenizer, loss: losses.Loss, splits=("train", "eval")
+) -> tuple[data.Prepared, list[str] | None]:
     """The train and held-out examples (only the `splits` asked for are tokenised; and, for the built-in
     task, the held-out answers), through the tokenised cache (`data.cache`). Unpaired losses train on
     unpaired files as they are, and on pairs read as two unpaired examples (chosen desirable, rejected
@@ -47,7 +49,6 @@ def load_data(cfg: Config, tokenizer, splits=("train", "eval")) -> tuple[data.Pr
         )
         prepared = _first_process_writes(lambda: data.prepare_mixture(sources, d.weights, tokenizer, **kw))
         answers = None
-    loss = cfg.loss.build()[0]
     check_input_kind(loss, prepared, d.source)
     if loss.kind == "unpaired":  # pairs become two examples each; unpaired files are used as they are
         train, shares = [], []

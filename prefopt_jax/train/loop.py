@@ -21,11 +21,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from prefopt_jax import data, losses, models, sharding
+from prefopt_jax import data, models
 from prefopt_jax.config import Config, ConfigError
-from prefopt_jax.models import attention as attention_lib
 from prefopt_jax.models.generate import generate
-from prefopt_jax.train import batches, checkpoint, reference_cache, runtime
+from prefopt_jax.train import batches, build, checkpoint, reference_cache, runtime
 from prefopt_jax.train import flops as flops_lib
 from prefopt_jax.train import hub as hub_lib
 from prefopt_jax.train import lora as lora_lib
@@ -33,27 +32,6 @@ from prefopt_jax.train import metrics as metrics_lib
 from prefopt_jax.train import model_card as model_card_lib
 from prefopt_jax.train import pipeline as pipeline_lib
 from prefopt_jax.train import step as step_lib
-
-
-def learning_rate(schedule: str, peak: float, warmup: int, steps: int):
-    """The learning rate of update `count` (0-based), as Hugging Face's schedulers define it: linear warmup
-    `count / warmup` while count < warmup (none when warmup is 0, so the first update uses the peak), then
-    constant, or decaying to 0 at `steps` (cosine: (1 + cos(pi·progress)) / 2; linear: 1 − progress)."""
-
-    def rate(count):
-        count = jnp.asarray(count, jnp.float32)
-        warm = count / max(warmup, 1)
-        progress = jnp.clip((count - warmup) / max(steps - warmup, 1), 0.0, 1.0)
-        decay = {"cosine": 0.5 * (1.0 + jnp.cos(jnp.pi * progress)), "linear": 1.0 - progress}.get(schedule, 1.0)
-        return peak * jnp.where(count < warmup, warm, decay)
-
-    return rate
-
-
-def make_optimizer(cfg: Config) -> optax.GradientTransformation:
-    t = cfg.train
-    lr = learning_rate(t.schedule, t.learning_rate, t.warmup_steps, t.steps)
-    return optax.chain(optax.clip_by_global_norm(t.max_grad_norm), optax.adamw(lr, weight_decay=t.weight_decay))
 
 
 def _stop_on_signals() -> dict:
@@ -85,126 +63,44 @@ class Run:
     ref_cache: dict | None  # precomputed reference log-probs per split
 
 
-def step_spec(cfg: Config, geometries: dict, attention: str, mesh: Mesh | None = None) -> step_lib.StepSpec:
-    """What the train step computes, from the config; with the mesh, activations and each layer's weights
-    are kept in their shards inside the step."""
-    t = cfg.train
-    loss, hp = cfg.loss.build()
-    constrain = (
-        step_lib.no_constraint
-        if mesh is None
-        else sharding.activation_constraint(mesh, sharding.rules_for(cfg.mesh.rules))
-    )
-    platform = mesh.devices.flat[0].platform if mesh is not None else "cpu"
-    return step_lib.StepSpec(
-        loss,
-        hp,
-        geometries,
-        attention_lib.AttentionSpec(attention, interpret=attention == "pallas" and platform == "cpu"),
-        reference=t.reference,
-        lora_scale=(t.lora_alpha / t.lora_rank) if t.lora_rank else None,
-        lora_dropout=t.lora_dropout,
-        ref_sync_every=t.ref_sync_every,
-        ref_sync_alpha=t.ref_sync_alpha,
-        remat=cfg.model.remat,
-        seed=t.seed,
-        compute_dtype=cfg.model.compute,
-        constrain=constrain,
-    )
-
-
-def batch_specs(cfg: Config, prepared: data.Prepared, mesh: Mesh, attention: str) -> dict[str, data.BatchSpec]:
-    """Per split, the fixed micro-batch geometry. Paired runs size one from train and held-out examples
-    together; an unpaired run's held-out split is pairs, with a geometry of its own."""
-    loss, hp = cfg.loss.build()
-    response_only = "response_only_chosen_avg" in loss.required_extras(**hp)
-    spec = lambda examples: batches.batch_spec(cfg, examples, mesh, attention=attention, response_only=response_only)
-    if loss.kind == "unpaired":
-        out = {
-            name: spec(examples) for name, examples in (("train", prepared.train), ("eval", prepared.eval)) if examples
-        }
-        return {"train": out.get("train", out.get("eval")), "eval": out.get("eval", out.get("train"))}
-    examples = prepared.train + prepared.eval
-    return {"train": spec(examples), "eval": spec(examples)} if examples else {}
-
-
-def _copy_as(a, dtype):
-    """A copy of a parameter in `dtype` (the policy's buffers are donated to the step, so the reference
-    needs its own); abstract parameters (planning) stay abstract."""
-    if isinstance(a, jax.ShapeDtypeStruct):
-        return jax.ShapeDtypeStruct(a.shape, dtype, sharding=a.sharding)
-    return jnp.copy(a) if a.dtype == dtype else a.astype(dtype)
-
-
-def parameter_trees(cfg: Config, spec: step_lib.StepSpec, base: dict, adapters: dict | None, mesh: Mesh):
-    """(trainable, frozen, ref_params, synced): the parameter trees a run holds, from the loaded base (and
-    the initial LoRA adapters). `synced` is TR-DPO's moving reference; arrays or abstract shapes alike."""
-    t = cfg.train
-    if adapters is not None:  # LoRA: the adapters train (small: replicated), the base stays frozen
-        replicated = NamedSharding(mesh, PartitionSpec())
-        trainable = jax.tree.map(
-            lambda a: (
-                jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated)
-                if isinstance(a, jax.ShapeDtypeStruct)
-                else jax.device_put(a, replicated)
-            ),
-            adapters,
-        )
-        # TR-DPO with LoRA: the reference has its own adapters, starting at the base
-        synced = jax.tree.map(lambda a: _copy_as(a, a.dtype), trainable) if t.ref_sync_every else None
-        return trainable, base, None, synced
-    ref_params = None
-    if spec.reference_in_step:
-        dtype = runtime.dtype_of(t.reference_dtype or cfg.model.dtype)
-        ref_params = jax.tree.map(lambda a: _copy_as(a, dtype), base)
-    if t.ref_sync_every:  # TR-DPO: the reference lives in the state
-        return base, None, None, ref_params
-    return base, None, ref_params, None  # without a reference in the step, no second copy at all
-
-
 def setup(
     cfg: Config, optimizer: optax.GradientTransformation, out: IO, *, splits=("train", "eval"), optimizer_state=True
 ) -> Run:
     """Load the model, the data (the `splits` asked for; and the precomputed reference, if asked) and build
     the initial state. Without `optimizer_state` the optimizer's part of the state is shapes only (evaluation
     and export read a checkpoint's policy and allocate no Adam moments)."""
-    t = cfg.train
+    t, parts = cfg.train, build.parts(cfg)
     mesh, tokenizer = runtime.start(cfg)
-    if t.reference == "precomputed" and splits:  # the cache key covers both splits
+    if parts.precomputed and splits:  # the cache key covers both splits
         splits = ("train", "eval")
-    prepared, answers = batches.load_data(cfg, tokenizer, splits)  # bad data stops the run before the model loads
+    prepared, answers = batches.load_data(cfg, tokenizer, parts.loss, splits)  # bad data stops before the model
     print(f"data: {batches.describe(prepared)}", file=out)
     model = runtime.load_model(cfg, mesh)
     mcfg, base = model.config, model.params()
     print(f"model {cfg.model.source} ({mcfg.num_params() / 1e6:.0f}M params) loaded", file=out)
     attention = runtime.attention(cfg, mcfg, mesh.devices.flat[0].platform)
-    specs = batch_specs(cfg, prepared, mesh, attention)
-    spec = step_spec(cfg, specs["train"].geometries if specs else {}, attention, mesh)
-    loss = spec.loss
+    specs = build.batch_specs(cfg, prepared, mesh, attention)
+    spec = build.step_spec(cfg, specs["train"].geometries if specs else {}, attention, mesh)
     ref_cache = None
-    if t.reference == "precomputed":
+    if parts.precomputed:
         key = reference_cache.key_for(cfg, prepared)
         ref_cache = reference_cache.read(t.reference_cache, key, {"train": prepared.train, "eval": prepared.eval})
         print(f"reference log-probs from {t.reference_cache.rstrip('/')}/{key}", file=out)
     adapters = None
     if t.lora_rank:
         adapters = lora_lib.init_lora(mcfg, rank=t.lora_rank, targets=t.lora_targets, seed=t.seed)
-    trainable, frozen, ref_params, synced = parameter_trees(cfg, spec, base, adapters, mesh)
+    trainable, frozen, ref_params, synced = build.parameter_trees(cfg, spec, base, adapters, mesh)
     # every leaf on the mesh (the optimizer's scalars replicated), so restored checkpoints land the same way
     replicated = NamedSharding(mesh, PartitionSpec())
     if not optimizer_state:  # the optimizer state as shapes only: nothing to allocate for Adam's moments
         optimizer = optax.GradientTransformation(partial(jax.eval_shape, optimizer.init), optimizer.update)
-    state = step_lib.init_state(trainable, optimizer, loss, reference=synced)
+    state = step_lib.init_state(trainable, optimizer, parts.loss, reference=synced)
     state = jax.tree.map(
         lambda a: a if isinstance(a, jax.ShapeDtypeStruct) or isinstance(a.sharding, NamedSharding)
         else jax.device_put(a, replicated),
         state,
     )  # fmt: skip
-    eval_spec = dataclasses.replace(spec, geometries=specs["eval"].geometries) if specs else spec
-    held_out_pairs = any(isinstance(e, data.TokenizedPair) for e in prepared.eval[:1])
-    if loss.kind == "unpaired" and held_out_pairs:  # scored by their implicit reward, as every loss is
-        beta = spec.loss.hyperparameters(**spec.hp).get("beta", 0.1)
-        eval_spec = dataclasses.replace(eval_spec, loss=losses.get("dpo"), hp={"beta": beta})
+    eval_spec = build.eval_spec(cfg, spec, specs, prepared)
     if specs:
         g = specs["train"].geometries["main"]
         print(
@@ -290,7 +186,7 @@ def train(cfg: Config, *, out: IO | None = None, stop_after: int | None = None) 
     run_dir = checkpoint.run_path(cfg.output.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    optimizer = make_optimizer(cfg)
+    optimizer = build.make_optimizer(cfg)
     run = setup(cfg, optimizer, out)
     spec = run.spec
     layout = (jax.tree.map(lambda a: a.sharding, run.state), NamedSharding(run.mesh, PartitionSpec()))
@@ -447,7 +343,7 @@ def evaluate_checkpoint(cfg: Config, *, out: IO | None = None) -> dict:
     """`prefopt-jax eval`: held-out metrics of the newest checkpoint in output.dir (or of the starting
     model when there is none)."""
     out = out or sys.stdout
-    run = setup(cfg, make_optimizer(cfg), out, splits=("eval",), optimizer_state=False)
+    run = setup(cfg, build.make_optimizer(cfg), out, splits=("eval",), optimizer_state=False)
     ckpt = checkpoint.manager(checkpoint.run_path(cfg.output.dir) / "checkpoints", keep=cfg.output.keep)
     restored = checkpoint.restore_latest(ckpt, run.state, skip=("opt_state",))
     where = "the starting model (no checkpoint)"
@@ -515,7 +411,7 @@ def export(
             "base; export the merged model instead"
         )
     hub = hub_lib.preflight(push_to_hub) if push_to_hub else None  # offline or logged out: fail before any work
-    run = setup(cfg, make_optimizer(cfg), out, splits=(), optimizer_state=False)
+    run = setup(cfg, build.make_optimizer(cfg), out, splits=(), optimizer_state=False)
     run_dir = checkpoint.run_path(cfg.output.dir)
     mgr = checkpoint.manager(run_dir / "checkpoints", keep=cfg.output.keep)
     restored = checkpoint.restore_latest(mgr, run.state, skip=("opt_state",))

@@ -10,7 +10,7 @@ from typing import IO, Any
 import numpy as np
 from etils import epath
 
-from prefopt_jax.train.step import LENGTH_EDGES
+LENGTH_EDGES = (64, 128, 256, 512, 1024)  # accuracy-by-length buckets: [0, 64), [64, 128), ..., [1024, inf)
 
 
 class MetricsWriter:

@@ -30,7 +30,7 @@ from prefopt_jax.config import Config, ConfigError, check_mesh
 from prefopt_jax.data.records import Origin
 from prefopt_jax.data.tokenize import TokenizedPair
 from prefopt_jax.models.build import nest
-from prefopt_jax.train import batches, loop, runtime
+from prefopt_jax.train import batches, build, runtime
 from prefopt_jax.train import flops as flops_lib
 from prefopt_jax.train import lora as lora_lib
 from prefopt_jax.train import step as step_lib
@@ -167,7 +167,8 @@ def _abstract(tree, shardings):
 
 
 def abstract_inputs(cfg: Config, mcfg: models.ModelConfig, spec, optimizer: optax.GradientTransformation, mesh):
-    """(state, frozen, ref_params) as shapes and shardings, laid out as `loop.setup` lays out the real ones."""
+    """(state, frozen, ref_params) as shapes and shardings, laid out as `loop.setup` lays out the real ones
+    (both through `build.parameter_trees`)."""
     dtype = np.dtype(cfg.model.dtype)
     table = models.param_table(mcfg)
     base = _abstract(
@@ -180,7 +181,7 @@ def abstract_inputs(cfg: Config, mcfg: models.ModelConfig, spec, optimizer: opta
         adapters = jax.eval_shape(
             lambda: lora_lib.init_lora(mcfg, rank=t.lora_rank, targets=t.lora_targets, seed=t.seed)
         )
-    trainable, frozen, ref_params, synced = loop.parameter_trees(cfg, spec, base, adapters, mesh)
+    trainable, frozen, ref_params, synced = build.parameter_trees(cfg, spec, base, adapters, mesh)
     shapes = jax.eval_shape(lambda tr, r: step_lib.init_state(tr, optimizer, spec.loss, reference=r), trainable, synced)
     replicated = NamedSharding(mesh, PartitionSpec())
     trainable_shardings = jax.tree.map(lambda a: a.sharding, trainable)
@@ -217,24 +218,23 @@ def plan(cfg: Config, target_name: str, *, mfu: float = 0.4, out: IO | None = No
     m = cfg.mesh
     mesh = sharding.make_mesh(m.data, m.fsdp, m.tensor, devices=devices)
     mcfg = models.model_config(cfg.model.source)
-    loss, hp = cfg.loss.build()
+    parts = build.parts(cfg)
     # a GPU or TPU target compiled for simulated CPU devices runs XLA's attention here (their kernels need
     # the hardware or its compiler)
     attention = runtime.attention(cfg, mcfg, tgt.platform if not simulated else "cpu")
     if simulated and tgt.platform != "cpu":
         attention = "dense"
-    examples = worst_case_examples(cfg, loss.kind == "unpaired")
-    response_only = "response_only_chosen_avg" in loss.required_extras(**hp)
-    bspec = batches.batch_spec(cfg, examples, mesh, attention=attention, response_only=response_only)
-    spec = loop.step_spec(cfg, bspec.geometries, attention, mesh)
-    optimizer = loop.make_optimizer(cfg)
+    examples = worst_case_examples(cfg, parts.unpaired)
+    bspec = batches.batch_spec(cfg, examples, mesh, attention=attention, response_only=parts.response_only)
+    spec = build.step_spec(cfg, bspec.geometries, attention, mesh)
+    optimizer = build.make_optimizer(cfg)
     state, frozen, ref_params = abstract_inputs(cfg, mcfg, spec, optimizer, mesh)
     batch = batches.abstract_batch(
         bspec,
         cfg.train.micro_batches,
         mesh,
-        unpaired=loss.kind == "unpaired",
-        precomputed=spec.reference == "precomputed",
+        unpaired=parts.unpaired,
+        precomputed=parts.precomputed,
     )
     plans = data.packer(bspec, examples, seed=0).next_step(cfg.train.micro_batches)
     train_step = step_lib.make_train_step(mcfg, spec, optimizer)

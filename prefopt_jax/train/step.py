@@ -25,19 +25,9 @@ from prefopt_jax.models.attention import AttentionSpec
 from prefopt_jax.models.config import ModelConfig
 from prefopt_jax.models.decoder import forward_hidden, no_constraint, unembedding
 from prefopt_jax.train.lora import with_lora
+from prefopt_jax.train.metrics import LENGTH_EDGES
 
 sg = jax.lax.stop_gradient
-LENGTH_EDGES = (64, 128, 256, 512, 1024)  # accuracy-by-length buckets: [0, 64), [64, 128), ..., [1024, inf)
-REFERENCE_MODES = ("frozen", "lora_base", "precomputed", "none")
-# the extras the step computes: RMiPO's response-only pass, TDPO's KL, WPO's weights
-STEP_EXTRAS = {
-    "response_only_chosen_avg",
-    "response_only_rejected_avg",
-    "seq_kl_chosen",
-    "seq_kl_rejected",
-    "wpo_aligned_chosen",
-    "wpo_aligned_rejected",
-}
 # metrics that add up over a step's micro-batches (and the length_bucket/ counts); the others are means
 SUMMED = ("num_tokens", "num_completion_tokens", "num_groups")
 
@@ -156,7 +146,8 @@ class StepSpec:
     reference copies the policy) or equal factors; a rank-r adapter cannot hold the exact mix.
     `lora_dropout` drops out adapter inputs while training, with a key drawn from `seed` and the step
     number (so a resumed run draws the same masks). `geometries` are the micro-batch
-    parts' fixed shapes (`data.BatchSpec.geometries`), `attention` the implementation the layers use."""
+    parts' fixed shapes (`data.BatchSpec.geometries`), `attention` the implementation the layers use.
+    `train.build.step_spec` makes one from a config (`train.build.parts` refuses what cannot work)."""
 
     loss: Loss
     hp: dict
@@ -172,27 +163,6 @@ class StepSpec:
     seed: int = 0
     compute_dtype: str = "float32"  # the layers' matmuls (bfloat16 on accelerators; parameters keep their dtype)
     constrain: Callable = no_constraint  # sharding.activation_constraint(mesh, rules): activations and weights
-
-    def __post_init__(self) -> None:
-        if self.reference not in REFERENCE_MODES:
-            raise ValueError(f"reference mode {self.reference!r}; modes: {', '.join(REFERENCE_MODES)}")
-        if self.loss.needs_reference and self.reference == "none":
-            raise ValueError(f"loss {self.loss.name!r} needs a reference; choose a reference mode other than 'none'")
-        if self.reference == "lora_base" and self.lora_scale is None:
-            raise ValueError("reference 'lora_base' needs LoRA (the base is the reference)")
-        if self.loss.kind not in ("paired", "unpaired", "paired or ranked"):
-            raise ValueError(f"loss {self.loss.name!r} is {self.loss.kind}; the step runs paired and unpaired losses")
-        if self.ref_sync_every and self.reference not in ("frozen", "lora_base"):
-            raise ValueError("reference sync (TR-DPO) needs a reference computed in the step: frozen or lora_base")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.lora_dropout and self.lora_scale is None:
-            raise ValueError("lora_dropout needs LoRA")
-        missing = set(self.loss.required_extras(**self.hp)) - STEP_EXTRAS
-        if missing:
-            raise ValueError(f"loss {self.loss.name!r} needs extras {sorted(missing)} the step does not compute")
-        if self.reference == "precomputed" and {"seq_kl_chosen"} & set(self.extras):
-            raise ValueError("TDPO's per-token KL needs the reference's full distribution: not with precomputed")
 
     @property
     def extras(self) -> tuple[str, ...]:

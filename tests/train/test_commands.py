@@ -171,7 +171,7 @@ def test_eval_and_export_read_only_what_they_need(tiny_model_dir, tmp_path, monk
     (the optimizer state is shapes only, and the checkpoint's is not read)."""
     import jax
 
-    from prefopt_jax.train import loop
+    from prefopt_jax.train import build, loop
 
     cfg = quick(None, tiny_model_dir, tmp_path / "run", *STEPS, "data.num_train=16", "data.num_eval=8")
     tokenised = []
@@ -181,13 +181,13 @@ def test_eval_and_export_read_only_what_they_need(tiny_model_dir, tmp_path, monk
         "prepare",
         lambda rows, *a, **kw: tokenised.append(kw.get("splits")) or real_prepare(rows, *a, **kw),
     )
-    run = loop.setup(cfg, loop.make_optimizer(cfg), io.StringIO(), splits=("eval",), optimizer_state=False)
+    run = loop.setup(cfg, build.make_optimizer(cfg), io.StringIO(), splits=("eval",), optimizer_state=False)
     assert run.prepared.train == [] and len(run.prepared.eval) == 8
     assert tokenised == [(), ("train",)]  # the built-in set: its train rows untouched, its held-out rows tokenised
     assert all(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(run.state["opt_state"]))
     assert not any(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(run.state["trainable"]))
     tokenised.clear()
-    loop.setup(cfg, loop.make_optimizer(cfg), io.StringIO(), splits=(), optimizer_state=False)
+    loop.setup(cfg, build.make_optimizer(cfg), io.StringIO(), splits=(), optimizer_state=False)
     assert tokenised == [(), ()]
 
 

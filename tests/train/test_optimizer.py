@@ -11,7 +11,7 @@ import pytest
 from prefopt_jax import data, models
 from prefopt_jax.config import load_config
 from prefopt_jax.train import flops
-from prefopt_jax.train.loop import learning_rate, make_optimizer
+from prefopt_jax.train.build import learning_rate, make_optimizer
 
 
 def hf_rate(schedule, peak, warmup, steps, t):

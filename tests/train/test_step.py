@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from prefopt_jax import data, losses, models
+from prefopt_jax.config import ConfigError, load_config
 from prefopt_jax.models.attention import AttentionSpec
 from prefopt_jax.train import batches as batches_lib
 from prefopt_jax.train import lora as lora_lib
@@ -292,20 +293,19 @@ def test_accuracy_by_length_on_a_hand_made_batch(base):
     )
 
 
-def test_step_refuses_impossible_combinations():
-    spec = lambda name, hp=None, **kw: step_lib.StepSpec(losses.get(name), hp or {}, {}, **kw)
-    with pytest.raises(ValueError, match="needs a reference"):
-        spec("dpo", reference="none")
-    with pytest.raises(ValueError, match="needs LoRA"):
-        spec("dpo", reference="lora_base")
-    with pytest.raises(ValueError, match="extras"):
-        spec("orpo", {"nll_over_prompt": True}, reference="none")
-    with pytest.raises(ValueError, match="full distribution"):
-        spec("tdpo", reference="precomputed")
-    with pytest.raises(ValueError, match="TR-DPO"):
-        spec("dpo", reference="precomputed", ref_sync_every=4)
-    with pytest.raises(ValueError, match="reference mode 'copy'"):
-        spec("dpo", reference="copy")
+def test_the_builder_refuses_impossible_combinations_at_config_load():
+    """One place (`train.build.parts`, asked by `config.validate`) refuses what the step cannot compute."""
+    cases = [
+        (["loss.name=dpo", "train.reference=none"], "needs a reference"),
+        (["loss.name=dpo", "train.reference=lora_base", "train.lora_rank=0"], "lora_base needs LoRA"),
+        (["loss.name=orpo", "loss.nll_over_prompt=true", "train.reference=none"], "does not compute"),
+        (["loss.name=tdpo", "train.reference=precomputed"], "inside the step"),
+        (["loss.name=dpo", "train.reference=precomputed", "train.ref_sync_every=4"], "TR-DPO"),
+        (["loss.name=dpo", "train.reference=copy"], "train.reference='copy'"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, overrides)
 
 
 def test_merged_lora_equals_the_adapted_forward(base):

@@ -1,0 +1,214 @@
+"""A run's parts from its config, decided once: the loss with its hyperparameters, what it trains on, the
+reference mode, the extras the step computes for it, the optimizer, the step specs (training and held-out),
+the micro-batch specs and the parameter trees. `config.validate` asks `parts` here, so every combination
+the trainer refuses is refused in one place and at config load; the loop, `plan` and `precompute-ref` build
+their runs from here, and read the decisions (`Parts`) instead of testing the config again."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from prefopt_jax import data, losses, sharding
+from prefopt_jax.config import Config, ConfigError
+from prefopt_jax.models import attention as attention_lib
+from prefopt_jax.train import batches, runtime
+from prefopt_jax.train import step as step_lib
+
+REFERENCE_MODES = ("frozen", "lora_base", "precomputed", "none")
+# the extras the step computes for a loss that declares them: RMiPO's response-only pass, TDPO's KL, WPO's
+# weights
+STEP_EXTRAS = {
+    "response_only_chosen_avg",
+    "response_only_rejected_avg",
+    "seq_kl_chosen",
+    "seq_kl_rejected",
+    "wpo_aligned_chosen",
+    "wpo_aligned_rejected",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Parts:
+    """What the config decides about a run's step and batches."""
+
+    loss: losses.Loss
+    hp: dict
+    reference: str  # frozen | lora_base | precomputed | none
+    extras: tuple[str, ...]  # what the loss needs beyond per-token log-probs (all in STEP_EXTRAS)
+
+    @property
+    def unpaired(self) -> bool:
+        """The loss trains on unpaired examples (pairs are read as two of them)."""
+        return self.loss.kind == "unpaired"
+
+    @property
+    def response_only(self) -> bool:
+        """Micro-batches carry RMiPO's response-only sequences."""
+        return "response_only_chosen_avg" in self.extras
+
+    @property
+    def precomputed(self) -> bool:
+        return self.reference == "precomputed"
+
+
+def parts(cfg: Config) -> Parts:
+    """The run's loss and reference decisions, or a ConfigError naming the setting that cannot work."""
+    loss, hp = cfg.loss.build()  # unknown losses and unknown or out-of-range hyperparameters fail here
+    loss.hyperparameters(**hp)
+    t = cfg.train
+    if t.reference not in REFERENCE_MODES:
+        raise ConfigError(f"train.reference={t.reference!r}; valid: {list(REFERENCE_MODES)}")
+    if loss.kind not in ("paired", "unpaired", "paired or ranked"):
+        raise ConfigError(f"loss.name={loss.name!r} is {loss.kind}; the trainer runs paired and unpaired losses")
+    if not loss.needs_reference and t.reference != "none":
+        raise ConfigError(f"loss {loss.name!r} needs no reference: set train.reference=none")
+    if loss.needs_reference and t.reference == "none":
+        raise ConfigError(
+            f"loss {loss.name!r} needs a reference: train.reference must be frozen, lora_base or precomputed"
+        )
+    extras = loss.required_extras(**hp)
+    missing = sorted(set(extras) - STEP_EXTRAS)
+    if missing:
+        raise ConfigError(
+            f"loss {loss.name!r} with these hyperparameters needs {missing}, which the trainer does not compute "
+            "yet" + (" (set loss.nll_over_prompt=false)" if loss.name == "orpo" else "")
+        )
+    if t.reference == "lora_base" and t.lora_rank == 0:
+        raise ConfigError("train.reference=lora_base needs LoRA (train.lora_rank > 0)")
+    if t.reference_dtype is not None and t.reference != "frozen":
+        raise ConfigError("train.reference_dtype applies to train.reference=frozen only (the reference copy)")
+    if t.ref_sync_every < 0 or not 0.0 < t.ref_sync_alpha <= 1.0:
+        raise ConfigError("train.ref_sync_every must be >= 0 and train.ref_sync_alpha in (0, 1]")
+    if t.ref_sync_every and t.reference not in ("frozen", "lora_base"):
+        raise ConfigError("train.ref_sync_every (TR-DPO) needs train.reference=frozen or lora_base")
+    if not 0.0 <= t.lora_dropout < 1.0:
+        raise ConfigError(f"train.lora_dropout must be in [0, 1), got {t.lora_dropout}")
+    if t.lora_dropout and not t.lora_rank:
+        raise ConfigError("train.lora_dropout needs LoRA (train.lora_rank > 0)")
+    if t.reference == "precomputed" and (loss.needs_kl or "seq_kl_chosen" in extras):
+        raise ConfigError(
+            f"loss {loss.name!r} needs the reference inside the step (mismatched pairs or full distributions): "
+            "train.reference must be frozen or lora_base"
+        )
+    return Parts(loss, hp, t.reference, extras)
+
+
+# ---- the optimizer ----------------------------------------------------------------------------------
+
+
+def learning_rate(schedule: str, peak: float, warmup: int, steps: int):
+    """The learning rate of update `count` (0-based), as Hugging Face's schedulers define it: linear warmup
+    `count / warmup` while count < warmup (none when warmup is 0, so the first update uses the peak), then
+    constant, or decaying to 0 at `steps` (cosine: (1 + cos(pi·progress)) / 2; linear: 1 − progress)."""
+
+    def rate(count):
+        count = jnp.asarray(count, jnp.float32)
+        warm = count / max(warmup, 1)
+        progress = jnp.clip((count - warmup) / max(steps - warmup, 1), 0.0, 1.0)
+        decay = {"cosine": 0.5 * (1.0 + jnp.cos(jnp.pi * progress)), "linear": 1.0 - progress}.get(schedule, 1.0)
+        return peak * jnp.where(count < warmup, warm, decay)
+
+    return rate
+
+
+def make_optimizer(cfg: Config) -> optax.GradientTransformation:
+    t = cfg.train
+    lr = learning_rate(t.schedule, t.learning_rate, t.warmup_steps, t.steps)
+    return optax.chain(optax.clip_by_global_norm(t.max_grad_norm), optax.adamw(lr, weight_decay=t.weight_decay))
+
+
+# ---- step and batch specs ---------------------------------------------------------------------------
+
+
+def step_spec(cfg: Config, geometries: dict, attention: str, mesh: Mesh | None = None) -> step_lib.StepSpec:
+    """What the train step computes, from the config; with the mesh, activations and each layer's weights
+    are kept in their shards inside the step."""
+    t, p = cfg.train, parts(cfg)
+    constrain = (
+        step_lib.no_constraint
+        if mesh is None
+        else sharding.activation_constraint(mesh, sharding.rules_for(cfg.mesh.rules))
+    )
+    platform = mesh.devices.flat[0].platform if mesh is not None else "cpu"
+    return step_lib.StepSpec(
+        p.loss,
+        p.hp,
+        geometries,
+        attention_lib.AttentionSpec(attention, interpret=attention == "pallas" and platform == "cpu"),
+        reference=p.reference,
+        lora_scale=(t.lora_alpha / t.lora_rank) if t.lora_rank else None,
+        lora_dropout=t.lora_dropout,
+        ref_sync_every=t.ref_sync_every,
+        ref_sync_alpha=t.ref_sync_alpha,
+        remat=cfg.model.remat,
+        seed=t.seed,
+        compute_dtype=cfg.model.compute,
+        constrain=constrain,
+    )
+
+
+def eval_spec(cfg: Config, spec: step_lib.StepSpec, specs: dict, prepared: data.Prepared) -> step_lib.StepSpec:
+    """The held-out step: the train step's, in the held-out geometry; an unpaired loss with held-out pairs
+    scores them by the implicit reward (DPO at the loss's beta), as every loss is."""
+    out = dataclasses.replace(spec, geometries=specs["eval"].geometries) if specs else spec
+    held_out_pairs = any(isinstance(e, data.TokenizedPair) for e in prepared.eval[:1])
+    if parts(cfg).unpaired and held_out_pairs:
+        beta = spec.loss.hyperparameters(**spec.hp).get("beta", 0.1)
+        out = dataclasses.replace(out, loss=losses.get("dpo"), hp={"beta": beta})
+    return out
+
+
+def batch_specs(cfg: Config, prepared: data.Prepared, mesh: Mesh, attention: str) -> dict[str, data.BatchSpec]:
+    """Per split, the fixed micro-batch geometry. Paired runs size one from train and held-out examples
+    together; an unpaired run's held-out split is pairs, with a geometry of its own."""
+    p = parts(cfg)
+    spec = lambda examples: batches.batch_spec(cfg, examples, mesh, attention=attention, response_only=p.response_only)
+    if p.unpaired:
+        out = {
+            name: spec(examples) for name, examples in (("train", prepared.train), ("eval", prepared.eval)) if examples
+        }
+        return {"train": out.get("train", out.get("eval")), "eval": out.get("eval", out.get("train"))}
+    examples = prepared.train + prepared.eval
+    return {"train": spec(examples), "eval": spec(examples)} if examples else {}
+
+
+# ---- parameter trees --------------------------------------------------------------------------------
+
+
+def _copy_as(a, dtype):
+    """A copy of a parameter in `dtype` (the policy's buffers are donated to the step, so the reference
+    needs its own); abstract parameters (planning) stay abstract."""
+    if isinstance(a, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(a.shape, dtype, sharding=a.sharding)
+    return jnp.copy(a) if a.dtype == dtype else a.astype(dtype)
+
+
+def parameter_trees(cfg: Config, spec: step_lib.StepSpec, base: dict, adapters: dict | None, mesh: Mesh):
+    """(trainable, frozen, ref_params, synced): the parameter trees a run holds, from the loaded base (and
+    the initial LoRA adapters). `synced` is TR-DPO's moving reference; arrays or abstract shapes alike."""
+    t = cfg.train
+    if adapters is not None:  # LoRA: the adapters train (small: replicated), the base stays frozen
+        replicated = NamedSharding(mesh, PartitionSpec())
+        trainable = jax.tree.map(
+            lambda a: (
+                jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated)
+                if isinstance(a, jax.ShapeDtypeStruct)
+                else jax.device_put(a, replicated)
+            ),
+            adapters,
+        )
+        # TR-DPO with LoRA: the reference has its own adapters, starting at the base
+        synced = jax.tree.map(lambda a: _copy_as(a, a.dtype), trainable) if t.ref_sync_every else None
+        return trainable, base, None, synced
+    ref_params = None
+    if spec.reference_in_step:
+        dtype = runtime.dtype_of(t.reference_dtype or cfg.model.dtype)
+        ref_params = jax.tree.map(lambda a: _copy_as(a, dtype), base)
+    if t.ref_sync_every:  # TR-DPO: the reference lives in the state
+        return base, None, None, ref_params
+    return base, None, ref_params, None  # without a reference in the step, no second copy at all
