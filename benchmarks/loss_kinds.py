@@ -46,7 +46,7 @@ RUNS = {
     "dpo": ["--config", "configs/default.yaml", f"data.source={PAIRS}", "loss.name=dpo", "loss.beta=0.1"],
     "rpo": ["--config", "configs/default.yaml", f"data.source={PAIRS}"],  # [dpo, sft], weights [1, 1]
     "orpo": ["--config", "configs/orpo.yaml", f"data.source={PAIRS}"],
-    "rrhf": ["--config", "configs/orpo.yaml", f"data.source={PAIRS}", "loss.name=rrhf"],
+    "rrhf": ["--config", "configs/default.yaml", f"data.source={PAIRS}", "loss.name=rrhf", "train.reference=none"],
     "kto": ["--config", "configs/kto_unpaired.yaml", f"data.source={UNPAIRED}", "train.batch_size=16"],
 }
 

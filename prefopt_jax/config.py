@@ -274,6 +274,12 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), d
             member = lambda k, v: k.split(".")[0] if "." in k else k if isinstance(v, Mapping) else None
             hp = loss.get("hparams", {})
             loss["hparams"] = {k: v for k, v in hp.items() if member(k, v) is None or member(k, v) in names}
+            if len(names) == 1:  # a mixture member chosen alone: its own hyperparameters become the loss's
+                own, flat = loss["hparams"], {}
+                for k, v in own.items():
+                    if member(k, v) is not None:
+                        flat |= dict(v) if isinstance(v, Mapping) else {k.split(".", 1)[1]: v}
+                loss["hparams"] = flat | {k: v for k, v in own.items() if member(k, v) is None}  # overrides win
     sections = {f.name: f.type for f in dataclasses.fields(Config)}
     unknown = sorted(set(raw) - set(sections))
     if unknown:

@@ -34,6 +34,10 @@ def test_overrides_are_typed():
     mix = load_config(None, ["loss.name=dpo,sft", "loss.weights=[1.0, 0.5]", "loss.dpo.beta=0.3"]).loss.build()[0]
     assert mix.name == "1*dpo+0.5*sft" and mix.needs_reference
     assert load_config(None, ["train.lora_targets=q,v"]).train.lora_targets == ("q", "v")
+    # one member of the built-in mixture chosen alone: its own hyperparameters become the loss's, overrides win
+    default = Path(__file__).parents[1] / "configs" / "default.yaml"  # hparams: {dpo: {beta: 0.1}}
+    assert load_config(default, ["loss.name=dpo"]).loss.hparams == {"beta": 0.1}
+    assert load_config(default, ["loss.name=dpo", "loss.beta=0.2"]).loss.hparams == {"beta": 0.2}
 
 
 @pytest.mark.parametrize(
