@@ -67,6 +67,9 @@ class DataSection:
     on_error: str = "raise"
     cache: str | None = "auto"  # tokenised examples ("auto": ~/.cache/prefopt_jax/tokenized); null: off
     workers: int = 0  # processes tokenising a first pass (Grain workers); 0: this one (the encoder's threads)
+    # K > 0: pairs that share a prompt become one set of its K distinct responses, scored by wins - losses
+    # (RRHF's ranked input; prompts with another number of responses are left out, counted in the report)
+    ranked_from_pairs: int = 0
     num_train: int = 512  # builtin:compare sizes
     num_eval: int = 64
 
@@ -195,6 +198,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
         return tuple(value)
     if (origin is not None and issubclass(origin, Mapping)) or hint is Mapping:
+        if isinstance(value, str) and value.strip().startswith("{"):  # a YAML mapping from the command line
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{where}: {value!r} is not a YAML mapping ({e.problem})") from None
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return dict(value)
@@ -310,6 +318,14 @@ def validate(cfg: Config, devices: int | None = None) -> None:
     for key, (value, valid) in choices.items():
         if value not in valid:
             raise ConfigError(f"{key}={value!r}; valid: {list(valid)}")
+    d = cfg.data
+    if d.ranked_from_pairs == 1 or (
+        d.ranked_from_pairs and (d.source == "builtin:compare" or not isinstance(d.source, str))
+    ):
+        raise ConfigError(
+            f"data.ranked_from_pairs={d.ranked_from_pairs}: needs K >= 2 candidates and one pair file or dataset "
+            "(not builtin:compare, not a mixture)"
+        )
     build.parts(cfg)
     if t.batch_size % t.micro_batches:
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.micro_batches={t.micro_batches}")
@@ -339,6 +355,7 @@ RANGES = {
     "data.num_train": (1, None, False),
     "data.num_eval": (0, None, False),
     "data.workers": (0, None, False),
+    "data.ranked_from_pairs": (0, None, False),
     "train.steps": (1, None, False),
     "train.batch_size": (1, None, False),
     "train.micro_batches": (1, None, False),

@@ -12,7 +12,10 @@ every host), as a Grain iterator.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Sequence
+
+import numpy as np
 
 from prefopt_jax.data.batching import LAYOUTS, TILE, Batch, Geometry, Group, RowPlan, index_dtype, pack, tile_bound
 from prefopt_jax.data.collate import BatchSpec, batch_spec, host_arrays, micro_batches, packer
@@ -66,6 +69,7 @@ __all__ = [
     "packer",
     "prepare",
     "prepare_mixture",
+    "ranked_from_pairs",
     "read_records",
     "split_indices",
     "split_records",
@@ -89,3 +93,32 @@ def unpaired_from_pairs(examples: Sequence[TokenizedPair]) -> list[TokenizedUnpa
             ]
         )
     ]
+
+
+def ranked_from_pairs(
+    pairs: Sequence[TokenizedPair], candidates: int
+) -> tuple[list[TokenizedRanked], list[tuple[TokenizedPair, int]]]:
+    """Pairs that share a prompt as one ranked candidate set (RRHF's input): the prompt's distinct responses,
+    each scored by its wins minus its losses over the prompt's pairs (the Copeland score of the human
+    judgements), for the prompts that have exactly `candidates` distinct responses, in the order their first
+    pair appears. Returns (the sets, the pairs left out with their prompt's number of distinct responses).
+    A set's weight is its pairs' mean weight, its origin its first pair's."""
+    by_prompt: dict[bytes, list[TokenizedPair]] = collections.defaultdict(list)
+    for e in pairs:
+        by_prompt[np.asarray(e.prompt).tobytes()].append(e)
+    sets, left = [], []
+    for group in by_prompt.values():
+        responses: dict[bytes, np.ndarray] = {}
+        score: collections.Counter = collections.Counter()
+        for e in group:
+            for ids, sign in ((e.chosen, 1), (e.rejected, -1)):
+                key = np.asarray(ids).tobytes()
+                responses.setdefault(key, ids)
+                score[key] += sign
+        if len(responses) != candidates:
+            left += [(e, len(responses)) for e in group]
+            continue
+        weight = float(np.mean([e.weight for e in group]))
+        scores = tuple(float(score[k]) for k in responses)
+        sets.append(TokenizedRanked(group[0].prompt, tuple(responses.values()), scores, weight, group[0].origin))
+    return sets, left

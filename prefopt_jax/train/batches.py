@@ -5,7 +5,7 @@ placed on the mesh."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -26,7 +26,8 @@ def load_data(
     task, the held-out answers), through the tokenised cache (`data.cache`). Unpaired losses train on
     unpaired files as they are, and on pairs read as two unpaired examples (chosen desirable, rejected
     undesirable); held-out pairs stay pairs, so reward accuracy is measured the same way for every loss, and
-    held-out unpaired examples are scored by the loss itself."""
+    held-out unpaired examples are scored by the loss itself. With `data.ranked_from_pairs`, the pairs of
+    each prompt become one ranked set (`data.ranked_from_pairs`), split by prompt."""
     d = cfg.data
     if d.source == "builtin:compare":
         train_rows, eval_rows = comparison_pairs(d.num_train, d.num_eval, seed=cfg.train.seed)
@@ -47,7 +48,11 @@ def load_data(
             cache_dir=cache_folder(d.cache, "tokenized"),
             workers=d.workers,
         )
+        if d.ranked_from_pairs:  # every row is read: a prompt's pairs are one set, held out or not as a whole
+            kw |= {"eval_fraction": 0.0, "splits": ("train",)}
         prepared = _first_process_writes(lambda: data.prepare_mixture(sources, d.weights, tokenizer, **kw))
+        if d.ranked_from_pairs:
+            prepared = ranked_sets(prepared, d.ranked_from_pairs, d.eval_fraction, cfg.train.seed, splits)
         answers = None
     check_input_kind(loss, prepared, d.source)
     if loss.kind == "unpaired":  # pairs become two examples each; unpaired files are used as they are
@@ -60,6 +65,28 @@ def load_data(
             prepared, train=train if shares else data.unpaired_from_pairs(prepared.train), sources=shares
         )
     return prepared, answers
+
+
+def ranked_sets(prepared: data.Prepared, k: int, eval_fraction: float, seed: int, splits) -> data.Prepared:
+    """The prepared pairs of one source as ranked sets of `k` responses per prompt, split seeded by set; the
+    pairs of prompts with another number of responses are counted as dropped in the report."""
+    pairs = [e for e in prepared.train if isinstance(e, data.TokenizedPair)]
+    if len(pairs) != len(prepared.train):
+        raise ConfigError(f"data.ranked_from_pairs={k} needs a file of pairs; {prepared.sources[0].name} holds others")
+    sets, left = data.ranked_from_pairs(pairs, k)
+    for report in {id(r): r for r in (prepared.report, prepared.sources[0].report)}.values():  # run's, source's
+        for e, n in left:
+            why = f"{e.origin}: its prompt has {n} distinct responses, not {k}"
+            report.drop(data.DataError(why, f"not in a set of {k}"))
+    if not sets:
+        raise ConfigError(
+            f"data.ranked_from_pairs={k}: no prompt of {prepared.sources[0].name} has {k} distinct responses"
+        )
+    train_idx, eval_idx = data.split_indices(len(sets), eval_fraction, seed)
+    train = [sets[i] for i in train_idx] if "train" in splits else []
+    held = [sets[i] for i in eval_idx] if "eval" in splits else []
+    share = dataclasses.replace(prepared.sources[0], train=slice(0, len(train)), eval=slice(0, len(held)))
+    return data.Prepared(train, held, prepared.report, [share])
 
 
 def check_input_kind(loss, prepared: data.Prepared, source) -> None:
@@ -185,16 +212,22 @@ def host_step(
     examples: Sequence,
     mesh: Mesh,
     pad_id: int,
-    ref_cache: Sequence | None = None,
+    side: Mapping[str, Sequence] | None = None,
 ) -> dict:
     """One step's micro-batches as host arrays stacked on a leading axis: token arrays for this process's
-    rows only ([M, R_local, T]), group arrays whole ([M, G, ...])."""
+    rows only ([M, R_local, T]), group arrays whole ([M, G, ...]). `side` holds per-example inputs computed
+    before training, by example index: "ref_logps" (precomputed reference log-probs, [k, L_i] each) and
+    "udm_prob" (BCO-UDM's prompt classifier, a float each)."""
     rows = {part: local_rows(mesh, g.rows) for part, g in spec.geometries.items()}
+    side = side or {}
     parts = []
     for plan in plans:
         one = step_arrays(data.host_arrays(spec, plan, examples, pad_id, rows))
-        if ref_cache is not None:
-            one["ref_logps"] = reference_logps(spec, plan, ref_cache)
+        if "ref_logps" in side:
+            one["ref_logps"] = reference_logps(spec, plan, side["ref_logps"])
+        if "udm_prob" in side:
+            one["udm_prob"] = np.full(spec.groups, 0.5, np.float32)  # empty slots: weight 0 anyway
+            one["udm_prob"][: len(plan.examples)] = side["udm_prob"][list(plan.examples)]
         parts.append(one)
     return jax.tree.map(lambda *a: np.stack(a), *parts)
 
@@ -230,7 +263,9 @@ def place(spec: data.BatchSpec, host: dict, mesh: Mesh) -> dict:
     return out
 
 
-def abstract_batch(spec: data.BatchSpec, micro_batches: int, mesh: Mesh, *, unpaired: bool, precomputed: bool):
+def abstract_batch(
+    spec: data.BatchSpec, micro_batches: int, mesh: Mesh, *, unpaired: bool, precomputed: bool, udm: bool = False
+):
     """The step's batch as shapes and shardings (planning: no data)."""
     rows, whole = _row_sharding(mesh), NamedSharding(mesh, PartitionSpec())
     m = micro_batches
@@ -254,4 +289,6 @@ def abstract_batch(spec: data.BatchSpec, micro_batches: int, mesh: Mesh, *, unpa
         out["scores"] = sds((m, g.groups, g.completions), np.float32, sharding=whole)
     if precomputed:
         out["ref_logps"] = sds((m, g.groups, g.completions, g.width), np.float32, sharding=whole)
+    if udm:
+        out["udm_prob"] = sds((m, g.groups), np.float32, sharding=whole)
     return out

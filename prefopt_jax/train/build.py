@@ -21,8 +21,11 @@ from prefopt_jax.train import step as step_lib
 
 REFERENCE_MODES = ("frozen", "lora_base", "precomputed", "none")
 # the extras the step computes for a loss that declares them: RMiPO's response-only pass, TDPO's KL, WPO's
-# weights
+# weights, ORPO's prompt + chosen log-probs, BCO-UDM's prompt classifier (`train.udm`)
 STEP_EXTRAS = {
+    "udm_prob",
+    "full_chosen",
+    "full_chosen_mask",
     "response_only_chosen_avg",
     "response_only_rejected_avg",
     "seq_kl_chosen",
@@ -52,6 +55,11 @@ class Parts:
         return "response_only_chosen_avg" in self.extras
 
     @property
+    def udm(self) -> bool:
+        """Batches carry BCO-UDM's p(desirable | prompt) per example (`train.udm`)."""
+        return "udm_prob" in self.extras
+
+    @property
     def precomputed(self) -> bool:
         return self.reference == "precomputed"
 
@@ -75,8 +83,7 @@ def parts(cfg: Config) -> Parts:
     missing = sorted(set(extras) - STEP_EXTRAS)
     if missing:
         raise ConfigError(
-            f"loss {loss.name!r} with these hyperparameters needs {missing}, which the trainer does not compute "
-            "yet" + (" (set loss.nll_over_prompt=false)" if loss.name == "orpo" else "")
+            f"loss {loss.name!r} with these hyperparameters needs {missing}, which the trainer does not compute yet"
         )
     if t.reference == "lora_base" and t.lora_rank == 0:
         raise ConfigError("train.reference=lora_base needs LoRA (train.lora_rank > 0)")

@@ -48,15 +48,21 @@ def plan_counts(plan) -> tuple[float, float, float]:
     return float(tokens), float(pairs), float(scored)
 
 
-def step_flops(cfg: ModelConfig, plans: list, *, lora: bool, reference_in_step: bool) -> float:
+def step_flops(
+    cfg: ModelConfig, plans: list, *, lora: bool, reference_in_step: bool, scores_prompts: bool = False
+) -> float:
     """Model FLOPs of one optimizer step (`plans`: its micro-batches' `data.MicroPlan`s): the policy's forward
     and backward (full fine-tuning: 3 forwards' worth, weight and activation gradients; LoRA: 2, activation
     gradients only, adapters negligible), the reference's forward when it runs in the step, and forward-only
-    side passes (RMiPO's response-only sequences: policy; KTO's mismatched pairs: policy and reference)."""
+    side passes (RMiPO's response-only sequences: policy; KTO's mismatched pairs: policy and reference).
+    `scores_prompts` (ORPO's NLL over prompt + chosen): the policy's unembedding of the prompt tokens too."""
     total = 0.0
     for plan in plans:
-        fwd = forward_flops(cfg, *plan_counts(plan.parts["main"]))
+        tokens, pairs, scored = plan_counts(plan.parts["main"])
+        fwd = forward_flops(cfg, tokens, pairs, scored)
         total += fwd * ((2 if lora else 3) + (1 if reference_in_step else 0))
+        if scores_prompts:
+            total += 2 * cfg.hidden_size * cfg.vocab_size * (tokens - scored) * (2 if lora else 3)
         if "response_only" in plan.parts:
             total += forward_flops(cfg, *plan_counts(plan.parts["response_only"]))
         if "kl" in plan.parts:

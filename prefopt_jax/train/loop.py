@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from prefopt_jax import data, models
 from prefopt_jax.config import Config, ConfigError
 from prefopt_jax.models.generate import generate
-from prefopt_jax.train import batches, build, checkpoint, reference_cache, runtime
+from prefopt_jax.train import batches, build, checkpoint, reference_cache, runtime, udm
 from prefopt_jax.train import flops as flops_lib
 from prefopt_jax.train import hub as hub_lib
 from prefopt_jax.train import lora as lora_lib
@@ -60,7 +60,7 @@ class Run:
     state: dict
     frozen: dict | None  # the LoRA base (also the reference in lora_base mode)
     ref_params: dict | None  # the frozen reference copy (full fine-tuning)
-    ref_cache: dict | None  # precomputed reference log-probs per split
+    side: dict[str, dict]  # per split, per-example inputs computed before training (`batches.host_step`)
 
 
 def setup(
@@ -71,21 +71,30 @@ def setup(
     and export read a checkpoint's policy and allocate no Adam moments)."""
     t, parts = cfg.train, build.parts(cfg)
     mesh, tokenizer = runtime.start(cfg)
-    if parts.precomputed and splits:  # the cache key covers both splits
+    if (parts.precomputed or parts.udm) and splits:  # the cache key covers both; the classifier fits on train
         splits = ("train", "eval")
     prepared, answers = batches.load_data(cfg, tokenizer, parts.loss, splits)  # bad data stops before the model
     print(f"data: {batches.describe(prepared)}", file=out)
+    if parts.udm and splits and len({e.label for e in prepared.train}) < 2:
+        raise ConfigError("loss.udm=true fits a classifier of desirable vs undesirable training prompts: it needs both")
     model = runtime.load_model(cfg, mesh)
     mcfg, base = model.config, model.params()
     print(f"model {cfg.model.source} ({mcfg.num_params() / 1e6:.0f}M params) loaded", file=out)
     attention = runtime.attention(cfg, mcfg, mesh.devices.flat[0].platform)
     specs = build.batch_specs(cfg, prepared, mesh, attention)
     spec = build.step_spec(cfg, specs["train"].geometries if specs else {}, attention, mesh)
-    ref_cache = None
+    side: dict[str, dict] = {"train": {}, "eval": {}}
+    by_split = {"train": prepared.train, "eval": prepared.eval}
     if parts.precomputed:
         key = reference_cache.key_for(cfg, prepared)
-        ref_cache = reference_cache.read(t.reference_cache, key, {"train": prepared.train, "eval": prepared.eval})
+        for split, values in reference_cache.read(t.reference_cache, key, by_split).items():
+            side[split]["ref_logps"] = values
         print(f"reference log-probs from {t.reference_cache.rstrip('/')}/{key}", file=out)
+    if parts.udm:  # BCO-UDM: p(desirable | prompt) from a classifier of the base model's prompt embeddings
+        for split, values in udm.desirable_probabilities(mcfg, base, by_split, mesh).items():
+            side[split]["udm_prob"] = values
+        p = side["train"]["udm_prob"]
+        print(f"udm: prompt classifier p(desirable) {p.min():.2f}..{p.max():.2f} on the training prompts", file=out)
     adapters = None
     if t.lora_rank:
         adapters = lora_lib.init_lora(mcfg, rank=t.lora_rank, targets=t.lora_targets, seed=t.seed)
@@ -122,7 +131,7 @@ def setup(
         state,
         frozen,
         ref_params,
-        ref_cache,
+        side,
     )
 
 
@@ -138,10 +147,10 @@ def evaluate(run: Run, eval_step, trainable: dict, loss_state) -> dict:
     spec, examples = run.batch_specs["eval"], run.prepared.eval
     if examples:
         plans = data.packer(spec, examples, seed=0, shuffle=False)
-        ref = run.ref_cache["eval"] if run.ref_cache is not None else None
+        side = {} if unpaired else run.side["eval"]  # held-out pairs: scored by the implicit reward alone
         collected = []
         while (plan := plans.next_micro()) is not None:
-            host = batches.host_step(spec, [plan], examples, run.mesh, run.pad_id, ref)
+            host = batches.host_step(spec, [plan], examples, run.mesh, run.pad_id, side)
             placed = jax.tree.map(lambda a: a[0], batches.place(spec, host, run.mesh))
             metrics, loss_state = eval_step(trainable, run.frozen, reference, placed, loss_state)
             collected.append(metrics)
@@ -197,10 +206,9 @@ def train(cfg: Config, *, out: IO | None = None, stop_after: int | None = None) 
 
     ckpt = checkpoint.manager(run_dir / "checkpoints", keep=cfg.output.keep)
     restored = checkpoint.restore_latest(ckpt, run.state) if cfg.output.resume else None
-    ref = run.ref_cache["train"] if run.ref_cache is not None else None
     inputs = pipeline_lib.step_inputs(
         run.batch_specs["train"], run.prepared.train, run.mesh, micro_batches=t.micro_batches, pad_id=run.pad_id,
-        seed=t.seed, mixture=batches.mixture(cfg, run.prepared), ref_cache=ref,
+        seed=t.seed, mixture=batches.mixture(cfg, run.prepared), side=run.side["train"],
     )  # fmt: skip
     if restored is None:
         history: list[dict] = []
@@ -232,7 +240,11 @@ def train(cfg: Config, *, out: IO | None = None, stop_after: int | None = None) 
         tokens = sum(flops_lib.plan_counts(p.parts["main"])[0] for p in item.plans)
         progress["tokens"] += tokens
         step_flops = flops_lib.step_flops(
-            run.model_cfg, item.plans, lora=spec.lora_scale is not None, reference_in_step=spec.reference_in_step
+            run.model_cfg,
+            item.plans,
+            lora=spec.lora_scale is not None,
+            reference_in_step=spec.reference_in_step,
+            scores_prompts="full_chosen" in spec.extras,
         )
         skipped_before = history[-1]["skipped"] if history else 0
         progress["in_a_row"] = progress["in_a_row"] + 1 if m["skipped"] > skipped_before else 0

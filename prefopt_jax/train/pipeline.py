@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import grain
 from jax.sharding import Mesh
@@ -34,14 +34,14 @@ def step_inputs(
     pad_id: int,
     seed: int,
     mixture=None,
-    ref_cache: Sequence | None = None,
+    side: Mapping[str, Sequence] | None = None,
     depth: int = 2,
 ) -> grain.DatasetIterator:
     """An endless iterator of `StepInput`s, `depth` steps prepared ahead; errors surface in `next`."""
 
     def build(plans: list) -> StepInput:
         t0 = time.perf_counter()
-        host = batches.host_step(spec, plans, examples, mesh, pad_id, ref_cache)
+        host = batches.host_step(spec, plans, examples, mesh, pad_id, side)
         return StepInput(batches.place(spec, host, mesh), plans, time.perf_counter() - t0)
 
     steps = data.micro_batches(spec, examples, seed=seed, mixture=mixture).batch(micro_batches, batch_fn=list)

@@ -235,6 +235,7 @@ def plan(cfg: Config, target_name: str, *, mfu: float = 0.4, out: IO | None = No
         mesh,
         unpaired=parts.unpaired,
         precomputed=parts.precomputed,
+        udm=parts.udm,
     )
     plans = data.packer(bspec, examples, seed=0).next_step(cfg.train.micro_batches)
     train_step = step_lib.make_train_step(mcfg, spec, optimizer)
@@ -254,7 +255,11 @@ def plan(cfg: Config, target_name: str, *, mfu: float = 0.4, out: IO | None = No
         sizes = (arguments, 0, 0, int(float(found.group(1)) * GiB))  # the compiler's figure for temporaries
         refused = True
     step_flops = flops_lib.step_flops(
-        mcfg, plans, lora=spec.lora_scale is not None, reference_in_step=spec.reference_in_step
+        mcfg,
+        plans,
+        lora=spec.lora_scale is not None,
+        reference_in_step=spec.reference_in_step,
+        scores_prompts="full_chosen" in spec.extras,
     )
     peak = flops_lib.total_peak(tgt.peak_flops, len(devices), tgt.platform)
     total = sizes[0] + sizes[1] - sizes[2] + sizes[3]

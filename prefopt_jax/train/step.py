@@ -66,6 +66,19 @@ def per_completion(values_RxC: jax.Array, rank_RxT: jax.Array, b: dict, width: i
     return jnp.where(mask, values_RxC[rows, rank_RxT[rows, cols]], 0.0)
 
 
+def per_prompt(values_RxT: jax.Array, b: dict) -> tuple[jax.Array, jax.Array]:
+    """Per-position values [R, T] laid out per group's prompt [G, T], and the mask of the prompt tokens
+    that have a predictor (all but the first). A group's prompt ends where its first completion starts
+    (in every layout), and its length is that completion's first position."""
+    t = values_RxT.shape[1]
+    start0 = b["completion_start"][:, 0]
+    length = jnp.where(b["completion_length"][:, 0] > 0, b["positions"].reshape(-1)[start0], 0)
+    steps = jnp.arange(t)
+    mask = (steps >= 1) & (steps < length[:, None])
+    flat = jnp.where(mask, (start0 - length)[:, None] + steps, 0)
+    return jnp.where(mask, values_RxT[flat // t, flat % t], 0.0), mask
+
+
 def _hidden(cfg, params, b, attention: AttentionSpec, remat="none", dtype=jnp.float32, constrain=no_constraint):
     return forward_hidden(
         cfg,
@@ -90,6 +103,7 @@ def completion_stats(
     *,
     reference: dict | None = None,
     sum_sq: bool = False,
+    prompts: bool = False,
     chunk: int = 128,
     remat: str = "none",
     dtype: Any = jnp.float32,
@@ -113,8 +127,9 @@ def completion_stats(
     if reference is not None:
         hidden_ref = _hidden(cfg, reference, b, attention, dtype=dtype, constrain=constrain)
         ref = (sg(picked(hidden_ref)), sg(unembedding(cfg, reference)))
+    hidden = _hidden(cfg, params, b, attention, remat, dtype, constrain)
     stats = token_stats(
-        picked(_hidden(cfg, params, b, attention, remat, dtype, constrain)),
+        picked(hidden),
         unembedding(cfg, params),
         jnp.take_along_axis(b["input_ids"], at, axis=1),
         jnp.broadcast_to(jnp.arange(scored.shape[1]), scored.shape),
@@ -124,6 +139,11 @@ def completion_stats(
         softcap=cfg.final_logit_softcap,
     )
     out = {k: per_completion(v, rank, b, geometry.width) for k, v in stats.items()}
+    if prompts:  # every token predicted by the one before it (prompt tokens have no other predictor)
+        every = token_stats(
+            hidden, unembedding(cfg, params), b["input_ids"], chunk=chunk, softcap=cfg.final_logit_softcap
+        )
+        out["prompt_logps"], out["prompt_mask"] = per_prompt(every["logps"], b)
     return out, completion_mask(b, geometry.width)
 
 
@@ -230,6 +250,11 @@ def _paired_inputs(spec: StepSpec, stats: dict, mask: jax.Array, batch: dict, al
     if "seq_kl_chosen" in spec.extras:  # TDPO: sequence KL(ref || policy), differentiable in the policy
         kl = stats["kl_ref_policy"].sum(-1)
         extras |= {"seq_kl_chosen": kl[:, 0], "seq_kl_rejected": kl[:, 1]}
+    if "full_chosen" in spec.extras:  # ORPO as TRL: the NLL over prompt + chosen
+        extras |= {
+            "full_chosen": jnp.concatenate([stats["prompt_logps"], policy[:, 0]], axis=1),
+            "full_chosen_mask": jnp.concatenate([stats["prompt_mask"], mask[:, 0]], axis=1),
+        }
     if "wpo_aligned_chosen" in spec.extras:  # WPO: log p(y_t) - log sum_v p(v)^2, no gradient
         aligned = sg(policy - stats["log_sum_sq"])
         extras |= {"wpo_aligned_chosen": aligned[:, 0], "wpo_aligned_rejected": aligned[:, 1]}
@@ -255,6 +280,7 @@ def _unpaired_inputs(spec: StepSpec, stats: dict, mask: jax.Array, batch: dict, 
     kl_policy = kl_ref = None
     if kl is not None:  # KTO's reference point: the mismatched (prompt_i, completion_j) pairs
         kl_policy, kl_ref = (v.sum(-1)[:, 0] for v in kl)
+    extras = {"udm_prob": batch["udm_prob"]} if "udm_prob" in spec.extras else {}  # BCO-UDM, from the host
     x = UnpairedLogps(
         stats["logps"][:, 0],
         mask[:, 0],
@@ -262,6 +288,7 @@ def _unpaired_inputs(spec: StepSpec, stats: dict, mask: jax.Array, batch: dict, 
         None if ref_logps is None else ref_logps[:, 0],
         kl_policy,
         kl_ref,
+        extras,
     )
     return x, {}
 
@@ -285,8 +312,8 @@ def make_loss_fn(cfg: ModelConfig, spec: StepSpec, *, training: bool = True) -> 
         params = policy_params(spec, trainable, frozen, key)
         ref = reference_params(spec, frozen, reference)
         main = batch["main"]
-        sum_sq = "wpo_aligned_chosen" in spec.extras
-        stats, mask = stats_of(params, "main", main, reference=ref, sum_sq=sum_sq, remat=spec.remat)
+        sum_sq, prompts = "wpo_aligned_chosen" in spec.extras, "full_chosen" in spec.extras
+        stats, mask = stats_of(params, "main", main, reference=ref, sum_sq=sum_sq, prompts=prompts, remat=spec.remat)
         if "scores" in batch:  # ranked candidate sets (RRHF with K candidates)
             x, extra_metrics = RankedLogps(stats["logps"], mask, batch["scores"]), {}
         elif spec.loss.kind != "unpaired":  # pairs (RRHF on pairs: two ranked candidates)

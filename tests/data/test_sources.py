@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from prefopt_jax import data
@@ -205,3 +206,53 @@ def test_a_role_chat_templates_do_not_know_is_refused(tmp_path, messages, match)
     implicit = {"chosen": [{"role": "gpt", "content": "x"}], "rejected": [{"role": "gpt", "content": "y"}]}
     with pytest.raises(data.DataError, match=r"`chosen\[0\]\.role` is 'gpt'.*rename 'gpt' to 'assistant'"):
         data.read_records([implicit])
+
+
+def test_pairs_sharing_a_prompt_become_ranked_sets_scored_by_wins_minus_losses():
+    ids = lambda *t: np.asarray(t, np.int32)
+    o = lambda i: data.Origin("f.jsonl", i, "line")
+    a, b, c = ids(5, 6), ids(7), ids(8, 9, 9)
+    pairs = [
+        data.TokenizedPair(ids(1, 2), a, b, 1.0, o(1)),  # prompt 1: a > b, a > c, b > c: scores 2, 0, -2
+        data.TokenizedPair(ids(3), a, b, 1.0, o(2)),  # prompt 2: only two responses
+        data.TokenizedPair(ids(1, 2), a, c, 0.5, o(3)),
+        data.TokenizedPair(ids(1, 2), b, c, 1.5, o(4)),
+        data.TokenizedPair(ids(4), a, b, 1.0, o(5)),  # prompt 4: a cycle, every response scored 0
+        data.TokenizedPair(ids(4), b, c, 1.0, o(6)),
+        data.TokenizedPair(ids(4), c, a, 1.0, o(7)),
+    ]
+    sets, left = data.ranked_from_pairs(pairs, 3)
+    assert [s.origin.index for s in sets] == [1, 5] and [(e.origin.index, n) for e, n in left] == [(2, 2)]
+    first = sets[0]
+    assert [r.tolist() for r in first.responses] == [[5, 6], [7], [8, 9, 9]] and first.scores == (2.0, 0.0, -2.0)
+    assert first.weight == 1.0 and first.prompt.tolist() == [1, 2]
+    assert sets[1].scores == (0.0, 0.0, 0.0)
+    assert data.ranked_from_pairs(pairs, 2)[0][0].origin.index == 2
+
+
+def test_ranked_sets_from_a_real_file_are_split_by_prompt(shared_file, smollm2_tokenizer, tmp_path):
+    """PandaLM's test set through the loader with data.ranked_from_pairs=5: as many sets as the file has
+    instructions with exactly 5 distinct responses (counted here from the JSON), none held out and trained
+    on at once, every other row accounted as dropped."""
+    from prefopt_jax.config import load_config
+    from prefopt_jax.losses import get
+    from prefopt_jax.train.batches import load_data
+
+    path = shared_file("pandalm_testset.jsonl")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    responses: dict[str, set] = {}
+    for r in rows:
+        responses.setdefault(r["prompt"], set()).update([r["chosen"], r["rejected"]])
+    want = sum(len(v) == 5 for v in responses.values())
+    want_rows = sum(len(responses[r["prompt"]]) == 5 for r in rows)
+    cfg = load_config(None, [f"data.source={path}", "data.ranked_from_pairs=5", "data.max_length=4096",
+                             f"data.cache={tmp_path}", "loss.name=rrhf", "loss.weights=null", "train.reference=none",
+                             "data.eval_fraction=0.2"])  # fmt: skip
+    prepared, _ = load_data(cfg, smollm2_tokenizer, get("rrhf"))
+    assert len(prepared.train) + len(prepared.eval) == want and len(prepared.eval) == round(0.2 * want)
+    assert all(len(s.responses) == 5 and len(set(map(bytes, s.responses))) == 5 for s in prepared.train)
+    prompt = lambda s: bytes(np.asarray(s.prompt))
+    assert not {prompt(s) for s in prepared.train} & {prompt(s) for s in prepared.eval}
+    report = prepared.report
+    assert report.read == len(rows) and report.dropped["not in a set of 5"] == len(rows) - want_rows
+    report.check()

@@ -66,13 +66,16 @@ def test_every_shipped_config_runs_a_few_steps(path, tiny_model_dir, tmp_path, c
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
     assert [r["step"] for r in records if "loss" in r] == [1, 2]  # train steps
-    assert [r["step"] for r in records if "eval/rewards/margins" in r] == [0, 2]  # held-out before and after
+    held_out = "eval/rrhf/rank_accuracy" if cfg.data.ranked_from_pairs else "eval/rewards/margins"
+    assert [r["step"] for r in records if held_out in r] == [0, 2]  # held-out before and after
     summary = json.loads((tmp_path / "summary.json").read_text())
     if builtin:  # held-out pairs and the task's answers
         assert {"eval/rewards/accuracies", "eval/task_accuracy"} <= set(summary["after"])
     elif cfg.loss.build()[0].kind == "unpaired":  # held-out unpaired examples, scored by the loss itself
         own = {"kto": "eval/kl", "bco": "eval/delta"}[cfg.loss.names[0]]  # KTO's reference point, BCO's shift
         assert {"eval/loss", "eval/rewards/chosen", "eval/rewards/rejected", own} <= set(summary["after"])
+    elif cfg.data.ranked_from_pairs:  # held-out ranked sets: how many of the scores' orderings the model keeps
+        assert 0 <= summary["after"]["eval/rrhf/rank_accuracy"] <= 1
     else:
         assert "eval/rewards/accuracies" in summary["after"]
     if len(sources) > 1:  # a mixture: each source accounted for, and what the run drew from each

@@ -13,6 +13,7 @@ from prefopt_jax import data, losses, models
 from prefopt_jax.config import ConfigError, load_config
 from prefopt_jax.models.attention import AttentionSpec
 from prefopt_jax.train import batches as batches_lib
+from prefopt_jax.train import build
 from prefopt_jax.train import lora as lora_lib
 from prefopt_jax.train import step as step_lib
 
@@ -198,6 +199,58 @@ def test_reference_free_and_response_only_losses_equal_their_formulas(base):
         np.testing.assert_allclose(value, jax.jit(lambda p, n=name: unfused(n, p))(policy), rtol=1e-5, err_msg=name)
 
 
+def seq_nll_terms(p, prompt, completion, cfg=CFG):
+    """(summed log-prob of every token of prompt + completion but the first, their count) from a plain
+    forward of that sequence alone."""
+    ids = np.concatenate([prompt, completion])
+    logits = models.logits_from_hidden(cfg, p, models.forward_hidden(cfg, p, jnp.asarray(ids)[None]))[0]
+    logp = jax.nn.log_softmax(logits, -1)
+    return jnp.sum(logp[jnp.arange(len(ids) - 1), jnp.asarray(ids[1:])]), len(ids) - 1
+
+
+@pytest.mark.parametrize(
+    ("layout", "reduction"), [("padded", "token"), ("packed", "sequence"), ("packed_unshared", "token")]
+)
+def test_orpo_as_trl_has_its_nll_over_prompt_and_chosen(base, layout, reduction):
+    """ORPO with TRL's NLL (every token of prompt + chosen but the first, as a plain causal LM loss) through
+    the step, against per-sequence forwards and the paper's formula: values and gradients."""
+    examples = pairs(8)
+    policy = jax.tree.map(lambda a: a + 0.05 * jnp.sin(jnp.arange(a.size).reshape(a.shape)), base)
+    hp = {"beta": 0.25, "nll_over_prompt": True, "nll_reduction": reduction}
+    spec = make_spec("orpo", hp, examples, layout, reference="none")
+    assert "full_chosen" in spec.extras
+    batch = jax.tree.map(lambda a: a[0], as_batch(examples, layout))
+
+    def unfused(p):
+        terms, sums, counts = [], [], []
+        for e in examples:
+            a, b = seq_logp(p, e.prompt, e.chosen) / len(e.chosen), seq_logp(p, e.prompt, e.rejected) / len(e.rejected)
+            log_odds = (a - b) - (jnp.log1p(-jnp.exp(a)) - jnp.log1p(-jnp.exp(b)))
+            terms.append(-0.25 * jax.nn.log_sigmoid(log_odds))
+            total, n = seq_nll_terms(p, e.prompt, e.chosen)
+            sums.append(total)
+            counts.append(n)
+        nll = (
+            -sum(sums) / sum(counts)
+            if reduction == "token"
+            else -jnp.stack([s / n for s, n in zip(sums, counts, strict=True)])
+        )
+        return jnp.mean(jnp.stack(terms) + nll)
+
+    value, grads = jax.jit(
+        jax.value_and_grad(lambda p: step_lib.make_loss_fn(CFG, spec)(p, None, None, batch, None)[0])
+    )(policy)
+    want, want_grads = jax.jit(jax.value_and_grad(unfused))(policy)
+    np.testing.assert_allclose(value, want, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
+    # the prompt term is really there: the completion-only NLL gives another value
+    other = make_spec("orpo", {**hp, "nll_over_prompt": False}, examples, layout, reference="none")
+    assert (
+        abs(float(jax.jit(step_lib.make_loss_fn(CFG, other))(policy, None, None, batch, None)[0]) - float(want)) > 1e-3
+    )
+
+
 def ranked(seed, n=4, k=3):
     rng = np.random.default_rng(seed)
     ids = lambda lo, hi: rng.integers(1, 40, rng.integers(lo, hi)).astype(np.int32)
@@ -298,7 +351,6 @@ def test_the_builder_refuses_impossible_combinations_at_config_load():
     cases = [
         (["loss.name=dpo", "train.reference=none"], "needs a reference"),
         (["loss.name=dpo", "train.reference=lora_base", "train.lora_rank=0"], "lora_base needs LoRA"),
-        (["loss.name=orpo", "loss.nll_over_prompt=true", "train.reference=none"], "does not compute"),
         (["loss.name=tdpo", "train.reference=precomputed"], "inside the step"),
         (["loss.name=dpo", "train.reference=precomputed", "train.ref_sync_every=4"], "TR-DPO"),
         (["loss.name=dpo", "train.reference=copy"], "train.reference='copy'"),
@@ -306,6 +358,7 @@ def test_the_builder_refuses_impossible_combinations_at_config_load():
     for overrides, message in cases:
         with pytest.raises(ConfigError, match=message):
             load_config(None, overrides)
+    assert set(losses.EXTRA_SHAPES) <= build.STEP_EXTRAS  # every extra a loss can declare is computed
 
 
 def test_merged_lora_equals_the_adapted_forward(base):

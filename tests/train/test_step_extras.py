@@ -8,8 +8,9 @@ import numpy as np
 import optax
 import pytest
 
-from prefopt_jax import data, losses, models
+from prefopt_jax import data, losses, models, sharding
 from prefopt_jax.config import ConfigError, load_config
+from prefopt_jax.train import batches as batches_lib
 from prefopt_jax.train import lora as lora_lib
 from prefopt_jax.train import step as step_lib
 from tests.train.test_step import CFG, as_batch, make_spec, pairs, seq_logp
@@ -296,3 +297,40 @@ def test_evaluation_reads_bco_running_shift_without_moving_it(base):
     metrics, new_state = step_lib.make_eval_step(CFG, spec)(policy, None, base, batch, stored)
     np.testing.assert_allclose(metrics["delta"], 0.05)
     jax.tree.map(np.testing.assert_array_equal, new_state, stored)
+
+
+def test_bco_udm_weights_undesirable_examples_by_the_clamped_density_ratio(base):
+    """BCO-UDM through the step: the host lays each example's p(desirable | prompt) into its group slot, and
+    the loss equals BCO by hand with each undesirable term times clip(p / (1 - p), 0.5, 10)."""
+    examples = data.unpaired_from_pairs(pairs(15, n=3))  # desirable, undesirable, ... (6)
+    beta, policy = 0.3, perturbed(base, 0.1)
+    probs = np.array([0.2, 0.9, 0.5, 0.97, 0.1, 0.3], np.float32)  # ratios 0.25 -> 0.5, 9, 1, 32 -> 10, 0.11, 0.43
+
+    def seq(params, e):
+        return token_logps(seq_logsoftmax(params, e.prompt, e.completion), e.completion).sum()
+
+    r = np.asarray([beta * (seq(policy, e) - seq(base, e)) for e in examples])
+    delta = r.mean()  # the running mean, updated with this batch before use, from the empty state
+    ratio = np.clip(probs / (1 - probs), 0.5, 10.0)
+    want = [
+        -jax.nn.log_sigmoid(x - delta) if e.label else -jax.nn.log_sigmoid(-(x - delta)) * w
+        for x, e, w in zip(r, examples, ratio, strict=True)
+    ]
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    bspec = data.batch_spec(examples, layout="packed", groups=len(examples), max_length=32, tiles=True,
+                            length_multiple=data.TILE)  # fmt: skip
+    plans = data.packer(bspec, examples, shuffle=False).next_step(1)
+    host = batches_lib.host_step(bspec, plans, examples, mesh, 0, {"udm_prob": probs[::-1].copy()})
+    np.testing.assert_array_equal(host["udm_prob"][0], probs[::-1][list(plans[0].examples)])  # by example index
+    batch = jax.tree.map(lambda a: jnp.asarray(a[0]), host) | {"udm_prob": jnp.asarray(probs)}
+    hp = {"beta": beta, "udm": True}
+    step = make_spec("bco", hp, examples, "packed")
+    assert "udm_prob" in step.extras
+    loss = losses.get("bco")
+    value, (metrics, _) = jax.jit(step_lib.make_loss_fn(CFG, step))(policy, None, base, batch, loss.init_state())
+    np.testing.assert_allclose(value, np.mean(want), rtol=1e-5)
+    np.testing.assert_allclose(metrics["delta"], delta, rtol=1e-5)
+    plain, _ = jax.jit(step_lib.make_loss_fn(CFG, make_spec("bco", {"beta": beta}, examples, "packed")))(
+        policy, None, base, batch, loss.init_state()
+    )
+    assert abs(float(plain) - float(value)) > 1e-3  # the weights change the loss
