@@ -9,7 +9,7 @@ after training and the run's wall time (loading, compilation and both evaluation
 Held-out figures: reward accuracy and margin (pairs; DPO/RPO with a reference start at margin 0, where the
 accuracy counts no pair as won), KTO's reward gap (mean implicit reward of held-out desirable minus
 undesirable examples), RRHF's rank accuracy (the share of the scores' orderings the model's
-length-normalised log-probs keep).
+length-normalised log-probs keep) and rank loss (the hinge sum over the pairs it gets wrong).
 """
 
 from __future__ import annotations
@@ -27,10 +27,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SHORT = ["data.max_length=160", "data.max_prompt_length=64", "data.on_error=skip"]
 RUNS = {  # name: (config, overrides, the held-out figures it is judged by)
     "dpo": ("dpo_mixture.yaml", ["train.batch_size=4", "data.eval_fraction=0.005"], ["accuracies", "margins"]),
+    "dpo_orca": (  # DPO alone on RPO's data
+        "rpo.yaml",
+        ["train.batch_size=4", "loss.name=dpo", "loss.weights=null", "loss.hparams={beta: 0.1}"],
+        ["accuracies", "margins"],
+    ),
     "rpo": ("rpo.yaml", ["train.batch_size=4"], ["accuracies", "margins"]),
     "kto": ("kto_unpaired.yaml", ["train.batch_size=8"], ["gap"]),
     "orpo": ("orpo.yaml", ["train.batch_size=4"], ["accuracies", "margins"]),
-    "rrhf": ("rrhf_ranked.yaml", ["train.batch_size=2"], ["rank_accuracy"]),
+    "rrhf": ("rrhf_ranked.yaml", ["train.batch_size=2", "data.eval_fraction=0.25"], ["rank_accuracy", "rank_loss"]),
 }
 
 
@@ -39,8 +44,8 @@ def figures(metrics: dict, wanted: list[str]) -> dict[str, float]:
     for w in wanted:
         if w == "gap":
             out[w] = metrics["eval/rewards/chosen"] - metrics["eval/rewards/rejected"]
-        elif w == "rank_accuracy":
-            out[w] = metrics["eval/rrhf/rank_accuracy"]
+        elif w.startswith("rank_"):
+            out[w] = metrics[f"eval/rrhf/{w}"]
         else:
             out[w] = metrics[f"eval/rewards/{w}"]
     return out
