@@ -147,10 +147,9 @@ def evaluate(run: Run, eval_step, trainable: dict, loss_state) -> dict:
     spec, examples = run.batch_specs["eval"], run.prepared.eval
     if examples:
         plans = data.packer(spec, examples, seed=0, shuffle=False)
-        side = {} if unpaired else run.side["eval"]  # held-out pairs: scored by the implicit reward alone
         collected = []
         while (plan := plans.next_micro()) is not None:
-            host = batches.host_step(spec, [plan], examples, run.mesh, run.pad_id, side)
+            host = batches.host_step(spec, [plan], examples, run.mesh, run.pad_id, run.side["eval"])
             placed = jax.tree.map(lambda a: a[0], batches.place(spec, host, run.mesh))
             metrics, loss_state = eval_step(trainable, run.frozen, reference, placed, loss_state)
             collected.append(metrics)
