@@ -27,7 +27,7 @@ def load_data(
     unpaired files as they are, and on pairs read as two unpaired examples (chosen desirable, rejected
     undesirable); held-out pairs stay pairs, so reward accuracy is measured the same way for every loss, and
     held-out unpaired examples are scored by the loss itself. With `data.ranked_from_pairs`, the pairs of
-    each prompt become one ranked set (`data.ranked_from_pairs`), split by prompt."""
+    each prompt become one ranked set (`ranked_sets`), held out or trained on as a whole."""
     d = cfg.data
     if d.source == "builtin:compare":
         train_rows, eval_rows = comparison_pairs(d.num_train, d.num_eval, seed=cfg.train.seed)

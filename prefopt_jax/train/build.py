@@ -21,7 +21,7 @@ from prefopt_jax.train import step as step_lib
 
 REFERENCE_MODES = ("frozen", "lora_base", "precomputed", "none")
 # the extras the step computes for a loss that declares them: RMiPO's response-only pass, TDPO's KL, WPO's
-# weights, ORPO's prompt + chosen log-probs, BCO-UDM's prompt classifier (`train.udm`)
+# weights, ORPO's prompt + chosen log-probs, BCO-UDM's prompt classifier (`loss.udm`)
 STEP_EXTRAS = {
     "udm_prob",
     "full_chosen",
@@ -56,7 +56,7 @@ class Parts:
 
     @property
     def udm(self) -> bool:
-        """Batches carry BCO-UDM's p(desirable | prompt) per example (`train.udm`)."""
+        """Batches carry BCO-UDM's p(desirable | prompt) per example (`loss.udm`)."""
         return "udm_prob" in self.extras
 
     @property
