@@ -1,10 +1,11 @@
 """What the input pipeline costs per step at recipe scale, and how many times a run compiles.
 
-1. The Llama-3-8B DPO recipe's step (128 pairs, 8 micro-batches of 16, max length 2048, prompts <= 1800) on
-   real pairs (every paired file in ../shared/data, SmolLM2 tokenizer): the fixed geometry the run derives,
-   the bytes of one step's batch arrays (all that crosses to the devices: integers, no mask), and the host
-   time per process to plan a step and build its share, for 1 process (v5p-8: rows over 4 chips) and for 8
-   processes (v5p-64: rows over 32 chips, so one micro-batch of 128 pairs: 4 per chip) — median of `--steps`.
+1. The Llama-3-8B DPO recipe's step (128 pairs packed by tokens into micro-batches of a row per chip, max
+   length 2048, prompts <= 1800) on real pairs (every paired file in ../shared/data, SmolLM2 tokenizer): the
+   fixed geometry the run derives, the bytes of one step's batch arrays (all that crosses to the devices:
+   integers, no mask; the step's unused micro-batches included), and the host time per process to plan a
+   step and build its share, for 1 process (v5p-8: rows over 4 chips) and for 8 processes (v5p-64: rows over
+   32 chips) — median of `--steps`.
 2. Compilations of `jit(step)` and `jit(evaluate)` in a 48-step DPO run on real hh-rlhf pairs (a tiny random
    model with the SmolLM2 tokenizer stands in for the weights: shapes, not values, decide compilations).
 
@@ -37,31 +38,34 @@ def pipeline_costs(pairs: list, steps: int) -> None:
 
     from prefopt_jax import data
 
-    for label, processes, micro, row_multiple in (("v5p-8, 1 process", 1, 8, 4), ("v5p-64, 8 processes", 8, 1, 32)):
+    for label, processes, row_multiple in (("v5p-8, 1 process", 1, 4), ("v5p-64, 8 processes", 8, 32)):
         spec = data.batch_spec(
-            pairs, layout="packed", groups=128 // micro, max_length=2048, row_multiple=row_multiple, seed=0
+            pairs, layout="packed", batch_size=128, max_length=2048, row_multiple=row_multiple, seed=0, steps=steps
         )
         g = spec.geometries["main"]
         packer = data.packer(spec, pairs, seed=0)
         share = {"main": slice(0, g.rows // processes)}  # process 0's rows (every process does the same work)
+        empty = packer.empty()
         times, nbytes, local_bytes, padding = [], [], [], []
         for _ in range(steps):
             t0 = time.perf_counter()
-            plans = packer.next_step(micro)
-            built = [data.host_arrays(spec, p, pairs, 0, share) for p in plans]
+            plans = packer.next_step()
+            room = [*plans, *[empty] * (spec.micro_batches - len(plans))]
+            built = [data.host_arrays(spec, p, pairs, 0, share) for p in room]
             times.append(time.perf_counter() - t0)
             local_bytes.append(sum(a.nbytes for h in built for a in _arrays(h)))
-            whole = [data.host_arrays(spec, p, pairs) for p in plans]
+            whole = [data.host_arrays(spec, p, pairs) for p in room]
             nbytes.append(sum(a.nbytes for h in whole for a in _arrays(h)))
             useful = sum(u.size for p in plans for u, _, _ in p.parts["main"].placed)
-            padding.append(1 - useful / (micro * g.tokens))
+            padding.append(1 - useful / (len(plans) * g.tokens))
             del built
         print(
-            f"{label}: geometry {g.rows} rows x {g.length} tokens, {g.groups} pairs, {g.scored} scored/row; "
-            f"batch arrays per 128-pair step {mib(statistics.median(nbytes))} (max {mib(max(nbytes))}), "
+            f"{label}: geometry {g.rows} rows x {g.length} tokens, up to {g.groups} pairs, {g.scored} scored/row, "
+            f"room for {spec.micro_batches} micro-batches; batch arrays per 128-pair step "
+            f"{mib(statistics.median(nbytes))} (max {mib(max(nbytes))}), "
             f"{mib(statistics.median(local_bytes))} from each process; "
             f"host time per process per step {statistics.median(times) * 1e3:.1f} ms median "
-            f"(max {max(times) * 1e3:.1f}); padding {np.mean(padding):.1%}"
+            f"(max {max(times) * 1e3:.1f}); padding of the micro-batches computed {np.mean(padding):.1%}"
         )
 
 

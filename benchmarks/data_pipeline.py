@@ -8,7 +8,7 @@ On ../shared/data/hh_rlhf_test.jsonl (8,486 multi-turn pairs) with the SmolLM2 t
 2. A second load from the cache (what a restart or another run does): seconds and the ratio to the first.
 3. Time to the first batch in a fresh process (interpreter start, imports, tokenizer, data, geometry, the
    first step's arrays): without a cache and with one.
-4. A simulated 8-process run (8 row shares of every micro-batch, 16 pairs per micro-batch in the packed
+4. A simulated 8-process run (8 row shares of every micro-batch, up to 16 pairs per micro-batch in the packed
    layout): over one pass every example is read by exactly one process, and each reads about an eighth of
    the tokens.
 
@@ -52,9 +52,9 @@ t0 = float(sys.argv[1])
 from prefopt_jax import data, models
 tok = models.load_tokenizer("smollm2-135m-instruct")
 p = data.prepare(sys.argv[2], tok, max_length=1024, eval_fraction=0.05, cache_dir=sys.argv[3] or None, on_error="skip")
-spec = data.batch_spec(p.train + p.eval, layout="packed", groups=16, max_length=1024)
+spec = data.batch_spec(p.train + p.eval, train=p.train, layout="packed", batch_size=16, max_length=1024, steps=1)
 packer = data.packer(spec, p.train, seed=0)
-data.host_arrays(spec, packer.next_micro(), p.train)
+data.host_arrays(spec, packer.next_step()[0], p.train)
 print(time.time() - t0, p.sources[0].cache)
 """
 
@@ -73,7 +73,7 @@ def eight_processes(prepared) -> None:
 
     from prefopt_jax import data
 
-    spec = data.batch_spec(prepared.train, layout="packed", groups=16, max_length=MAX_LENGTH, row_multiple=8)
+    spec = data.batch_spec(prepared.train, layout="packed", batch_size=16, max_length=MAX_LENGTH, row_multiple=8)
     g = spec.geometries["main"]
     share = g.rows // 8
     packer = data.packer(spec, prepared.train, shuffle=False)  # one pass

@@ -48,10 +48,6 @@ def row(r: dict) -> str:
     )
 
 
-def micro_batches(n: int) -> list[str]:
-    return [f"train.micro_batches={128 // max(16, n)}"]  # pairs per micro-batch: a multiple of the devices
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", action="store_true")
@@ -66,13 +62,13 @@ def main() -> None:
         for recipe in RECIPES:
             slice_name = recipe.read_text().split()[2].rstrip(":")  # "# TPU v5p-8: ..."
             for target in (slice_name, "v5e-32"):
-                r = plan(recipe, target, micro_batches(DEVICES[target]))
+                r = plan(recipe, target, [])
                 print(f"| {recipe.stem} | {target} | {row(r)} |", flush=True)
         return
     print(f"| target | reference {head}\n{rule}")
-    for target, n in DEVICES.items():
+    for target in DEVICES:
         for mode, overrides in MODES.items():
-            print(f"| {target} | {mode} | {row(plan(LLAMA_DPO, target, micro_batches(n) + overrides))} |", flush=True)
+            print(f"| {target} | {mode} | {row(plan(LLAMA_DPO, target, overrides))} |", flush=True)
 
 
 if __name__ == "__main__":

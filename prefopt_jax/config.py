@@ -62,8 +62,9 @@ class DataSection:
     max_prompt_length: int | None = None
     eval_fraction: float = 0.1  # ignored by builtin:compare, which has its own held-out split
     layout: str = "packed"  # packed | padded | shared (prefix sharing only) | packed_unshared (packing only)
-    pack_length: int | None = None  # tokens per batch row (a multiple of 32; 128 for TPU/GPU); None: from the data
-    micro_batch_rows: int | None = None  # rows per micro-batch; None: sized from the data (see data.derive_geometry)
+    pack_length: int | None = None  # tokens per row (a multiple of 32; 128 for TPU/GPU); None: the longest example
+    # rows per micro-batch (R x pack_length tokens: its memory); None: one per device the rows are split over
+    micro_batch_rows: int | None = None
     on_error: str = "raise"
     cache: str | None = "auto"  # tokenised examples ("auto": ~/.cache/prefopt_jax/tokenized); null: off
     workers: int = 0  # processes tokenising a first pass (Grain workers); 0: this one (the encoder's threads)
@@ -118,8 +119,9 @@ class LossSection:
 @dataclasses.dataclass(frozen=True)
 class TrainSection:
     steps: int = 48
-    batch_size: int = 8  # pairs per optimizer step
-    micro_batches: int = 1  # gradient accumulation inside the step
+    # examples per optimizer step (pairs; unpaired examples for KTO/BCO; ranked sets for RRHF), exactly, every
+    # step: packed by tokens into as many micro-batches (gradient accumulation) as they need
+    batch_size: int = 8
     learning_rate: float = 3e-4
     schedule: str = "cosine"  # cosine | linear | constant
     warmup_steps: int = 4
@@ -229,9 +231,21 @@ def _section(cls: type, values: Mapping[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(names))
+    for key in unknown:
+        if f"{where}.{key}" in REMOVED:
+            raise ConfigError(f"{where}.{key} was removed: {REMOVED[f'{where}.{key}']}")
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {names}")
     return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()})
+
+
+# keys of earlier versions, with what replaced them
+REMOVED = {
+    "train.micro_batches": (
+        "a step holds exactly train.batch_size examples, packed by tokens into as many micro-batches as they "
+        "need; a micro-batch's size (its memory) is data.micro_batch_rows x data.pack_length tokens"
+    ),
+}
 
 
 def _literal(text: str) -> Any:
@@ -327,8 +341,6 @@ def validate(cfg: Config, devices: int | None = None) -> None:
             "(not builtin:compare, not a mixture)"
         )
     build.parts(cfg)
-    if t.batch_size % t.micro_batches:
-        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.micro_batches={t.micro_batches}")
     if t.profile_steps is not None:
         p = t.profile_steps
         if len(p) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in p) or not 1 <= p[0] <= p[1]:
@@ -358,7 +370,6 @@ RANGES = {
     "data.ranked_from_pairs": (0, None, False),
     "train.steps": (1, None, False),
     "train.batch_size": (1, None, False),
-    "train.micro_batches": (1, None, False),
     "train.learning_rate": (0.0, None, True),
     "train.warmup_steps": (0, None, False),
     "train.max_grad_norm": (0.0, None, True),
@@ -404,7 +415,7 @@ def check_ranges(cfg: Config) -> None:
 
 
 def check_mesh(cfg: Config, n: int) -> None:
-    """The mesh must fit `n` devices and split each micro-batch's pairs evenly over data x fsdp."""
+    """The mesh must fit `n` devices (a micro-batch's rows come in multiples of data x fsdp)."""
     m = cfg.mesh
     sizes = {"mesh.data": m.data, "mesh.fsdp": m.fsdp, "mesh.tensor": m.tensor}
     if sum(v == -1 for v in sizes.values()) > 1 or any(v == 0 or v < -1 for v in sizes.values()):
@@ -413,11 +424,3 @@ def check_mesh(cfg: Config, n: int) -> None:
     known = m.data * m.fsdp * m.tensor * (-1 if rest else 1)
     if (rest and n % known) or (not rest and known > n):
         raise ConfigError(f"mesh {sizes} does not fit the {n} devices")
-    total = {k: (n // known if v == -1 else v) for k, v in sizes.items()}
-    rows = total["mesh.data"] * total["mesh.fsdp"]
-    pairs = cfg.train.batch_size // cfg.train.micro_batches
-    if pairs % rows:
-        raise ConfigError(
-            f"the mesh splits batch rows over mesh.data x mesh.fsdp = {rows} devices, which does not divide "
-            f"the {pairs} pairs per micro-batch (train.batch_size / train.micro_batches)"
-        )

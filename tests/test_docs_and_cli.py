@@ -42,8 +42,8 @@ def test_cli_rejects_bad_overrides_with_a_message(capsys):
 
 
 def test_cli_prints_configuration_errors_in_one_line_and_keeps_tracebacks_of_bugs(capsys, monkeypatch):
-    assert cli.main(["train", "train.micro_batches=0"]) == 2  # a config error: the message, exit 2
-    assert "train.micro_batches must be >= 1, got 0" in capsys.readouterr().err
+    assert cli.main(["train", "train.batch_size=0"]) == 2  # a config error: the message, exit 2
+    assert "train.batch_size must be >= 1, got 0" in capsys.readouterr().err
 
     def bug(args):
         raise ValueError("a genuine bug deep inside")

@@ -5,9 +5,11 @@ every host), as a Grain iterator.
 
     prepared = prepare("../shared/data/hh_rlhf_test.jsonl", tokenizer, max_length=1024, eval_fraction=0.05,
                        cache_dir="~/.cache/prefopt_jax/tokenized")   # tokenised once, memory-mapped after
-    spec = batch_spec(prepared.train + prepared.eval, layout="packed", groups=8, max_length=1024)
+    spec = batch_spec(prepared.train + prepared.eval, train=prepared.train, layout="packed", batch_size=8,
+                      max_length=1024, steps=100)   # 8 pairs per step, packed by tokens into micro-batches
     plans = packer(spec, prepared.train, seed=0)
-    arrays = host_arrays(spec, plans.next_micro(), prepared.train)   # {"main": Batch, "weight": [G]}
+    step = plans.next_step()                          # this step's micro-batches: exactly 8 pairs in all
+    arrays = host_arrays(spec, step[0], prepared.train)   # {"main": Batch, "weight": [G]}
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from prefopt_jax.data.batching import LAYOUTS, TILE, Batch, Geometry, Group, RowPlan, index_dtype, pack, tile_bound
-from prefopt_jax.data.collate import BatchSpec, batch_spec, host_arrays, micro_batches, packer
+from prefopt_jax.data.collate import BatchSpec, batch_spec, host_arrays, packer, steps
 from prefopt_jax.data.order import Order
-from prefopt_jax.data.planner import MicroBatches, MicroPlan, Packer, Part, TooLarge, derive_geometry
+from prefopt_jax.data.planner import MicroPlan, Packer, Part, Steps, TooLarge, derive_geometry, plan_extent
 from prefopt_jax.data.prepare import Prepared, SourceShare, prepare, prepare_mixture
 from prefopt_jax.data.records import FORMATS, DataError, Origin, Pair, Ranked, Unpaired, detect_format, normalize
 from prefopt_jax.data.sources import DataReport, read_records, split_indices, split_records
@@ -42,7 +44,6 @@ __all__ = [
     "Encoder",
     "Geometry",
     "Group",
-    "MicroBatches",
     "MicroPlan",
     "Order",
     "Origin",
@@ -53,6 +54,7 @@ __all__ = [
     "Ranked",
     "RowPlan",
     "SourceShare",
+    "Steps",
     "TokenizedPair",
     "TokenizedRanked",
     "TokenizedUnpaired",
@@ -63,16 +65,17 @@ __all__ = [
     "detect_format",
     "host_arrays",
     "index_dtype",
-    "micro_batches",
     "normalize",
     "pack",
     "packer",
+    "plan_extent",
     "prepare",
     "prepare_mixture",
     "ranked_from_pairs",
     "read_records",
     "split_indices",
     "split_records",
+    "steps",
     "tile_bound",
     "unpaired_from_pairs",
 ]

@@ -94,72 +94,73 @@ def units_of(group: int, prompt_len: int, completion_lens: Sequence[int], layout
 
 class RowPlan:
     """Units placed into the rows of one micro-batch under the geometry's per-row capacities (tokens,
-    scored tokens, attention tiles); `place` places all of a group's units or none."""
+    scored tokens, attention tiles); `place` places all of a group's units or none. The per-row tallies
+    are Python lists (placing is the host's inner loop: a run's whole plan is simulated before it starts);
+    `fill`, `scored`, `tiles` and `count` read them as arrays."""
 
     def __init__(self, geometry: Geometry, layout: str):
         self.geometry, self.layout = geometry, layout
         r = geometry.rows
-        self.fill = np.zeros(r, np.int64)
-        self.scored = np.zeros(r, np.int64)
-        self.tiles = np.zeros(r, np.int64)
-        self.count = np.zeros(r, np.int64)
+        self._fill, self._scored, self._tiles, self._count = [0] * r, [0] * r, [0] * r, [0] * r
         self.placed: list[tuple[Unit, int, int]] = []  # (unit, row, offset)
         blocks = geometry.length // TILE
         self.causal = blocks * (blocks + 1) // 2  # a row has at most this many non-empty tiles
 
+    fill = property(lambda self: np.asarray(self._fill, np.int64))
+    scored = property(lambda self: np.asarray(self._scored, np.int64))
+    tiles = property(lambda self: np.asarray(self._tiles, np.int64))
+    count = property(lambda self: np.asarray(self._count, np.int64))
+
     def copy(self) -> RowPlan:
         out = RowPlan.__new__(RowPlan)
-        out.geometry, out.layout, out.placed, out.causal = self.geometry, self.layout, list(self.placed), self.causal
-        out.fill, out.scored, out.tiles, out.count = (
-            self.fill.copy(),
-            self.scored.copy(),
-            self.tiles.copy(),
-            self.count.copy(),
+        out.geometry, out.layout, out.causal, out.placed = self.geometry, self.layout, self.causal, list(self.placed)
+        out._fill, out._scored, out._tiles, out._count = (
+            list(x) for x in (self._fill, self._scored, self._tiles, self._count)
         )
         return out
 
-    def _row_for(self, u: Unit) -> int | None:
+    def placement(self, prompt_len: int, completion_lens: Sequence[int], slot: int) -> list | None:
+        """Where the group's units would go in group slot `slot` (first fit, each unit after the ones
+        before it), as [(unit, row, offset, tiles)], or None when one of them does not fit."""
         g = self.geometry
-        scored_u = sum(u.completion_lens)
-        for row in range(g.rows):
-            if ONE_PER_ROW[self.layout] and self.count[row]:
-                continue
-            off = int(self.fill[row])
-            if off + u.size > g.length or self.scored[row] + scored_u > g.scored:
-                continue
-            if (
-                g.tiles
-                and min(self.tiles[row] + tile_bound(off, u.prompt_len, u.completion_lens), self.causal) > g.tiles
-            ):
-                continue
-            return row
-        return None
+        if not 0 <= slot < g.groups or len(completion_lens) > g.completions or max(completion_lens) > g.width:
+            return None
+        added: dict[int, list[int]] = {}  # row -> [tokens, scored, tiles, units] this group's earlier units add
+        out = []
+        for u in units_of(slot, prompt_len, completion_lens, self.layout):
+            scored_u = sum(u.completion_lens)
+            for row in range(g.rows):
+                a = added.get(row, (0, 0, 0, 0))
+                if ONE_PER_ROW[self.layout] and self._count[row] + a[3]:
+                    continue
+                off = self._fill[row] + a[0]
+                if off + u.size > g.length or self._scored[row] + a[1] + scored_u > g.scored:
+                    continue
+                tiles = tile_bound(off, u.prompt_len, u.completion_lens) if g.tiles else 0
+                if g.tiles and min(self._tiles[row] + a[2] + tiles, self.causal) > g.tiles:
+                    continue
+                added[row] = [a[0] + u.size, a[1] + scored_u, a[2] + tiles, a[3] + 1]
+                out.append((u, row, off, tiles))
+                break
+            else:
+                return None
+        return out
+
+    def commit(self, placement: list) -> None:
+        """Place units where `placement` put them."""
+        for u, row, off, tiles in placement:
+            self._tiles[row] += tiles
+            self._fill[row] += u.size
+            self._scored[row] += sum(u.completion_lens)
+            self._count[row] += 1
+            self.placed.append((u, row, off))
 
     def place(self, prompt_len: int, completion_lens: Sequence[int], slot: int) -> bool:
         """Place the group in group slot `slot` (all its units, first fit) if it fits; True when it did."""
-        g = self.geometry
-        if not 0 <= slot < g.groups or len(completion_lens) > g.completions or max(completion_lens) > g.width:
-            return False
-        trial = self.copy()
-        for u in units_of(slot, prompt_len, completion_lens, self.layout):
-            row = trial._row_for(u)
-            if row is None:
-                return False
-            off = int(trial.fill[row])
-            if g.tiles:
-                trial.tiles[row] += tile_bound(off, u.prompt_len, u.completion_lens)
-            trial.fill[row] += u.size
-            trial.scored[row] += sum(u.completion_lens)
-            trial.count[row] += 1
-            trial.placed.append((u, row, off))
-        self.fill, self.scored, self.tiles, self.count, self.placed = (
-            trial.fill,
-            trial.scored,
-            trial.tiles,
-            trial.count,
-            trial.placed,
-        )
-        return True
+        placement = self.placement(prompt_len, completion_lens, slot)
+        if placement is not None:
+            self.commit(placement)
+        return placement is not None
 
 
 def index_dtype(length: int) -> type:

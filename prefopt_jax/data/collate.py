@@ -1,6 +1,7 @@
 """How a run's tokenised examples become planned, fixed-shape micro-batches: the parts of a micro-batch
-(main groups; RMiPO's response-only sequences; KTO's mismatched KL pairs), their geometries, and the host
-arrays of one planned micro-batch (for some rows only: each process builds its own)."""
+(main groups; RMiPO's response-only sequences; KTO's mismatched KL pairs), their geometries, how many
+micro-batches a step has room for, and the host arrays of one planned micro-batch (for some rows only: each
+process builds its own)."""
 
 from __future__ import annotations
 
@@ -10,19 +11,23 @@ from collections.abc import Sequence
 import numpy as np
 
 from prefopt_jax.data.batching import TILE, Batch, Geometry, build, round_up
-from prefopt_jax.data.planner import MicroBatches, MicroPlan, Packer, Part, derive_geometry
+from prefopt_jax.data.planner import MicroPlan, Packer, Part, Steps, derive_geometry, plan_extent
 from prefopt_jax.data.tokenize import TokenizedPair, TokenizedRanked, TokenizedUnpaired, completions_of
 
 
 @dataclasses.dataclass(frozen=True)
 class BatchSpec:
-    """The batches of a run: `kind` "pairs", "unpaired" or "ranked", the layout, and each part's geometry
-    ("main"; "response_only" for RMiPO; "kl" for KTO's reference point)."""
+    """The batches of a run: `kind` "pairs", "unpaired" or "ranked", the layout, each part's geometry
+    ("main"; "response_only" for RMiPO; "kl" for KTO's reference point), the examples per step (groups:
+    pairs, unpaired examples or ranked sets) and the micro-batches a step has room for (the most any step
+    of the run needs)."""
 
     kind: str
     layout: str
     geometries: dict[str, Geometry]
     max_length: int
+    batch_size: int = 1
+    micro_batches: int = 1
 
     @property
     def groups(self) -> int:
@@ -75,12 +80,17 @@ def parts(spec: BatchSpec, examples: Sequence) -> dict[str, Part]:
 def packer(
     spec: BatchSpec, examples: Sequence, *, seed: int = 0, shuffle: bool = True, state=None, mixture=None
 ) -> Packer:
-    return Packer(len(examples), parts(spec, examples), seed=seed, shuffle=shuffle, state=state, mixture=mixture)
+    """The run's plan over `examples`: steps of `spec.batch_size` (or, `shuffle=False`, a single pass)."""
+    return Packer(
+        len(examples), parts(spec, examples), batch_size=spec.batch_size, seed=seed, shuffle=shuffle, state=state,
+        mixture=mixture,
+    )  # fmt: skip
 
 
-def micro_batches(spec: BatchSpec, examples: Sequence, *, seed: int = 0, mixture=None) -> MicroBatches:
-    """The training stream of micro-batch plans as a Grain dataset (endless; see `data.planner`)."""
-    return MicroBatches(len(examples), parts(spec, examples), seed=seed, mixture=mixture)
+def steps(spec: BatchSpec, examples: Sequence, *, seed: int = 0, mixture=None) -> Steps:
+    """The training stream of steps (each a list of micro-batch plans) as a Grain dataset (endless; see
+    `data.planner`)."""
+    return Steps(len(examples), parts(spec, examples), batch_size=spec.batch_size, seed=seed, mixture=mixture)
 
 
 def host_arrays(
@@ -101,7 +111,8 @@ def host_arrays(
         out["label"] = label
     if spec.kind == "ranked":
         scores = np.zeros((g, spec.geometries["main"].completions), np.float32)
-        scores[: len(chosen)] = [e.scores for e in chosen]
+        if chosen:  # an empty micro-batch (the step's unused room) has none
+            scores[: len(chosen)] = [e.scores for e in chosen]
         out["scores"] = scores
     if "response_only" in plan.parts:
         alone = {s: _alone(e.chosen) for s, e in enumerate(chosen)} | {
@@ -119,39 +130,51 @@ def batch_spec(
     examples: Sequence,
     *,
     layout: str,
-    groups: int,
+    batch_size: int,
     max_length: int,
+    steps: int | None = None,
+    train: Sequence | None = None,
+    seed: int = 0,
+    mixture=None,
     response_only: bool = False,
     row_multiple: int = 1,
     length: int | None = None,
     rows: int | None = None,
     tiles: bool = False,
-    seed: int = 0,
     length_multiple: int = 128,
 ) -> BatchSpec:
-    """The batch spec sized from `examples` (train and held-out together, so every one fits): see
-    `packer.derive_geometry`; the response-only and KL parts get geometries every selection fits."""
+    """The batch spec: the geometry sized from `examples` (train and held-out together, so every one fits;
+    see `planner.derive_geometry`), then the run's `steps` steps over `train` (default `examples`; default
+    steps: one epoch) planned ahead with `seed` and `mixture` as the run will: the group slots are the most
+    examples one micro-batch holds, `micro_batches` the most micro-batches one step needs. The response-only
+    and KL parts get geometries every selection fits."""
     kind = {TokenizedPair: "pairs", TokenizedUnpaired: "unpaired", TokenizedRanked: "ranked"}[type(examples[0])]
+    train = examples if train is None else train
     lens = [_lens(_main_group(e)) for e in examples]
     prompt = np.asarray([p for p, _ in lens])
     completions = np.asarray([c for _, c in lens])
     common = dict(row_multiple=row_multiple, tiles=tiles, seed=seed, length_multiple=length_multiple)
-    geometries = {
-        "main": derive_geometry(prompt, completions, layout=layout, groups=groups, length=length, rows=rows, **common)
-    }
-    if response_only:
-        alone = [len(c) - 1 for e in examples for c in (e.chosen, e.rejected)]
+    main = derive_geometry(
+        prompt, completions, layout=layout, batch_size=batch_size, length=length, rows=rows, **common
+    )
+    geometries = {"main": main}
+    if response_only:  # as many tokens per micro-batch as the main part: each example's responses fit beside it
+        alone = np.asarray([len(c) - 1 for e in examples for c in (e.chosen, e.rejected)])[:, None]
+        rows_alone = -(-main.tokens // round_up(int(alone.max()), length_multiple))
         geometries["response_only"] = derive_geometry(
-            np.ones(len(alone), np.int64), np.asarray(alone)[:, None], layout=layout, groups=2 * groups, **common
+            np.ones(len(alone), np.int64), alone, layout=layout, batch_size=2 * batch_size, rows=rows_alone, **common
         )
+    spec = BatchSpec(kind, layout, geometries, max_length, batch_size)
+    slots, micro = plan_extent(packer(spec, train, seed=seed, mixture=mixture), steps or -(-len(train) // batch_size))
+    geometries = {name: dataclasses.replace(g, groups=slots * g.groups // batch_size) for name, g in geometries.items()}
     if kind == "unpaired":  # any (prompt_i, completion_j) holds at most max_length tokens: a row each
         t = round_up(max_length, length_multiple)
         nb = t // TILE  # no row has more non-empty tiles than one causal triangle
         geometries["kl"] = Geometry(
-            rows=round_up(groups, row_multiple), length=t, groups=groups, completions=1, width=max_length,
+            rows=round_up(slots, row_multiple), length=t, groups=slots, completions=1, width=max_length,
             scored=t, tiles=nb * (nb + 1) // 2 if tiles else 0,
         )  # fmt: skip
-    return BatchSpec(kind, layout, geometries, max_length)
+    return BatchSpec(kind, layout, geometries, max_length, batch_size, micro)
 
 
-__all__ = ["Batch", "BatchSpec", "batch_spec", "host_arrays", "packer", "parts"]
+__all__ = ["Batch", "BatchSpec", "batch_spec", "host_arrays", "packer", "parts", "steps"]

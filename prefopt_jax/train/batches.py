@@ -164,21 +164,28 @@ def rows_per_device_group(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def batch_spec(cfg: Config, examples: Sequence, mesh: Mesh, *, attention: str, response_only: bool) -> data.BatchSpec:
+def batch_spec(
+    cfg: Config, examples: Sequence, mesh: Mesh, *, attention: str, response_only: bool, train=None, mixture=None
+) -> data.BatchSpec:
     """The run's micro-batch geometry, sized from `examples` (train and held-out together, so every one
-    fits) and the config (`data.pack_length`, `data.micro_batch_rows`; None derives them). Rows are a
-    multiple of 128 tokens for the accelerator kernels, of 32 (the CPU tile) otherwise."""
+    fits), and the micro-batches a step needs, from its `train.steps` steps over `train` (default
+    `examples`) planned ahead (see `data.batch_spec`). `data.pack_length` and `data.micro_batch_rows`
+    override the row length (the longest example's) and the rows per micro-batch (one per device the rows are
+    split over). Rows are a multiple of 128 tokens for the accelerator kernels, of 32 (the CPU tile) otherwise."""
     return data.batch_spec(
         examples,
+        train=train,
         layout=cfg.data.layout,
-        groups=cfg.train.batch_size // cfg.train.micro_batches,
+        batch_size=cfg.train.batch_size,
+        steps=cfg.train.steps,
+        seed=cfg.train.seed,
+        mixture=mixture,
         max_length=cfg.data.max_length,
         response_only=response_only,
         row_multiple=rows_per_device_group(mesh),
         length=cfg.data.pack_length,
         rows=cfg.data.micro_batch_rows,
         tiles=attention == "block_sparse",
-        seed=cfg.train.seed,
         length_multiple=128 if attention in ("pallas", "cudnn") else data.TILE,
     )
 
@@ -213,15 +220,21 @@ def host_step(
     mesh: Mesh,
     pad_id: int,
     side: Mapping[str, Sequence] | None = None,
+    micro_batches: int | None = None,
 ) -> dict:
-    """One step's micro-batches as host arrays stacked on a leading axis: token arrays for this process's
-    rows only ([M, R_local, T]), group arrays whole ([M, G, ...]). `side` holds per-example inputs computed
-    before training, by example index: "ref_logps" (precomputed reference log-probs, [k, L_i] each) and
-    "udm_prob" (BCO-UDM's prompt classifier, a float each)."""
+    """One step's micro-batches as host arrays stacked on a leading axis of `micro_batches` (default the
+    spec's: the step's fixed room; the unused ones are empty and the step skips them): token arrays for this
+    process's rows only ([M, R_local, T]), group arrays whole ([M, G, ...]). `side` holds per-example inputs
+    computed before training, by example index: "ref_logps" (precomputed reference log-probs, [k, L_i] each)
+    and "udm_prob" (BCO-UDM's prompt classifier, a float each)."""
+    m = spec.micro_batches if micro_batches is None else micro_batches
+    if len(plans) > m:
+        raise ValueError(f"a step of {len(plans)} micro-batches does not fit the step's room for {m}")
     rows = {part: local_rows(mesh, g.rows) for part, g in spec.geometries.items()}
     side = side or {}
+    empty = data.MicroPlan([], {name: data.RowPlan(rp.geometry, rp.layout) for name, rp in plans[0].parts.items()})
     parts = []
-    for plan in plans:
+    for plan in [*plans, *[empty] * (m - len(plans))]:
         one = step_arrays(data.host_arrays(spec, plan, examples, pad_id, rows))
         if "ref_logps" in side:
             one["ref_logps"] = reference_logps(spec, plan, side["ref_logps"])
@@ -263,12 +276,10 @@ def place(spec: data.BatchSpec, host: dict, mesh: Mesh) -> dict:
     return out
 
 
-def abstract_batch(
-    spec: data.BatchSpec, micro_batches: int, mesh: Mesh, *, unpaired: bool, precomputed: bool, udm: bool = False
-):
+def abstract_batch(spec: data.BatchSpec, mesh: Mesh, *, unpaired: bool, precomputed: bool, udm: bool = False):
     """The step's batch as shapes and shardings (planning: no data)."""
     rows, whole = _row_sharding(mesh), NamedSharding(mesh, PartitionSpec())
-    m = micro_batches
+    m = spec.micro_batches
     sds = jax.ShapeDtypeStruct
     out = {}
     for part, g in spec.geometries.items():

@@ -171,17 +171,29 @@ def eval_spec(cfg: Config, spec: step_lib.StepSpec, specs: dict, prepared: data.
 
 
 def batch_specs(cfg: Config, prepared: data.Prepared, mesh: Mesh, attention: str) -> dict[str, data.BatchSpec]:
-    """Per split, the fixed micro-batch geometry. Paired runs size one from train and held-out examples
-    together; an unpaired run's held-out split is pairs, with a geometry of its own."""
+    """Per split, the fixed micro-batch geometry, and the micro-batches a training step needs (its steps
+    planned ahead over the training examples). Paired runs size one geometry from train and held-out
+    examples together; an unpaired run's held-out split is pairs, with a geometry of its own."""
     p = parts(cfg)
-    spec = lambda examples: batches.batch_spec(cfg, examples, mesh, attention=attention, response_only=p.response_only)
+    mix = batches.mixture(cfg, prepared) if prepared.train else None
+
+    def spec(examples, train=None):
+        return batches.batch_spec(
+            cfg, examples, mesh, attention=attention, response_only=p.response_only, train=train, mixture=mix
+        )
+
     if p.unpaired:
         out = {
-            name: spec(examples) for name, examples in (("train", prepared.train), ("eval", prepared.eval)) if examples
+            name: spec(examples, examples if name == "train" else None)
+            for name, examples in (("train", prepared.train), ("eval", prepared.eval))
+            if examples
         }
         return {"train": out.get("train", out.get("eval")), "eval": out.get("eval", out.get("train"))}
     examples = prepared.train + prepared.eval
-    return {"train": spec(examples), "eval": spec(examples)} if examples else {}
+    if not examples:
+        return {}
+    both = spec(examples, prepared.train or None)
+    return {"train": both, "eval": both}
 
 
 # ---- parameter trees --------------------------------------------------------------------------------

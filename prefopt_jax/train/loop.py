@@ -111,10 +111,10 @@ def setup(
     )  # fmt: skip
     eval_spec = build.eval_spec(cfg, spec, specs, prepared)
     if specs:
-        g = specs["train"].geometries["main"]
+        g, room = specs["train"].geometries["main"], specs["train"].micro_batches
         print(
-            f"micro-batches: {g.rows} rows x {g.length} tokens, {g.groups} groups, {g.scored} scored tokens per "
-            f"row; attention: {attention}",
+            f"micro-batches: {g.rows} rows x {g.length} tokens, up to {g.groups} groups, {g.scored} scored tokens "
+            f"per row; {t.batch_size} per step in at most {room} of them (as the plan needs); attention: {attention}",
             file=out,
         )
     return Run(
@@ -149,7 +149,7 @@ def evaluate(run: Run, eval_step, trainable: dict, loss_state) -> dict:
         plans = data.packer(spec, examples, seed=0, shuffle=False)
         collected = []
         while (plan := plans.next_micro()) is not None:
-            host = batches.host_step(spec, [plan], examples, run.mesh, run.pad_id, run.side["eval"])
+            host = batches.host_step(spec, [plan], examples, run.mesh, run.pad_id, run.side["eval"], micro_batches=1)
             placed = jax.tree.map(lambda a: a[0], batches.place(spec, host, run.mesh))
             metrics, loss_state = eval_step(trainable, run.frozen, reference, placed, loss_state)
             collected.append(metrics)
@@ -206,8 +206,8 @@ def train(cfg: Config, *, out: IO | None = None, stop_after: int | None = None) 
     ckpt = checkpoint.manager(run_dir / "checkpoints", keep=cfg.output.keep)
     restored = checkpoint.restore_latest(ckpt, run.state) if cfg.output.resume else None
     inputs = pipeline_lib.step_inputs(
-        run.batch_specs["train"], run.prepared.train, run.mesh, micro_batches=t.micro_batches, pad_id=run.pad_id,
-        seed=t.seed, mixture=batches.mixture(cfg, run.prepared), side=run.side["train"],
+        run.batch_specs["train"], run.prepared.train, run.mesh, pad_id=run.pad_id, seed=t.seed,
+        mixture=batches.mixture(cfg, run.prepared), side=run.side["train"],
     )  # fmt: skip
     if restored is None:
         history: list[dict] = []
@@ -251,7 +251,7 @@ def train(cfg: Config, *, out: IO | None = None, stop_after: int | None = None) 
             "step": i + 1,
             "step_time": step_time,
             "host_time": item.host_seconds,
-            "padding_fraction": 1.0 - tokens / (t.micro_batches * geometry.tokens),
+            "padding_fraction": 1.0 - tokens / (len(item.plans) * geometry.tokens),  # of the micro-batches computed
             "tokens_per_s": progress["tokens"] / (now - progress["t0"]),
             "flops": step_flops,
             "mfu": step_flops / step_time / peak,

@@ -1,5 +1,5 @@
-"""The input pipeline of the train loop, in Grain: the packer's stream of micro-batch plans
-(`data.MicroBatches`) -> one optimizer step's plans -> this process's rows built on the host and placed on
+"""The input pipeline of the train loop, in Grain: the packer's stream of steps (`data.Steps`: each step's
+micro-batch plans) -> this process's rows built on the host (the step's unused micro-batches empty) and placed on
 the devices -> Grain's thread prefetch, so the next steps are built while the current one runs and nothing
 between two steps waits for the host. `get_state()` after `next()` is where the stream stands after that step
 (what the checkpoint keeps; `set_state` resumes there). Each item carries what the loop logs with it: the
@@ -30,7 +30,6 @@ def step_inputs(
     examples: Sequence,
     mesh: Mesh,
     *,
-    micro_batches: int,
     pad_id: int,
     seed: int,
     mixture=None,
@@ -44,6 +43,6 @@ def step_inputs(
         host = batches.host_step(spec, plans, examples, mesh, pad_id, side)
         return StepInput(batches.place(spec, host, mesh), plans, time.perf_counter() - t0)
 
-    steps = data.micro_batches(spec, examples, seed=seed, mixture=mixture).batch(micro_batches, batch_fn=list)
+    steps = data.steps(spec, examples, seed=seed, mixture=mixture)
     prefetched = grain.experimental.ThreadPrefetchIterDataset(steps.map(build), prefetch_buffer_size=depth)
     return iter(prefetched)

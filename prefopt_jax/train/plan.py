@@ -131,18 +131,18 @@ def target_devices(t: Target) -> tuple[list, bool]:
 
 
 def worst_case_pairs(cfg: Config) -> list[TokenizedPair]:
-    """A micro-batch of pairs at the configured limits: a prompt of min(max_prompt_length, max_length / 2)
-    tokens and both completions filling the rest of max_length."""
+    """A step of pairs at the configured limits: a prompt of min(max_prompt_length, max_length / 2) tokens
+    and both completions filling the rest of max_length."""
     length = cfg.data.max_length
     prompt = min(cfg.data.max_prompt_length or length // 2, length // 2)
     ids = np.arange(length, dtype=np.int32) % 1000 + 1  # token values do not change shapes
     pair = TokenizedPair(ids[:prompt], ids[prompt:], ids[prompt:][::-1].copy(), 1.0, Origin("plan", 0))
-    return [pair] * (cfg.train.batch_size // cfg.train.micro_batches)
+    return [pair] * cfg.train.batch_size
 
 
 def worst_case_examples(cfg: Config, unpaired: bool) -> list:
-    """The worst-case micro-batch's examples: unpaired losses count examples, not pairs, in
-    train.batch_size (a pair is two examples)."""
+    """The worst-case step's examples: unpaired losses count examples, not pairs, in train.batch_size (a
+    pair is two examples)."""
     pairs = worst_case_pairs(cfg)
     return data.unpaired_from_pairs(pairs)[: len(pairs)] if unpaired else pairs
 
@@ -154,7 +154,7 @@ def host_seconds(cfg: Config, bspec: data.BatchSpec, examples: list, hosts: int,
     for _ in range(repeats):
         t0 = time.perf_counter()
         packer = data.packer(bspec, examples, seed=0)
-        plans = packer.next_step(cfg.train.micro_batches)
+        plans = packer.next_step()
         share = {part: slice(0, max(g.rows // hosts, 1)) for part, g in bspec.geometries.items()}
         for plan in plans:
             data.host_arrays(bspec, plan, examples, 0, share)
@@ -208,9 +208,13 @@ def tree_bytes_per_device(tree) -> int:
     return total
 
 
-def plan(cfg: Config, target_name: str, *, mfu: float = 0.4, out: IO | None = None) -> dict:
+def plan(
+    cfg: Config, target_name: str, *, mfu: float = 0.4, out: IO | None = None, examples: list | None = None
+) -> dict:
     """Compile the configured train step for `target_name` and report memory per device, FLOPs per step
-    and the step time at `mfu`. Returns the figures (bytes, FLOPs, seconds) as a dict."""
+    and the step time at `mfu`. Returns the figures (bytes, FLOPs, seconds) as a dict. The batch is sized
+    from `examples` (tokenised; the run's `train.steps` steps over them planned as the run would, and FLOPs
+    the mean of those steps'), or from worst-case pairs at the configured limits."""
     out = out or sys.stdout
     tgt = target(target_name)
     devices, simulated = target_devices(tgt)
@@ -224,20 +228,15 @@ def plan(cfg: Config, target_name: str, *, mfu: float = 0.4, out: IO | None = No
     attention = runtime.attention(cfg, mcfg, tgt.platform if not simulated else "cpu")
     if simulated and tgt.platform != "cpu":
         attention = "dense"
-    examples = worst_case_examples(cfg, parts.unpaired)
+    given = examples is not None
+    examples = examples if given else worst_case_examples(cfg, parts.unpaired)
     bspec = batches.batch_spec(cfg, examples, mesh, attention=attention, response_only=parts.response_only)
     spec = build.step_spec(cfg, bspec.geometries, attention, mesh)
     optimizer = build.make_optimizer(cfg)
     state, frozen, ref_params = abstract_inputs(cfg, mcfg, spec, optimizer, mesh)
-    batch = batches.abstract_batch(
-        bspec,
-        cfg.train.micro_batches,
-        mesh,
-        unpaired=parts.unpaired,
-        precomputed=parts.precomputed,
-        udm=parts.udm,
-    )
-    plans = data.packer(bspec, examples, seed=0).next_step(cfg.train.micro_batches)
+    batch = batches.abstract_batch(bspec, mesh, unpaired=parts.unpaired, precomputed=parts.precomputed, udm=parts.udm)
+    packer = data.packer(bspec, examples, seed=cfg.train.seed)
+    steps = [packer.next_step() for _ in range(cfg.train.steps if given else 1)]
     train_step = step_lib.make_train_step(mcfg, spec, optimizer)
     # XLA:CPU's default scheduler favours concurrency; the memory-minimising one is closer to an accelerator's
     options = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"} if simulated else None
@@ -254,13 +253,17 @@ def plan(cfg: Config, target_name: str, *, mfu: float = 0.4, out: IO | None = No
             raise
         sizes = (arguments, 0, 0, int(float(found.group(1)) * GiB))  # the compiler's figure for temporaries
         refused = True
-    step_flops = flops_lib.step_flops(
-        mcfg,
-        plans,
-        lora=spec.lora_scale is not None,
-        reference_in_step=spec.reference_in_step,
-        scores_prompts="full_chosen" in spec.extras,
-    )
+    step_flops = float(
+        np.mean([
+            flops_lib.step_flops(
+                mcfg, plans, lora=spec.lora_scale is not None, reference_in_step=spec.reference_in_step,
+                scores_prompts="full_chosen" in spec.extras,
+            )
+            for plans in steps
+        ])
+    )  # fmt: skip
+    computed = np.mean([len(plans) * bspec.geometries["main"].tokens for plans in steps])
+    trained = np.mean([sum(flops_lib.plan_counts(p.parts["main"])[0] for p in plans) for plans in steps])
     peak = flops_lib.total_peak(tgt.peak_flops, len(devices), tgt.platform)
     total = sizes[0] + sizes[1] - sizes[2] + sizes[3]
     result = {
@@ -297,6 +300,9 @@ def plan(cfg: Config, target_name: str, *, mfu: float = 0.4, out: IO | None = No
         "mfu": mfu,
         "step_seconds": step_flops / (peak * mfu),
         "batch_shape": list(batch["main"]["input_ids"].shape),
+        "examples": "given" if given else "worst case",
+        "micro_batches_used": float(np.mean([len(plans) for plans in steps])),
+        "computed_per_trained_token": float(computed / trained),
     }
     print(report(cfg, result), file=out)
     return result
@@ -311,9 +317,15 @@ def report(cfg: Config, r: dict) -> str:
     lines = [
         f"plan: {cfg.model.source} ({r['params'] / 1e9:.2f}B params), {cfg.loss.name}, reference {ref}",
         f"target {r['target']}: compiled for {r['compiled_for']}; mesh {r['mesh']}",
-        f"batch: {t.batch_size} pairs/step in {t.micro_batches} micro-batch(es) of {r['batch_shape'][1:]} "
-        f"rows x tokens ({cfg.data.layout}; worst-case pairs at max_length {cfg.data.max_length}); "
-        f"{r['shapes']} shape for every step (fixed geometry: {r['geometry']['scored']} scored tokens per row)",
+        f"batch: {t.batch_size} pairs/step packed into {r['micro_batches_used']:.2f} micro-batches on average "
+        f"(room for {r['batch_shape'][0]}) of {r['batch_shape'][1:]} rows x tokens ({cfg.data.layout}; "
+        + (
+            f"the given examples, {t.steps} steps"
+            if r["examples"] == "given"
+            else f"worst-case pairs at max_length {cfg.data.max_length}"
+        )
+        + f"); {r['computed_per_trained_token']:.3f} tokens computed per token trained; {r['shapes']} shape for "
+        f"every step (fixed geometry: {r['geometry']['scored']} scored tokens per row)",
         f"attention: {r['attention']}; batch arrays {r['batch_bytes_total'] / 2**20:.2f} MiB per step in all "
         f"(integers only, no mask); host time to plan and build one process's share "
         f"({r['hosts']} process(es)): {r['host_seconds'] * 1e3:.1f} ms per step, in the background",

@@ -176,7 +176,7 @@ def precompute(cfg, out=None) -> str:
         results[name] = [None] * len(examples)
         plans = data.packer(spec, examples, seed=0, shuffle=False) if examples else None
         while plans is not None and (plan := plans.next_micro()) is not None:
-            placed = batches.place(spec, batches.host_step(spec, [plan], examples, mesh, pad_id), mesh)
+            placed = batches.place(spec, batches.host_step(spec, [plan], examples, mesh, pad_id, micro_batches=1), mesh)
             logps = jax.device_get(logps_fn(params, jax.tree.map(lambda a: a[0], placed["main"])))
             for slot, i in enumerate(plan.examples):
                 results[name][i] = [logps[slot, j, : len(c)] for j, c in enumerate(completions_of(examples[i]))]

@@ -379,7 +379,11 @@ def make_train_step(
     equivalent layout differently, which is a new input signature).
 
     `batch` holds micro-batches stacked on a leading axis (gradient accumulation inside the step: a scan
-    that sums gradients); the step's objective is the weighted mean loss over all of its groups. A step
+    that sums gradients): the step's fixed room, of which the data's plan uses as many as its examples need
+    (`data.planner`). An unused micro-batch (no group in it) is skipped under `lax.cond`: no forward, no
+    backward, the loss state passed on as it was. The step's objective is the weighted mean loss over all of
+    its groups, however they are spread over micro-batches. A batch-coupled loss state (AlphaDPO's moments,
+    BCO's running shift) moves from micro-batch to micro-batch, as TRL's moves from batch to batch. A step
     whose loss or gradients are not finite leaves the parameters as they were and counts itself in
     `state["skipped"]`. Under TR-DPO the reference lives in the state."""
     grad_fn = jax.value_and_grad(make_loss_fn(cfg, spec), has_aux=True)
@@ -389,6 +393,7 @@ def make_train_step(
         reference = state.get("reference", ref_params)
         step_key = jax.random.fold_in(jax.random.PRNGKey(spec.seed), state["step"])
         total_weight = jnp.maximum(jnp.sum(batch["weight"]), 1e-8)
+        used = jnp.any(batch["main"]["completion_length"] > 0, axis=(1, 2))  # [M]: micro-batches with groups
 
         def one(mb, i, loss_state):
             key = jax.random.fold_in(step_key, i) if spec.lora_dropout else None
@@ -397,19 +402,30 @@ def make_train_step(
             )
             return grads, loss_state, metrics
 
-        if n_micro == 1:  # no accumulator: one gradient tree in memory, not two
+        if n_micro == 1:  # no accumulator: one gradient tree in memory, not two (a step is never empty)
             grads, loss_state, metrics = one(jax.tree.map(lambda a: a[0], batch), 0, state["loss_state"])
             metrics = jax.tree.map(lambda a: a[None], metrics)
         else:
+            first = jax.tree.map(lambda a: a[0], batch)
+            shapes = jax.eval_shape(one, first, 0, state["loss_state"])[2]
+            nothing = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)  # a skipped one's metrics
 
             def micro(carry, xs):
                 grads_acc, loss_state = carry
-                grads, loss_state, metrics = one(*xs, loss_state)
-                return (jax.tree.map(jnp.add, grads_acc, grads), loss_state), metrics
+                mb, i, is_used = xs
+
+                def compute(loss_state):
+                    grads, loss_state, metrics = one(mb, i, loss_state)
+                    return jax.tree.map(jnp.add, grads_acc, grads), loss_state, metrics
+
+                grads_acc, loss_state, metrics = jax.lax.cond(
+                    is_used, compute, lambda loss_state: (grads_acc, loss_state, nothing), loss_state
+                )
+                return (grads_acc, loss_state), metrics
 
             zeros = jax.tree.map(jnp.zeros_like, state["trainable"])
             carry = (zeros, state["loss_state"])
-            (grads, loss_state), metrics = jax.lax.scan(micro, carry, (batch, jnp.arange(n_micro)))
+            (grads, loss_state), metrics = jax.lax.scan(micro, carry, (batch, jnp.arange(n_micro), used))
         metrics = {k: v for k, v in combine_metrics(metrics).items() if not k.startswith("length_bucket/")}
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(grad_norm) & jnp.isfinite(metrics["loss"])
@@ -431,7 +447,8 @@ def make_train_step(
                 new_state["trainable"],
                 state["reference"],
             )
-        return new_state, {**metrics, "grad_norm": grad_norm, "skipped": new_state["skipped"]}
+        out = {**metrics, "grad_norm": grad_norm, "skipped": new_state["skipped"], "micro_batches": jnp.sum(used)}
+        return new_state, out
 
     if out_shardings is None:
         return jax.jit(step, donate_argnums=(0,))

@@ -141,7 +141,7 @@ def test_kl_pairs_rotate_completions_and_response_only_drops_the_prompt():
         data.TokenizedUnpaired(np.array([i + 1]), np.array([10 * (i + 1), 10 * (i + 1) + 1]), i % 2 == 0, 1.0, None)
         for i in range(3)
     ]
-    spec = data.batch_spec(ex, layout="padded", groups=3, max_length=16, length_multiple=32)
+    spec = data.batch_spec(ex, layout="padded", batch_size=3, rows=3, max_length=16, length_multiple=32)
     host = data.host_arrays(spec, data.packer(spec, ex, shuffle=False).next_micro(), ex)
     kl = host["kl"]
     # (prompt_i, completion_{i-1}): prompt 1 gets completion 3's tokens, prompt 2 gets completion 1's
@@ -149,7 +149,7 @@ def test_kl_pairs_rotate_completions_and_response_only_drops_the_prompt():
     np.testing.assert_array_equal(kl.input_ids[1, :3], [2, 10, 11])
     assert host["label"].tolist() == [True, False, True]
     pairs = [data.TokenizedPair(np.array([1, 2]), np.array([5, 6, 7]), np.array([8, 9]), 1.0, None)]
-    spec = data.batch_spec(pairs, layout="padded", groups=1, max_length=16, response_only=True, length_multiple=32)
+    spec = data.batch_spec(pairs, layout="padded", batch_size=1, max_length=16, response_only=True, length_multiple=32)
     alone = data.host_arrays(spec, data.packer(spec, pairs, shuffle=False).next_micro(), pairs)["response_only"]
     np.testing.assert_array_equal(alone.input_ids[0, :3], [5, 6, 7])  # no prompt, no BOS
     assert alone.completion_length[0, 0] == 2  # the first response token is context only
@@ -165,7 +165,7 @@ def test_ranked_examples_group_every_response():
         for _ in range(2)
     ]
     for layout in ("padded", "packed"):
-        spec = data.batch_spec(ex, layout=layout, groups=2, max_length=32, length_multiple=32)
+        spec = data.batch_spec(ex, layout=layout, batch_size=2, rows=6, max_length=32, length_multiple=32)
         host = data.host_arrays(spec, data.packer(spec, ex, shuffle=False).next_micro(), ex)
         assert host["main"].completion_length.tolist() == [[2, 3, 4], [2, 3, 4]]
         assert host["scores"].shape == (2, 3)

@@ -13,27 +13,35 @@ def examples(n=103, seed=0):
     return [data.TokenizedPair(ids(1, 40), ids(1, 60), ids(1, 60), 1.0, i) for i in range(n)]
 
 
-def spec_for(ex, groups=8, rows=None):
-    return data.batch_spec(ex, layout="packed", groups=groups, max_length=100, rows=rows, length_multiple=32)
+def spec_for(ex, batch_size=8, rows=None, steps=None, **kw):
+    return data.batch_spec(
+        ex, layout="packed", batch_size=batch_size, max_length=100, rows=rows, steps=steps, length_multiple=32, **kw
+    )
 
 
 def summary(plan):
     return plan.examples, [(u.group, row, off) for u, row, off in plan.parts["main"].placed]
 
 
-def test_resume_continues_at_the_exact_next_micro_batch():
+def step_summary(plans):
+    return [summary(p) for p in plans]
+
+
+def test_resume_continues_at_the_exact_next_step():
     ex = examples()
     spec = spec_for(ex)
     first = data.packer(spec, ex, seed=7)
-    for _ in range(17):  # crosses the epoch boundary (about 13 micro-batches per epoch)
-        first.next_micro()
+    for _ in range(14):  # crosses the epoch boundary (103 examples: about 13 steps of 8 per epoch)
+        first.next_step()
     state = first.state()
-    assert first.epoch == 1 and state["next_index"] > 103
-    expected = [summary(first.next_micro()) for _ in range(10)]
+    assert first.epoch == 1 and state["next_index"] == 14 * 8
+    expected = [step_summary(first.next_step()) for _ in range(10)]
     resumed = data.packer(spec, ex, seed=7, state=state)
-    assert [summary(resumed.next_micro()) for _ in range(10)] == expected
+    assert [step_summary(resumed.next_step()) for _ in range(10)] == expected
     with pytest.raises(ValueError, match="saved for 103 examples, seed 7"):
         data.packer(spec, ex, seed=8, state=state)
+    with pytest.raises(ValueError, match="and 8 per step; this run has 103, 7, None and 4"):
+        data.packer(spec_for(ex, batch_size=4), ex, seed=7, state=state)
 
 
 def test_each_epoch_is_a_fresh_permutation_of_every_example():
@@ -47,15 +55,15 @@ def test_each_epoch_is_a_fresh_permutation_of_every_example():
 
 
 def test_the_grain_pipeline_resumes_at_the_exact_next_step():
-    """Through Grain's batching, mapping and thread prefetch (as the train loop reads it), the state taken
-    after a step restores a fresh pipeline to the very next step, though the old one had built ahead."""
+    """Through Grain's mapping and thread prefetch (as the train loop reads it), the state taken after a step
+    restores a fresh pipeline to the very next step, though the old one had built ahead."""
     import grain
 
     ex = examples()
     spec = spec_for(ex, rows=2)
 
     def pipeline():
-        steps = data.micro_batches(spec, ex, seed=4).batch(3, batch_fn=list).map(lambda ps: [summary(p) for p in ps])
+        steps = data.steps(spec, ex, seed=4).map(step_summary)
         return iter(grain.experimental.ThreadPrefetchIterDataset(steps, prefetch_buffer_size=2))
 
     first = pipeline()
@@ -69,40 +77,57 @@ def test_the_grain_pipeline_resumes_at_the_exact_next_step():
     assert [next(resumed) for _ in range(4)] == expected
     resumed.close()
     direct = data.packer(spec, ex, seed=4)  # the same plans as the packer read by hand
-    assert [[summary(p) for p in direct.next_step(3)] for _ in range(10)][6:] == expected
+    assert [step_summary(direct.next_step()) for _ in range(10)][6:] == expected
     with pytest.raises(ValueError, match="saved by an earlier version"):
-        data.packer(spec, ex, seed=4, state={"epoch": 1, "position": 3, "deferred": []})
+        data.packer(spec, ex, seed=4, state={"next_index": 3, "deferred": [], "seed": 4, "num_examples": 103})
 
 
-def test_nothing_is_dropped_and_capacities_hold():
-    """A tight geometry defers examples; every example the stream has handed out is either in a
-    micro-batch or waiting, exactly once per time it was handed out."""
+def test_every_step_holds_exactly_its_stream_positions_and_capacities_hold():
+    """Step s holds the examples at stream positions [s*B, (s+1)*B): each exactly once per time the stream
+    hands it out (across epoch boundaries too), nothing dropped, deferred or duplicated, and no row over its
+    capacities."""
     ex = examples()
-    spec = spec_for(ex, rows=2)
+    spec = spec_for(ex, batch_size=12, rows=2, steps=30)
     g = spec.geometries["main"]
     packer = data.packer(spec, ex, seed=3)
-    seen, waited = [], 0
-    while packer.epoch < 3:
-        plan = packer.next_micro()
-        seen += plan.examples
-        waited = max(waited, len(packer.deferred))
-        rp = plan.parts["main"]
-        assert len(plan.examples) <= g.groups and (rp.fill <= g.length).all() and (rp.scored <= g.scored).all()
-    assert waited > 0  # the geometry was tight enough to defer some
-    handed = [packer.order[p] for p in range(packer.cursor)]
-    counts = np.bincount(seen + packer.deferred, minlength=len(ex))
-    np.testing.assert_array_equal(counts, np.bincount(handed, minlength=len(ex)))
+    for s in range(30):
+        plans = packer.next_step()
+        held = sorted(i for p in plans for i in p.examples)
+        assert held == sorted(packer.order[q] for q in range(12 * s, 12 * (s + 1))), s
+        for p in plans:
+            rp = p.parts["main"]
+            assert 0 < len(p.examples) <= g.groups and (rp.fill <= g.length).all() and (rp.scored <= g.scored).all()
+            assert sorted(u.group for u, _, _ in rp.placed) == list(range(len(p.examples)))  # a slot each
+    assert packer.epoch == 3  # 360 positions: three epochs of 103 and some
 
 
-def test_no_micro_batch_holds_an_example_twice():
-    """A tight geometry on a small set: the lookahead keeps reaching into the next epoch, whose examples are
-    also still held or waiting; a micro-batch never takes one twice."""
-    ex = examples(9)
-    spec = spec_for(ex, groups=4, rows=1)
-    packer = data.packer(spec, ex, seed=3)
+def test_first_fit_decreasing_needs_few_more_micro_batches_than_the_tokens_demand():
+    """The step count of micro-batches against the lower bound ceil(tokens / (R x T)): first-fit decreasing
+    stays within 11/9 of the optimum plus one (its classic bound; the optimum is at least the lower bound)."""
+    ex = examples(200, seed=5)
+    spec = spec_for(ex, batch_size=24, rows=1, steps=40)
+    g = spec.geometries["main"]
+    packer = data.packer(spec, ex, seed=1)
+    used, bound = [], []
     for _ in range(40):
-        plan = packer.next_micro()
-        assert len(set(plan.examples)) == len(plan.examples), plan.examples
+        plans = packer.next_step()
+        tokens = sum(len(ex[i].prompt) + len(ex[i].chosen) + len(ex[i].rejected) for p in plans for i in p.examples)
+        used.append(len(plans))
+        bound.append(-(-tokens // g.tokens))
+    assert all(u <= 11 / 9 * b + 1 for u, b in zip(used, bound, strict=True)), list(zip(used, bound, strict=True))
+    assert np.mean(used) <= 1.1 * np.mean(bound)  # near the bound on average, not only within the worst case
+
+
+def test_the_spec_has_room_for_the_largest_step_and_micro_batch_of_the_run():
+    """The step's fixed room (micro-batches) and group slots are the most the run's own steps need, found ahead
+    of the run from its seeded order: replaying the run never exceeds them, and some step reaches each."""
+    ex = examples(150, seed=4)
+    for steps, seed in ((25, 0), (60, 9)):
+        spec = spec_for(ex, batch_size=16, rows=1, steps=steps, seed=seed)
+        packer = data.packer(spec, ex, seed=seed)
+        plans = [packer.next_step() for _ in range(steps)]
+        assert max(len(p) for p in plans) == spec.micro_batches
+        assert max(len(m.examples) for p in plans for m in p) == spec.geometries["main"].groups
 
 
 def test_a_single_pass_places_every_example_once_in_order():
@@ -117,9 +142,9 @@ def test_a_single_pass_places_every_example_once_in_order():
 
 def test_the_plan_is_the_same_for_any_host_and_hosts_build_only_their_rows():
     ex = examples(64)
-    spec = spec_for(ex, groups=16)
+    spec = spec_for(ex, batch_size=16, rows=4)
     g = spec.geometries["main"]
-    plans = [data.packer(spec, ex, seed=1).next_micro() for _ in range(8)]  # 8 hosts, each its own packer
+    plans = [data.packer(spec, ex, seed=1).next_step()[0] for _ in range(8)]  # 8 hosts, each its own packer
     assert len({str(summary(p)) for p in plans}) == 1
     full = data.host_arrays(spec, plans[0], ex)
     whole = full["main"]
@@ -141,9 +166,13 @@ def test_an_example_too_long_for_the_geometry_is_an_error():
     spec = spec_for(ex)
     long = data.TokenizedPair(np.ones(40, np.int32), np.ones(200, np.int32), np.ones(3, np.int32), 1.0, None)
     with pytest.raises(data.TooLarge, match="example 10 does not fit an empty micro-batch"):
-        data.packer(spec, [*ex, long], shuffle=False).next_step(3)
+        packer = data.packer(spec, [*ex, long], shuffle=False)
+        while packer.next_micro() is not None:
+            pass
     with pytest.raises(data.TooLarge, match="example 0 "):
-        data.packer(spec, [long, *ex], seed=0, shuffle=True).next_step(50)  # raised, not deferred forever
+        data.packer(spec, [long, *ex], seed=0, shuffle=True).next_step()
+    with pytest.raises(ValueError, match=r"the longest example needs rows of 243 tokens; data.pack_length is 128"):
+        data.batch_spec([*ex, long], layout="packed", batch_size=8, max_length=300, length=128)
 
 
 def test_a_mixture_draws_each_source_by_its_weight_and_every_example_of_a_source_equally():
@@ -154,7 +183,7 @@ def test_a_mixture_draws_each_source_by_its_weight_and_every_example_of_a_source
     packer = data.packer(spec, ex, seed=5, mixture=(source_of, weights))
     taken = []
     while packer.epoch < 4:
-        taken += packer.next_micro().examples
+        taken += [i for p in packer.next_step() for i in p.examples]
     counts = np.bincount(source_of[taken], minlength=3) / len(taken)
     np.testing.assert_allclose(counts, [0.25, 0.25, 0.5], atol=0.03)
     per_example = np.bincount(np.concatenate([packer.order.epoch(e) for e in range(4)]), minlength=90)
@@ -162,11 +191,11 @@ def test_a_mixture_draws_each_source_by_its_weight_and_every_example_of_a_source
         drawn = per_example[source_of == s]
         assert drawn.max() - drawn.min() <= 1, (s, drawn)
     a, b = (data.packer(spec, ex, seed=5, mixture=(source_of, weights)) for _ in range(2))
-    assert [summary(a.next_micro()) for _ in range(5)] == [summary(b.next_micro()) for _ in range(5)]
+    assert [step_summary(a.next_step()) for _ in range(5)] == [step_summary(b.next_step()) for _ in range(5)]
     state = packer.state()
-    expected = [summary(packer.next_micro()) for _ in range(6)]
+    expected = [step_summary(packer.next_step()) for _ in range(6)]
     resumed = data.packer(spec, ex, seed=5, mixture=(source_of, weights), state=state)
-    assert [summary(resumed.next_micro()) for _ in range(6)] == expected
+    assert [step_summary(resumed.next_step()) for _ in range(6)] == expected
     with pytest.raises(ValueError, match=r"mixture weights \[1.0, 1.0, 2.0\]"):
         data.packer(spec, ex, seed=5, mixture=(source_of, [1.0, 1.0, 1.0]), state=state)
     with pytest.raises(ValueError, match=r"mixture sources \[2\] have no training examples"):
@@ -193,7 +222,7 @@ def test_eight_processes_read_each_example_once_and_only_their_share():
     hold (first-fit packing makes those shares uneven; they are not balanced)."""
     base = examples(160, seed=2)
     logs = [[] for _ in range(8)]
-    spec = data.batch_spec(base, layout="packed", groups=16, max_length=100, row_multiple=8, length_multiple=32)
+    spec = data.batch_spec(base, layout="packed", batch_size=16, max_length=100, row_multiple=8, length_multiple=32)
     rows = spec.geometries["main"].rows // 8
     plans = []
     packer = data.packer(spec, base, shuffle=False)
@@ -221,3 +250,47 @@ def test_eight_processes_read_each_example_once_and_only_their_share():
         for u, row, _ in plan.parts["main"].placed:
             planned[row // rows] += u.size
     np.testing.assert_array_equal(tokens, planned)  # each process reads its rows' tokens and nothing else
+
+
+def tokens_at(batch, group, j=0):
+    """The tokens of completion j of a group slot, read from a built micro-batch by its span."""
+    start, n = int(batch.completion_start[group, j]), int(batch.completion_length[group, j])
+    return batch.input_ids.reshape(-1)[start : start + n].tolist()
+
+
+def test_kl_pairs_and_response_only_parts_stay_with_their_own_examples_in_uneven_micro_batches():
+    """Steps packed into micro-batches holding different numbers of examples: each micro-batch's KL pairs
+    are (prompt_s, completion of slot s - 1) among its own examples, and its response-only sequences are its
+    own examples' responses (slot s: chosen, slot G + s: rejected), read back from the built arrays."""
+    rng = np.random.default_rng(3)
+    ids = lambda lo, hi: rng.integers(1, 50, rng.integers(lo, hi)).astype(np.int32)
+    unpaired = [data.TokenizedUnpaired(ids(2, 30), ids(2, 60), bool(i % 2), 1.0, i) for i in range(40)]
+    spec = data.batch_spec(unpaired, layout="packed", batch_size=10, max_length=100, rows=1, length_multiple=32)
+    counts = set()
+    packer = data.packer(spec, unpaired, seed=2)
+    for _ in range(6):
+        for plan in packer.next_step():
+            n, host = len(plan.examples), data.host_arrays(spec, plan, unpaired)
+            counts.add(n)
+            for s, i in enumerate(plan.examples):
+                other = unpaired[plan.examples[(s - 1) % n]]
+                assert tokens_at(host["kl"], s) == other.completion.tolist()
+                assert host["label"][s] == unpaired[i].label
+            assert (host["kl"].completion_length[n:] == 0).all() and (host["weight"][n:] == 0).all()
+    assert len(counts) >= 3, counts  # uneven: several different numbers of examples per micro-batch
+
+    pairs = examples(40, seed=6)
+    spec = data.batch_spec(
+        pairs, layout="packed", batch_size=10, max_length=100, rows=1, length_multiple=32, response_only=True
+    )
+    g, counts = spec.geometries["main"].groups, set()
+    packer = data.packer(spec, pairs, seed=2)
+    for _ in range(6):
+        for plan in packer.next_step():
+            host = data.host_arrays(spec, plan, pairs)
+            counts.add(len(plan.examples))
+            for s, i in enumerate(plan.examples):
+                assert tokens_at(host["main"], s, 0) == pairs[i].chosen.tolist()
+                assert tokens_at(host["response_only"], s) == pairs[i].chosen[1:].tolist()  # first token: context
+                assert tokens_at(host["response_only"], g + s) == pairs[i].rejected[1:].tolist()
+    assert len(counts) >= 2, counts

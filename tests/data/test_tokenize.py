@@ -81,8 +81,8 @@ def test_tokenisation_rate_and_layout_figures_on_hh_rlhf(tok, shared_file):
     padded_tokens = sum(len(e.prompt) * 2 + len(e.chosen) + len(e.rejected) for e in pairs)
     packed_tokens = sum(len(e.prompt) + len(e.chosen) + len(e.rejected) for e in pairs)
     slots = {"padded": 0, "packed": 0}
-    for layout in slots:  # one pass over the pairs in fixed-shape micro-batches of 8 pairs
-        spec = data.batch_spec(pairs, layout=layout, groups=8, max_length=1024)
+    for layout in slots:  # one pass over the pairs in fixed-shape micro-batches, as many as fit
+        spec = data.batch_spec(pairs, layout=layout, batch_size=8, max_length=1024)
         plans = data.packer(spec, pairs, shuffle=False)
         while plans.next_micro() is not None:
             slots[layout] += spec.geometries["main"].tokens
@@ -90,7 +90,7 @@ def test_tokenisation_rate_and_layout_figures_on_hh_rlhf(tok, shared_file):
         f"\nhh-rlhf: {r.summary()}; {r.read / seconds:.0f} rows/s tokenised\n"
         f"tokens per pair through the model: padded {padded_tokens / len(pairs):.0f}, "
         f"packed {packed_tokens / len(pairs):.0f} ({1 - packed_tokens / padded_tokens:.1%} saved by prefix sharing)\n"
-        f"padding fraction (fixed-shape micro-batches of 8 pairs): padded {1 - padded_tokens / slots['padded']:.1%}, "
+        f"padding fraction (fixed-shape micro-batches filled in order): padded {1 - padded_tokens / slots['padded']:.1%}, "
         f"packed {1 - packed_tokens / slots['packed']:.1%}"
     )
 

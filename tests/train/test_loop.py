@@ -89,8 +89,7 @@ def test_every_shipped_config_runs_a_few_steps(path, tiny_model_dir, tmp_path, c
 
 def test_full_finetuning_with_a_frozen_reference_and_accumulation(tiny_model_dir, tmp_path):
     cfg = quick(
-        None, tiny_model_dir, tmp_path, "train.lora_rank=0", "train.reference=frozen", "train.micro_batches=2",
-        "data.layout=padded",
+        None, tiny_model_dir, tmp_path, "train.lora_rank=0", "train.reference=frozen", "data.layout=padded",
     )  # fmt: skip
     state, history = prefopt_jax.train(cfg)  # the Python entry point
     assert "lora" not in state["trainable"].get("layers", {}) and history[-1]["step"] == 2
@@ -101,13 +100,16 @@ def test_full_finetuning_with_a_frozen_reference_and_accumulation(tiny_model_dir
 
 def test_a_stopped_run_resumes_exactly(tiny_model_dir, tmp_path):
     """Stopped after step 2 (as a preemption would) and restarted: steps 3-5 equal the uninterrupted run,
-    LoRA dropout masks included (they follow from the seed and the step)."""
+    LoRA dropout masks included (they follow from the seed and the step). Each step's 8 pairs fill three
+    micro-batches of 3 rows unevenly (3 + 3 + 2: a row per pair in the shared layout)."""
     steps = ["train.steps=5", "eval.generate=false", "data.num_eval=8", "train.lora_dropout=0.2"]
+    steps += ["data.layout=shared", "data.micro_batch_rows=3"]
     _, straight = train(quick(None, tiny_model_dir, tmp_path / "a", *steps))
     _, first = train(quick(None, tiny_model_dir, tmp_path / "b", *steps), stop_after=2)
     assert len(first) == 2
     state, resumed = train(quick(None, tiny_model_dir, tmp_path / "b", *steps))
     assert [h["step"] for h in resumed] == [1, 2, 3, 4, 5]
+    assert all(h["micro_batches"] == 3 and h["num_groups"] == 8 for h in resumed)  # exactly 8 pairs per step
     for a, b in zip(straight, resumed, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7), a["step"]
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()

@@ -55,14 +55,16 @@ def batch_bytes(r: dict, micro: int, devices: int) -> int:
 def test_plan_argument_bytes_match_the_hand_count(tiny_source, capsys):
     cfg = load_config(
         overrides=[f"model.source={tiny_source}", "train.lora_rank=0", "train.reference=frozen",
-                   "train.reference_dtype=bfloat16", "data.max_length=128", "train.batch_size=16", "train.micro_batches=2"],
+                   "train.reference_dtype=bfloat16", "data.max_length=128", "train.batch_size=16"],
     )  # fmt: skip
     r = plan.plan(cfg, "cpu:8")
     state, reference = expected_bytes(fsdp=8, **SMALL)
     assert r["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
     assert r["state_bytes"] == state and r["reference_bytes"] == reference
-    # the worst case: 8 pairs of a 64-token prompt and two 64-token completions, one per 192-token row
+    # the worst case: 16 pairs of a 64-token prompt and two 64-token completions, one per 192-token row, so
+    # two micro-batches of a row per device
     assert r["geometry"]["rows"] == 8 and r["geometry"]["length"] == 192 and r["shapes"] == 1
+    assert r["batch_shape"][0] == 2 and r["geometry"]["groups"] == 8
     assert r["batch_bytes"] == batch_bytes(r, micro=2, devices=8)
     assert r["argument_bytes"] == state + reference + batch_bytes(r, micro=2, devices=8)
     assert r["temp_bytes"] > 0 and r["fits"] is None  # cpu:N has no memory limit
@@ -119,7 +121,7 @@ def test_recipes_validate_for_their_slice_and_for_8xh100(recipe):
 @pytest.mark.skipif(not plan.has_libtpu(), reason="libtpu not installed (pip install -e '.[tpu]')")
 def test_llama3_dpo_recipe_fits_its_slice():
     """The whole 8B step (full fine-tuning, bfloat16 reference copy, 16 pairs of 2048-token rows per
-    micro-batch) compiled by the TPU compiler for a v5p-8, from shapes alone."""
+    micro-batch at most) compiled by the TPU compiler for a v5p-8, from shapes alone."""
     recipe = next(p for p in RECIPES if p.stem == "llama3-8b-instruct-dpo")
     r = plan.plan(load_config(recipe, devices=4), "v5p-8")
     assert r["params"] == 8_030_261_248 and r["compiled_for"] == "TPU (libtpu)"

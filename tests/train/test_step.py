@@ -11,6 +11,7 @@ import pytest
 
 from prefopt_jax import data, losses, models
 from prefopt_jax.config import ConfigError, load_config
+from prefopt_jax.data.tokenize import completions_of
 from prefopt_jax.models.attention import AttentionSpec
 from prefopt_jax.train import batches as batches_lib
 from prefopt_jax.train import build
@@ -30,8 +31,11 @@ def pairs(seed, n=4):
 
 
 def batch_spec(examples, layout="padded", micro=1, response_only=True, groups=None):
+    """Micro-batches of `groups` examples (default: the examples over `micro` micro-batches): a row per unit."""
+    groups = groups or len(examples) // micro
+    k = max(len(completions_of(e)) for e in examples)
     return data.batch_spec(
-        examples, layout=layout, groups=groups or len(examples) // micro, max_length=32,
+        examples, layout=layout, batch_size=groups, rows=k * groups, max_length=32,
         response_only=response_only and isinstance(examples[0], data.TokenizedPair), tiles=True,
         length_multiple=data.TILE,
     )  # fmt: skip
@@ -41,7 +45,8 @@ def as_batch(examples, layout="padded", micro=1, response_only=True, groups=None
     """The examples in order as one step's micro-batches (stacked on a leading axis), through the real
     packer and host builder."""
     spec = batch_spec(examples, layout, micro, response_only, groups)
-    plans = data.packer(spec, examples, shuffle=False).next_step(micro)
+    packer = data.packer(spec, examples, shuffle=False)
+    plans = [packer.next_micro() for _ in range(micro)]
     parts = [batches_lib.step_arrays(data.host_arrays(spec, p, examples)) for p in plans]
     return jax.tree.map(lambda *a: jnp.stack([jnp.asarray(x) for x in a]), *parts)
 
@@ -408,3 +413,41 @@ def test_sharded_training_matches_single_device_step_for_step(preset, mesh_shape
     assert len(sharded_params["layers"]["q"].sharding.device_set) == 8
     assert single[2] < single[0]  # the steps really train
     np.testing.assert_allclose(run(sharded_params, sharded_ref, sharded_batch, sharded_spec), single, rtol=1e-5)
+
+
+def test_a_step_computes_only_the_micro_batches_its_pairs_use(base):
+    """A step with room for 5 micro-batches whose pairs use 3: the 2 empty ones are skipped (a callback in
+    the loss runs 3 times per step, not 5; the step reports 3) and the step equals the same 3 micro-batches
+    without the room (loss, gradient norm and updated weights)."""
+    opt = optax.sgd(0.1)
+    examples = pairs(6, n=6)
+    calls = []
+    dpo = losses.get("dpo")
+
+    def counted(inputs, state, hp):  # the loss itself, and a host callback each time it is computed
+        jax.debug.callback(lambda: calls.append(1))
+        return dpo.compute(inputs, state, hp)
+
+    spec = make_spec("dpo", {"beta": 0.3}, examples, micro=3, reference="frozen")
+    spec = dataclasses.replace(spec, loss=dataclasses.replace(dpo, compute=counted))
+    bspec = batch_spec(examples, micro=3)
+    packer = data.packer(bspec, examples, shuffle=False)
+    plans = [packer.next_micro() for _ in range(3)]
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    policy = jax.tree.map(lambda a: a * 1.1, base)
+    results = []
+    for room in (5, 3):
+        host = batches_lib.host_step(bspec, plans, examples, mesh, 0, micro_batches=room)
+        assert host["weight"].shape[0] == room
+        train = step_lib.make_train_step(CFG, spec, opt)
+        state = step_lib.init_state(jax.tree.map(jnp.copy, policy), opt, spec.loss)
+        calls.clear()
+        state, metrics = train(state, None, base, jax.tree.map(jnp.asarray, host))
+        jax.effects_barrier()
+        assert len(calls) == 3 and int(metrics["micro_batches"]) == 3, (room, len(calls))
+        results.append((state, metrics))
+    (s5, m5), (s3, m3) = results
+    np.testing.assert_allclose(m5["loss"], m3["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m5["grad_norm"], m3["grad_norm"], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(s5["trainable"]), jax.tree.leaves(s3["trainable"]), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-7)

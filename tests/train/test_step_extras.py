@@ -317,10 +317,10 @@ def test_bco_udm_weights_undesirable_examples_by_the_clamped_density_ratio(base)
         for x, e, w in zip(r, examples, ratio, strict=True)
     ]
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    bspec = data.batch_spec(examples, layout="packed", groups=len(examples), max_length=32, tiles=True,
-                            length_multiple=data.TILE)  # fmt: skip
-    plans = data.packer(bspec, examples, shuffle=False).next_step(1)
-    host = batches_lib.host_step(bspec, plans, examples, mesh, 0, {"udm_prob": probs[::-1].copy()})
+    bspec = data.batch_spec(examples, layout="packed", batch_size=len(examples), rows=len(examples), max_length=32,
+                            tiles=True, length_multiple=data.TILE)  # fmt: skip
+    plans = [data.packer(bspec, examples, shuffle=False).next_micro()]
+    host = batches_lib.host_step(bspec, plans, examples, mesh, 0, {"udm_prob": probs[::-1].copy()}, micro_batches=1)
     np.testing.assert_array_equal(host["udm_prob"][0], probs[::-1][list(plans[0].examples)])  # by example index
     batch = jax.tree.map(lambda a: jnp.asarray(a[0]), host) | {"udm_prob": jnp.asarray(probs)}
     hp = {"beta": beta, "udm": True}

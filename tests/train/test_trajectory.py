@@ -1,6 +1,8 @@
 """The trainer against an independent plain-PyTorch DPO (a transformers model, each sequence forwarded alone,
 torch's AdamW and gradient clipping) for a few steps of full fine-tuning on real hh-rlhf pairs: the same
-losses, gradient norms and weights step for step, so schedules, clipping, Adam and masks stay right."""
+losses, gradient norms and weights step for step, so schedules, clipping, Adam and masks stay right. Each
+step's 8 pairs are packed into at least 3 micro-batches holding different numbers of pairs, so gradient
+accumulation over uneven micro-batches is part of what is checked."""
 
 import json
 
@@ -36,18 +38,21 @@ def test_full_finetuning_follows_a_plain_pytorch_dpo(tmp_path, shared_file, smol
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(hf_cfg).save_pretrained(tmp_path / "model")
     tok.save_pretrained(str(tmp_path / "model"))
-    rows = [json.loads(line) for line in shared_file("hh_rlhf_test.jsonl").read_text().splitlines()[2303:2307]]
-    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))  # 4 helpful-base pairs
+    rows = [json.loads(line) for line in shared_file("hh_rlhf_test.jsonl").read_text().splitlines()[2303:2311]]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))  # 8 helpful-base pairs
 
     cfg = load_config(None, [
         f"model.source={tmp_path / 'model'}", f"data.source={tmp_path / 'pairs.jsonl'}", "data.eval_fraction=0.0",
-        "data.max_length=256", "data.max_prompt_length=128", f"train.steps={STEPS}", "train.batch_size=4",
+        "data.max_length=256", "data.max_prompt_length=128", f"train.steps={STEPS}", "train.batch_size=8",
         f"train.learning_rate={LR}", "train.schedule=constant", "train.warmup_steps=0", f"train.max_grad_norm={CLIP}",
         f"train.weight_decay={DECAY}", "train.lora_rank=0", "train.reference=frozen", "mesh.fsdp=1",
         "eval.generate=false", f"output.dir={tmp_path / 'run'}", "output.tensorboard=false", "loss.name=dpo",
         f"loss.beta={BETA}",
     ])  # fmt: skip
     state, history = train(cfg)
+    # uneven: 8 pairs in 3 to 7 micro-batches cannot all hold the same number
+    assert all(3 <= h["micro_batches"] < 8 and h["micro_batches"] != 4 for h in history), history
+    assert all(h["num_groups"] == 8 for h in history)  # the device trained exactly the step's 8 pairs
 
     examples = data.prepare(tmp_path / "pairs.jsonl", tok, max_length=256, max_prompt_length=128).train
     policy = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32)
