@@ -9,8 +9,9 @@ Two sets, each planned as a run plans it (its seeded order, its steps; nothing c
   of 128, 80 steps (one epoch).
 Per set: the tokens a pair has (prompt once: what exact shapes compute), the tokens computed per trained pair
 (the micro-batches used x R x T over the pairs), micro-batches per step, and one forward's FLOPs per pair
-(`train.flops`) as the model needs them and as computed: every row position through the layers and every
-scored slot (R x C per micro-batch) through the unembedding. For the 8B sets also the DPO step of full
+(`train.flops`) as the model needs them and as computed: every row position through the layers, and through
+the unembedding every scored slot of the chunks the step does not skip (R x 128-slot chunks up to the
+busiest row's last scored token, of the budget of C per row). For the 8B sets also the DPO step of full
 fine-tuning with the reference in the step (4 forwards' worth: forward + backward + the reference's):
 its FLOPs as computed, and the step time if the chips ran them at 40% of their bf16 peak.
 
@@ -52,7 +53,9 @@ def measure(
             tokens, attended, scored = flops.plan_counts(p.parts["main"])
             needed_tokens += tokens
             needed_flops += flops.forward_flops(mcfg, tokens, attended, scored)
-            computed_flops += flops.forward_flops(mcfg, g.tokens, attended, g.rows * g.scored)
+            chunk = min(128, g.scored)
+            slots = g.rows * chunk * -(-int(p.parts["main"].scored.max()) // chunk)
+            computed_flops += flops.forward_flops(mcfg, g.tokens, attended, slots)
     trained = steps * batch_size
     exact = needed_tokens / trained
     computed = sum(used) * g.tokens / trained

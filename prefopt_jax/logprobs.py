@@ -19,6 +19,7 @@ def token_stats(
     sum_sq: bool = False,
     chunk: int = 128,
     softcap: float | None = None,
+    active_BxT: Array | None = None,
 ) -> dict[str, Array]:
     """Per-token statistics of the targets, float32 [B,T] each, computed `chunk` tokens at a time under
     `jax.checkpoint` so only [B, chunk, V] logits are ever live (forward, or saved for the backward pass).
@@ -28,7 +29,9 @@ def token_stats(
     token of every completion in a packed row). With `reference` = (hidden, unembedding) of a reference
     model (the caller stops its gradient), also "ref_logps" and the exact per-position KL divergences over
     the whole vocabulary, "kl_ref_policy" = KL(ref || policy) and "kl_policy_ref" = KL(policy || ref).
-    With `sum_sq`, "log_sum_sq" = log sum_v p(v)^2 (WPO's weights)."""
+    With `sum_sq`, "log_sum_sq" = log sum_v p(v)^2 (WPO's weights). `active_BxT` marks the positions whose
+    statistics are wanted: a chunk with none in any row is skipped (`lax.cond`: no unembedding, no backward;
+    its values are 0), so a fixed-size scored budget costs what its rows use, to a chunk."""
     b, t = hidden_BxTxD.shape[:2]
     if pred_index_BxT is None:
         pred_index_BxT = jnp.maximum(jnp.arange(t) - 1, 0)[None].repeat(b, 0)
@@ -40,6 +43,7 @@ def token_stats(
         return jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, h.shape[-1]).swapaxes(0, 1)
 
     y = jnp.pad(targets_BxT.astype(jnp.int32), ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
+    live = None if active_BxT is None else jnp.pad(active_BxT, ((0, 0), (0, pad))).reshape(b, n, chunk).any(axis=(0, 2))
 
     def log_softmax(h_c: Array, w: Array) -> Array:
         logits = jnp.einsum("bcd,dv->bcv", h_c, w.astype(h_c.dtype)).astype(jnp.float32)
@@ -47,9 +51,7 @@ def token_stats(
             logits = jnp.tanh(logits / softcap) * softcap
         return jax.nn.log_softmax(logits, axis=-1)
 
-    @jax.checkpoint
-    def one(args):
-        h_c, y_c, ref_c = args
+    def stats(h_c, y_c, ref_c):
         logp = log_softmax(h_c, unembed_DxV)
         out = {"logps": jnp.take_along_axis(logp, y_c[..., None], axis=-1)[..., 0]}
         if ref_c is not None:
@@ -61,8 +63,17 @@ def token_stats(
             out["log_sum_sq"] = jax.nn.logsumexp(2.0 * logp, axis=-1)
         return out
 
+    @jax.checkpoint
+    def one(args):
+        h_c, y_c, ref_c, live_c = args
+        if live_c is None:
+            return stats(h_c, y_c, ref_c)
+        shapes = jax.eval_shape(stats, h_c, y_c, ref_c)
+        skip = lambda *_: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        return jax.lax.cond(live_c, stats, skip, h_c, y_c, ref_c)
+
     ref_chunks = None if reference is None else chunks(reference[0])
-    out = jax.lax.map(one, (chunks(hidden_BxTxD), y, ref_chunks))  # each [n, B, chunk]
+    out = jax.lax.map(one, (chunks(hidden_BxTxD), y, ref_chunks, live))  # each [n, B, chunk]
     return {k: v.swapaxes(0, 1).reshape(b, n * chunk)[:, :t] for k, v in out.items()}
 
 

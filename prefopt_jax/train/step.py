@@ -137,6 +137,7 @@ def completion_stats(
         sum_sq=sum_sq,
         chunk=min(chunk, scored.shape[1]),  # rows with few scored slots: no padded chunk of logits
         softcap=cfg.final_logit_softcap,
+        active_BxT=scored >= 0,  # the budget's chunks past every row's last scored token are skipped
     )
     out = {k: per_completion(v, rank, b, geometry.width) for k, v in stats.items()}
     if prompts:  # every token predicted by the one before it (prompt tokens have no other predictor)

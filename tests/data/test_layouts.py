@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from prefopt_jax import data, models
-from prefopt_jax.logprobs import token_logps
+from prefopt_jax.logprobs import token_logps, token_stats
 from prefopt_jax.models.mask import Tokens, visible
 
 CFG = models.ModelConfig(
@@ -181,5 +181,26 @@ def test_chunked_log_probs_equal_full_softmax_and_gradient():
     np.testing.assert_allclose(chunked(h, w), full(h, w), atol=1e-5)
     g1 = jax.grad(lambda h, w: full(h, w).sum(), argnums=(0, 1))(h, w)
     g2 = jax.grad(lambda h, w: chunked(h, w).sum(), argnums=(0, 1))(h, w)
+    for a, b in zip(g1, g2, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_chunks_with_no_active_position_are_skipped_and_the_rest_are_exact():
+    """With an active mask (the scored slots a row uses), chunks where no row has an active position are
+    not computed (their values are 0: a computed log-prob never is), the others equal the full softmax, and
+    the gradient of the active positions' sum is the full one's."""
+    rng = np.random.default_rng(2)
+    h = jnp.asarray(rng.normal(size=(2, 16, 8)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(8, 30)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 30, (2, 16)))
+    active = jnp.asarray(np.arange(16)[None] < np.array([[5], [3]]))  # rows use 5 and 3 slots: chunks 0 and 1
+    pred = jnp.broadcast_to(jnp.arange(16), (2, 16))
+    full = lambda h, w: jnp.take_along_axis(jax.nn.log_softmax(h @ w), y[..., None], -1)[..., 0]
+    part = lambda h, w: token_stats(h, w, y, pred, chunk=4, active_BxT=active)["logps"]
+    got = part(h, w)
+    np.testing.assert_allclose(np.where(active, got, 0), np.where(active, full(h, w), 0), atol=1e-5)
+    assert (np.asarray(got[:, 8:]) == 0).all() and (np.asarray(got[:, :8]) != 0).all()  # chunks 2, 3 skipped
+    g1 = jax.grad(lambda h, w: jnp.where(active, full(h, w), 0).sum(), argnums=(0, 1))(h, w)
+    g2 = jax.grad(lambda h, w: jnp.where(active, part(h, w), 0).sum(), argnums=(0, 1))(h, w)
     for a, b in zip(g1, g2, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4)
