@@ -166,7 +166,8 @@ def batch_spec(
         )
     spec = BatchSpec(kind, layout, geometries, max_length, batch_size)
     slots, micro = plan_extent(packer(spec, train, seed=seed, mixture=mixture), steps or -(-len(train) // batch_size))
-    geometries = {name: dataclasses.replace(g, groups=slots * g.groups // batch_size) for name, g in geometries.items()}
+    per_example = {"main": 1, "response_only": 2}  # group slots an example takes in each part
+    geometries = {name: dataclasses.replace(g, groups=slots * per_example[name]) for name, g in geometries.items()}
     if kind == "unpaired":  # any (prompt_i, completion_j) holds at most max_length tokens: a row each
         t = round_up(max_length, length_multiple)
         nb = t // TILE  # no row has more non-empty tiles than one causal triangle

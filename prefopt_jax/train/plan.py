@@ -208,6 +208,21 @@ def tree_bytes_per_device(tree) -> int:
     return total
 
 
+def step_figures(mcfg, spec, bspec: data.BatchSpec, examples: list, *, seed: int, steps: int):
+    """(model FLOPs of the mean step, micro-batches the mean step uses, tokens computed per token trained)
+    over a run's first `steps` steps, planned as the run plans them."""
+    packer = data.packer(bspec, examples, seed=seed)
+    planned = [packer.next_step() for _ in range(steps)]
+    lora, in_step, prompts = spec.lora_scale is not None, spec.reference_in_step, "full_chosen" in spec.extras
+    per_step = [
+        flops_lib.step_flops(mcfg, plans, lora=lora, reference_in_step=in_step, scores_prompts=prompts)
+        for plans in planned
+    ]
+    computed = sum(len(plans) for plans in planned) * bspec.geometries["main"].tokens
+    trained = sum(flops_lib.plan_counts(p.parts["main"])[0] for plans in planned for p in plans)
+    return float(np.mean(per_step)), float(np.mean([len(p) for p in planned])), computed / trained
+
+
 def plan(
     cfg: Config, target_name: str, *, mfu: float = 0.4, out: IO | None = None, examples: list | None = None
 ) -> dict:
@@ -235,8 +250,6 @@ def plan(
     optimizer = build.make_optimizer(cfg)
     state, frozen, ref_params = abstract_inputs(cfg, mcfg, spec, optimizer, mesh)
     batch = batches.abstract_batch(bspec, mesh, unpaired=parts.unpaired, precomputed=parts.precomputed, udm=parts.udm)
-    packer = data.packer(bspec, examples, seed=cfg.train.seed)
-    steps = [packer.next_step() for _ in range(cfg.train.steps if given else 1)]
     train_step = step_lib.make_train_step(mcfg, spec, optimizer)
     # XLA:CPU's default scheduler favours concurrency; the memory-minimising one is closer to an accelerator's
     options = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"} if simulated else None
@@ -253,17 +266,9 @@ def plan(
             raise
         sizes = (arguments, 0, 0, int(float(found.group(1)) * GiB))  # the compiler's figure for temporaries
         refused = True
-    step_flops = float(
-        np.mean([
-            flops_lib.step_flops(
-                mcfg, plans, lora=spec.lora_scale is not None, reference_in_step=spec.reference_in_step,
-                scores_prompts="full_chosen" in spec.extras,
-            )
-            for plans in steps
-        ])
-    )  # fmt: skip
-    computed = np.mean([len(plans) * bspec.geometries["main"].tokens for plans in steps])
-    trained = np.mean([sum(flops_lib.plan_counts(p.parts["main"])[0] for p in plans) for plans in steps])
+    step_flops, micro_used, computed_per_trained = step_figures(
+        mcfg, spec, bspec, examples, seed=cfg.train.seed, steps=cfg.train.steps if given else 1
+    )
     peak = flops_lib.total_peak(tgt.peak_flops, len(devices), tgt.platform)
     total = sizes[0] + sizes[1] - sizes[2] + sizes[3]
     result = {
@@ -301,8 +306,8 @@ def plan(
         "step_seconds": step_flops / (peak * mfu),
         "batch_shape": list(batch["main"]["input_ids"].shape),
         "examples": "given" if given else "worst case",
-        "micro_batches_used": float(np.mean([len(plans) for plans in steps])),
-        "computed_per_trained_token": float(computed / trained),
+        "micro_batches_used": micro_used,
+        "computed_per_trained_token": computed_per_trained,
     }
     print(report(cfg, result), file=out)
     return result

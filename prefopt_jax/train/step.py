@@ -371,6 +371,35 @@ def init_state(trainable: Any, optimizer: optax.GradientTransformation, loss: Lo
     return state
 
 
+def accumulate(one: Callable, batch: dict, used: jax.Array, trainable: Any, loss_state: Any):
+    """(summed gradients, loss state, metrics stacked [M, ...]) over a step's micro-batches, `one(mb, i,
+    loss_state) -> (grads, loss_state, metrics)` each: a scan whose body computes a micro-batch only where
+    `used` [M] says it has groups (`lax.cond`), and otherwise passes the sums and the loss state on with zero
+    metrics. The gradient is taken inside the body, so the loop itself is never differentiated."""
+    n_micro = used.shape[0]
+    if n_micro == 1:  # no accumulator: one gradient tree in memory, not two (a step is never empty)
+        grads, loss_state, metrics = one(jax.tree.map(lambda a: a[0], batch), 0, loss_state)
+        return grads, loss_state, jax.tree.map(lambda a: a[None], metrics)
+    shapes = jax.eval_shape(one, jax.tree.map(lambda a: a[0], batch), 0, loss_state)[2]
+    nothing = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)  # a skipped one's metrics
+
+    def micro(carry, xs):
+        grads_acc, loss_state = carry
+        mb, i, is_used = xs
+
+        def compute(loss_state):
+            grads, loss_state, metrics = one(mb, i, loss_state)
+            return jax.tree.map(jnp.add, grads_acc, grads), loss_state, metrics
+
+        skip = lambda loss_state: (grads_acc, loss_state, nothing)
+        grads_acc, loss_state, metrics = jax.lax.cond(is_used, compute, skip, loss_state)
+        return (grads_acc, loss_state), metrics
+
+    carry = (jax.tree.map(jnp.zeros_like, trainable), loss_state)
+    (grads, loss_state), metrics = jax.lax.scan(micro, carry, (batch, jnp.arange(n_micro), used))
+    return grads, loss_state, metrics
+
+
 def make_train_step(
     cfg: ModelConfig, spec: StepSpec, optimizer: optax.GradientTransformation, out_shardings: Any = None
 ) -> Callable:
@@ -379,10 +408,10 @@ def make_train_step(
     exactly the layout the next step takes, so the step compiles once (XLA may otherwise name an
     equivalent layout differently, which is a new input signature).
 
-    `batch` holds micro-batches stacked on a leading axis (gradient accumulation inside the step: a scan
-    that sums gradients): the step's fixed room, of which the data's plan uses as many as its examples need
-    (`data.planner`). An unused micro-batch (no group in it) is skipped under `lax.cond`: no forward, no
-    backward, the loss state passed on as it was. The step's objective is the weighted mean loss over all of
+    `batch` holds micro-batches stacked on a leading axis (gradient accumulation inside the step,
+    `accumulate`): the step's fixed room, of which the data's plan uses as many as its examples need
+    (`data.planner`). An unused micro-batch (no group in it) is skipped: no forward, no backward, the loss
+    state passed on as it was. The step's objective is the weighted mean loss over all of
     its groups, however they are spread over micro-batches. A batch-coupled loss state (AlphaDPO's moments,
     BCO's running shift) moves from micro-batch to micro-batch, as TRL's moves from batch to batch. A step
     whose loss or gradients are not finite leaves the parameters as they were and counts itself in
@@ -390,7 +419,6 @@ def make_train_step(
     grad_fn = jax.value_and_grad(make_loss_fn(cfg, spec), has_aux=True)
 
     def step(state, frozen, ref_params, batch):
-        n_micro = batch["weight"].shape[0]
         reference = state.get("reference", ref_params)
         step_key = jax.random.fold_in(jax.random.PRNGKey(spec.seed), state["step"])
         total_weight = jnp.maximum(jnp.sum(batch["weight"]), 1e-8)
@@ -403,30 +431,7 @@ def make_train_step(
             )
             return grads, loss_state, metrics
 
-        if n_micro == 1:  # no accumulator: one gradient tree in memory, not two (a step is never empty)
-            grads, loss_state, metrics = one(jax.tree.map(lambda a: a[0], batch), 0, state["loss_state"])
-            metrics = jax.tree.map(lambda a: a[None], metrics)
-        else:
-            first = jax.tree.map(lambda a: a[0], batch)
-            shapes = jax.eval_shape(one, first, 0, state["loss_state"])[2]
-            nothing = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)  # a skipped one's metrics
-
-            def micro(carry, xs):
-                grads_acc, loss_state = carry
-                mb, i, is_used = xs
-
-                def compute(loss_state):
-                    grads, loss_state, metrics = one(mb, i, loss_state)
-                    return jax.tree.map(jnp.add, grads_acc, grads), loss_state, metrics
-
-                grads_acc, loss_state, metrics = jax.lax.cond(
-                    is_used, compute, lambda loss_state: (grads_acc, loss_state, nothing), loss_state
-                )
-                return (grads_acc, loss_state), metrics
-
-            zeros = jax.tree.map(jnp.zeros_like, state["trainable"])
-            carry = (zeros, state["loss_state"])
-            (grads, loss_state), metrics = jax.lax.scan(micro, carry, (batch, jnp.arange(n_micro), used))
+        grads, loss_state, metrics = accumulate(one, batch, used, state["trainable"], state["loss_state"])
         metrics = {k: v for k, v in combine_metrics(metrics).items() if not k.startswith("length_bucket/")}
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(grad_norm) & jnp.isfinite(metrics["loss"])
