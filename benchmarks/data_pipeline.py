@@ -8,9 +8,9 @@ On ../shared/data/hh_rlhf_test.jsonl (8,486 multi-turn pairs) with the SmolLM2 t
 2. A second load from the cache (what a restart or another run does): seconds and the ratio to the first.
 3. Time to the first batch in a fresh process (interpreter start, imports, tokenizer, data, geometry, the
    first step's arrays): without a cache and with one.
-4. A simulated 8-process run (8 row shares of every micro-batch, up to 16 pairs per micro-batch in the packed
-   layout): over one pass every example is read by exactly one process, and each reads about an eighth of
-   the tokens.
+4. A simulated 8-process run (8 row shares of every micro-batch of 8 rows, each holding as many pairs as fit
+   in the packed layout): over one pass every example is read by exactly one process; the tokens each reads
+   depend on how the rows fill.
 
     python benchmarks/data_pipeline.py [--repeats 3]
 """

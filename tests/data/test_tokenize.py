@@ -90,7 +90,7 @@ def test_tokenisation_rate_and_layout_figures_on_hh_rlhf(tok, shared_file):
         f"\nhh-rlhf: {r.summary()}; {r.read / seconds:.0f} rows/s tokenised\n"
         f"tokens per pair through the model: padded {padded_tokens / len(pairs):.0f}, "
         f"packed {packed_tokens / len(pairs):.0f} ({1 - packed_tokens / padded_tokens:.1%} saved by prefix sharing)\n"
-        f"padding fraction (fixed-shape micro-batches filled in order): padded {1 - padded_tokens / slots['padded']:.1%}, "
+        f"padding fraction (one pass, micro-batches holding as many pairs as fit): padded {1 - padded_tokens / slots['padded']:.1%}, "
         f"packed {1 - packed_tokens / slots['packed']:.1%}"
     )
 
