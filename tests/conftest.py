@@ -49,3 +49,19 @@ def smollm2_tokenizer():
         return models.load_tokenizer("smollm2-135m-instruct")
     except models.CheckpointError as e:
         pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
+    """A 2-layer random Llama with the SmolLM2 tokenizer, saved as a Hugging Face folder: stands in for the
+    weights wherever shapes, not values, matter."""
+    from prefopt_jax import models
+
+    cfg = models.ModelConfig(
+        family="llama", vocab_size=49152, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
+        num_kv_heads=1, head_dim=8, tie_embeddings=True,
+        bos_token_id=smollm2_tokenizer.bos_token_id, eos_token_id=smollm2_tokenizer.eos_token_id,
+    )  # fmt: skip
+    folder = tmp_path_factory.mktemp("tiny")
+    models.save_pretrained(models.create_model(cfg, seed=0), folder, tokenizer=smollm2_tokenizer)
+    return folder

@@ -104,6 +104,19 @@ def names() -> list[str]:
 
 
 def get(name: str) -> Loss:
+    """The registered loss `name`, called as `loss(inputs, state=None, **hyperparameters)`.
+
+    >>> import jax.numpy as jnp
+    >>> from prefopt_jax import losses
+    >>> x = losses.PairLogps(  # one pair, two completion tokens each; the policy's chosen up 0.5 nat
+    ...     policy_chosen=jnp.array([[-1.0, -2.0]]), policy_rejected=jnp.array([[-1.5, -2.5]]),
+    ...     chosen_mask=jnp.array([[True, True]]), rejected_mask=jnp.array([[True, True]]),
+    ...     ref_chosen=jnp.array([[-1.5, -2.0]]), ref_rejected=jnp.array([[-1.5, -2.5]]),
+    ... )
+    >>> out = losses.get("dpo")(x, beta=0.1)  # -log sigmoid(0.1 * 0.5) = log(1 + e^-0.05)
+    >>> round(float(out.loss[0]), 4), round(float(out.metrics["rewards/margins"]), 4)
+    (0.6685, 0.05)
+    """
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -159,7 +172,20 @@ def combine(terms: Sequence[tuple]) -> Loss:
     `[("dpo", 0.8), ("bco_pair", 0.2), ("sft", 1.0)]`. A term is `(name, weight)` or
     `(name, weight, {hyperparameters})`; the hyperparameters are bound here, so the result is called
     as `loss(inputs, state=...)`. Metrics: the first term's names win; each term's mean loss is
-    logged as `loss/<name>`. State is a dict keyed by the stateful terms' names."""
+    logged as `loss/<name>`. State is a dict keyed by the stateful terms' names.
+
+    >>> import jax.numpy as jnp
+    >>> from prefopt_jax import losses
+    >>> x = losses.PairLogps(
+    ...     policy_chosen=jnp.array([[-1.0, -2.0]]), policy_rejected=jnp.array([[-1.5, -2.5]]),
+    ...     chosen_mask=jnp.array([[True, True]]), rejected_mask=jnp.array([[True, True]]),
+    ...     ref_chosen=jnp.array([[-1.5, -2.0]]), ref_rejected=jnp.array([[-1.5, -2.5]]),
+    ... )
+    >>> rpo = losses.combine([("dpo", 1.0, {"beta": 0.1}), ("sft", 1.0)])
+    >>> out = rpo(x)  # DPO's log(1 + e^-0.05) plus the chosen tokens' mean NLL, (1 + 2) / 2
+    >>> round(float(out.loss[0]), 4), float(out.metrics["loss/sft"])
+    (2.1685, 1.5)
+    """
     if not terms:
         raise LossInputError("combine: needs at least one (name, weight) term")
     parts = []

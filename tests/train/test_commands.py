@@ -12,12 +12,12 @@ from prefopt_jax import cli, models
 from prefopt_jax.config import ConfigError, load_config
 from prefopt_jax.train import reference_cache
 from prefopt_jax.train.loop import evaluate_checkpoint, export, train
-from tests.train.test_loop import quick, tiny_model_dir  # noqa: F401  (fixture)
+from tests.support import quick
 
 STEPS = ["train.steps=3", "eval.generate=false"]
 
 
-def test_precomputed_reference_trains_like_the_fused_one(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+def test_precomputed_reference_trains_like_the_fused_one(tiny_model_dir, tmp_path, capsys):
     cache = f"train.reference_cache={tmp_path / 'cache'}"
     _, fused = train(quick(None, tiny_model_dir, tmp_path / "fused", *STEPS))
     pre_cfg = quick(None, tiny_model_dir, tmp_path / "pre", *STEPS, "train.reference=precomputed", cache)
@@ -73,7 +73,7 @@ def wandb_records(path):
             yield record
 
 
-def test_tensorboard_events_wandb_offline_and_plots(tiny_model_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_tensorboard_events_wandb_offline_and_plots(tiny_model_dir, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -111,7 +111,7 @@ def test_tensorboard_events_wandb_offline_and_plots(tiny_model_dir, tmp_path, mo
     assert cli.main(["plot", str(tmp_path / "nowhere")]) == 2
 
 
-def test_eval_and_export_of_the_trained_checkpoint(tiny_model_dir, tmp_path):  # noqa: F811
+def test_eval_and_export_of_the_trained_checkpoint(tiny_model_dir, tmp_path):
     torch = pytest.importorskip("torch")
     import transformers
 
@@ -166,7 +166,7 @@ def test_eval_and_export_of_the_trained_checkpoint(tiny_model_dir, tmp_path):  #
     assert f"| {summary['after']['eval/rewards/accuracies']:.4g} |" in card
 
 
-def test_eval_and_export_read_only_what_they_need(tiny_model_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_eval_and_export_read_only_what_they_need(tiny_model_dir, tmp_path, monkeypatch):
     """`eval` tokenises the held-out split only and `export` no data at all; neither allocates Adam's moments
     (the optimizer state is shapes only, and the checkpoint's is not read)."""
     import jax
@@ -203,7 +203,7 @@ def test_push_to_hub_offline_fails_before_any_work(tmp_path, monkeypatch):
     assert cli.main(["export", str(tmp_path / "hf"), "--push-to-hub", "me/model"]) == 2
 
 
-def test_adapters_export_loads_in_peft_and_starts_a_run(tiny_model_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_adapters_export_loads_in_peft_and_starts_a_run(tiny_model_dir, tmp_path, monkeypatch):
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     import transformers
@@ -255,7 +255,7 @@ def test_adapters_export_loads_in_peft_and_starts_a_run(tiny_model_dir, tmp_path
         export(gguf, tmp_path / "x", adapters=True)
 
 
-def test_precompute_ref_for_an_unpaired_loss_on_pairs(tiny_model_dir, tmp_path):  # noqa: F811
+def test_precompute_ref_for_an_unpaired_loss_on_pairs(tiny_model_dir, tmp_path):
     """BCO trains on pairs read as unpaired examples and is evaluated on the held-out pairs: the cache holds
     both kinds, and the precomputed run's losses are the fused run's."""
     cache = f"train.reference_cache={tmp_path / 'cache'}"

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from prefopt_jax.train.loop import train
-from tests.train.test_loop import quick, tiny_model_dir  # noqa: F401  (fixture)
+from tests.support import quick
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,7 +23,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_like_one(tiny_model_dir, tmp_path):  # noqa: F811
+def test_two_processes_train_like_one(tiny_model_dir, tmp_path):
     steps = ["train.steps=3", "train.lora_rank=0", "train.reference=frozen", "eval.num_generate=2"]
     overrides = [f"model.source={tiny_model_dir}", "mesh.fsdp=8", "train.warmup_steps=1", "data.num_train=16",
                  "data.num_eval=8", "eval.max_new_tokens=2", *steps]  # fmt: skip

@@ -9,43 +9,12 @@ import numpy as np
 import pytest
 
 import prefopt_jax
-from prefopt_jax import models
-from prefopt_jax.config import load_config
 from prefopt_jax.train import runtime
 from prefopt_jax.train.loop import train
+from tests.support import quick
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
-    cfg = models.ModelConfig(
-        family="llama", vocab_size=49152, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
-        num_kv_heads=1, head_dim=8, tie_embeddings=True,
-        bos_token_id=smollm2_tokenizer.bos_token_id, eos_token_id=smollm2_tokenizer.eos_token_id,
-    )  # fmt: skip
-    folder = tmp_path_factory.mktemp("tiny")
-    models.save_pretrained(models.create_model(cfg, seed=0), folder, tokenizer=smollm2_tokenizer)
-    return folder
-
-
-def quick(path, tiny, out_dir, *extra):
-    return load_config(
-        path,
-        [
-            f"model.source={tiny}",
-            "mesh.fsdp=1",  # one device unless a test asks for the mesh (compiles faster)
-            "train.steps=2",
-            "train.warmup_steps=1",
-            "data.num_train=16",
-            "data.num_eval=8",
-            "eval.num_generate=2",
-            "eval.max_new_tokens=2",
-            f"output.dir={out_dir}",
-            *extra,
-        ],
-    )
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])

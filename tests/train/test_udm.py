@@ -10,7 +10,7 @@ from prefopt_jax import models, sharding
 from prefopt_jax.config import ConfigError
 from prefopt_jax.train import udm
 from prefopt_jax.train.loop import train
-from tests.train.test_loop import quick, tiny_model_dir  # noqa: F401 (a fixture)
+from tests.support import quick
 
 
 def test_the_classifier_is_scikit_learns_balanced_logistic_regression():
@@ -39,7 +39,7 @@ def test_prompt_embeddings_are_the_mean_hidden_state_of_each_prompt_alone():
         np.testing.assert_allclose(e, alone, rtol=2e-5, atol=2e-6)
 
 
-def test_bco_udm_trains_on_the_unpaired_set(tiny_model_dir, tmp_path, shared_file, capsys):  # noqa: F811
+def test_bco_udm_trains_on_the_unpaired_set(tiny_model_dir, tmp_path, shared_file, capsys):
     path = shared_file("llamafactory_kto_en_demo.jsonl")
     run = ("loss.name=bco", "loss.weights=null", "loss.hparams={udm: true}", "eval.generate=false",
            "train.batch_size=4", "data.max_length=160", "data.max_prompt_length=96", "data.on_error=skip")  # fmt: skip
