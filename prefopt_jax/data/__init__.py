@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from prefopt_jax.data.batching import LAYOUTS, TILE, Batch, Geometry, Group, RowPlan, index_dtype, pack, tile_bound
-from prefopt_jax.data.collate import BatchSpec, batch_spec, host_arrays, packer, steps
+from prefopt_jax.data.collate import KIND_OF, BatchSpec, batch_spec, host_arrays, packer, steps
 from prefopt_jax.data.order import Order
 from prefopt_jax.data.planner import MicroPlan, Packer, Part, Steps, TooLarge, derive_geometry, plan_extent
 from prefopt_jax.data.prepare import Prepared, SourceShare, prepare, prepare_mixture
@@ -35,6 +35,7 @@ from prefopt_jax.data.tokenize import (
 
 __all__ = [
     "FORMATS",
+    "KIND_OF",
     "LAYOUTS",
     "TILE",
     "Batch",

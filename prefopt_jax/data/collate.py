@@ -10,19 +10,22 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from prefopt_jax.data.batching import TILE, Batch, Geometry, build, round_up
+from prefopt_jax.data.batching import TILE, Batch, Geometry, build, index_dtype, round_up
 from prefopt_jax.data.planner import MicroPlan, Packer, Part, Steps, derive_geometry, plan_extent
 from prefopt_jax.data.tokenize import TokenizedPair, TokenizedRanked, TokenizedUnpaired, completions_of
+from prefopt_jax.kinds import InputKind
+
+KIND_OF = {TokenizedPair: InputKind.PAIRS, TokenizedUnpaired: InputKind.UNPAIRED, TokenizedRanked: InputKind.RANKED}
 
 
 @dataclasses.dataclass(frozen=True)
 class BatchSpec:
-    """The batches of a run: `kind` "pairs", "unpaired" or "ranked", the layout, each part's geometry
+    """The batches of a run: the kind of examples they hold, the layout, each part's geometry
     ("main"; "response_only" for RMiPO; "kl" for KTO's reference point), the examples per step (groups:
     pairs, unpaired examples or ranked sets) and the micro-batches a step has room for (the most any step
     of the run needs)."""
 
-    kind: str
+    kind: InputKind
     layout: str
     geometries: dict[str, Geometry]
     max_length: int
@@ -32,6 +35,28 @@ class BatchSpec:
     @property
     def groups(self) -> int:
         return self.geometries["main"].groups
+
+    def fields(self, side: Sequence[str] = ()) -> dict[str, dict | tuple]:
+        """The schema of one micro-batch, name -> (shape, dtype), from which its host arrays (`host_arrays`,
+        `train.batches.host_step`) and its abstract shapes (`train.batches.abstract_batch`) are made: each
+        part's token arrays [R, T] and completion spans [G, K] (a dict per part); the group slots' weights,
+        labels (unpaired) or scores (ranked); and the `side` inputs computed before training ("ref_logps":
+        precomputed reference log-probs; "udm_prob": BCO-UDM's prompt classifier)."""
+        out: dict = {}
+        for part, g in self.geometries.items():
+            token, span = (g.rows, g.length), (g.groups, g.completions)
+            index = index_dtype(g.length)
+            out[part] = {"input_ids": (token, np.int32), "positions": (token, index), "segment_ids": (token, index)}
+            out[part] |= {"branch": (token, np.int8), "completion_start": (span, np.int32)}
+            out[part]["completion_length"] = (span, np.int32)
+        g = self.geometries["main"]
+        out["weight"] = ((g.groups,), np.float32)
+        if self.kind is InputKind.UNPAIRED:
+            out["label"] = ((g.groups,), np.bool_)
+        if self.kind is InputKind.RANKED:
+            out["scores"] = ((g.groups, g.completions), np.float32)
+        side_shapes = {"ref_logps": (g.groups, g.completions, g.width), "udm_prob": (g.groups,)}
+        return out | {name: (side_shapes[name], np.float32) for name in side}
 
 
 def _main_group(e) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -102,18 +127,12 @@ def host_arrays(
     g = spec.groups
     chosen = [examples[i] for i in plan.examples]
     out: dict = {"main": build(plan.parts["main"], [_main_group(e) for e in chosen], pad_id, rows.get("main"))}
-    weight = np.zeros(g, np.float32)
-    weight[: len(chosen)] = [e.weight for e in chosen]
-    out["weight"] = weight
-    if spec.kind == "unpaired":
-        label = np.zeros(g, bool)
-        label[: len(chosen)] = [e.label for e in chosen]
-        out["label"] = label
-    if spec.kind == "ranked":
-        scores = np.zeros((g, spec.geometries["main"].completions), np.float32)
-        if chosen:  # an empty micro-batch (the step's unused room) has none
-            scores[: len(chosen)] = [e.scores for e in chosen]
-        out["scores"] = scores
+    fields = spec.fields()
+    for name in ("weight", "label", "scores"):  # each example's own value, by the attribute of that name
+        if name in fields:
+            out[name] = np.zeros(*fields[name])  # empty slots (and the step's unused room) stay 0
+            if chosen:
+                out[name][: len(chosen)] = [getattr(e, name) for e in chosen]
     if "response_only" in plan.parts:
         alone = {s: _alone(e.chosen) for s, e in enumerate(chosen)} | {
             g + s: _alone(e.rejected) for s, e in enumerate(chosen)
@@ -148,7 +167,7 @@ def batch_spec(
     steps: one epoch) planned ahead with `seed` and `mixture` as the run will: the group slots are the most
     examples one micro-batch holds, `micro_batches` the most micro-batches one step needs. The response-only
     and KL parts get geometries every selection fits."""
-    kind = {TokenizedPair: "pairs", TokenizedUnpaired: "unpaired", TokenizedRanked: "ranked"}[type(examples[0])]
+    kind = KIND_OF[type(examples[0])]
     train = examples if train is None else train
     lens = [_lens(_main_group(e)) for e in examples]
     prompt = np.asarray([p for p, _ in lens])
@@ -168,7 +187,7 @@ def batch_spec(
     slots, micro = plan_extent(packer(spec, train, seed=seed, mixture=mixture), steps or -(-len(train) // batch_size))
     per_example = {"main": 1, "response_only": 2}  # group slots an example takes in each part
     geometries = {name: dataclasses.replace(g, groups=slots * per_example[name]) for name, g in geometries.items()}
-    if kind == "unpaired":  # any (prompt_i, completion_j) holds at most max_length tokens: a row each
+    if kind is InputKind.UNPAIRED:  # any (prompt_i, completion_j) holds at most max_length tokens: a row each
         t = round_up(max_length, length_multiple)
         nb = t // TILE  # no row has more non-empty tiles than one causal triangle
         geometries["kl"] = Geometry(

@@ -12,16 +12,20 @@ from prefopt_jax.losses import dpo_family as _dpo_family  # noqa: F401, I001
 from prefopt_jax.losses import unpaired as _unpaired  # noqa: F401
 from prefopt_jax.losses import reference_free as _reference_free  # noqa: F401
 from prefopt_jax.losses import adaptive as _adaptive  # noqa: F401
-from prefopt_jax.losses.inputs import EXTRA_SHAPES, LossInputError, PairLogps, RankedLogps, UnpairedLogps
+from prefopt_jax.kinds import InputKind
+from prefopt_jax.losses.inputs import EXTRAS, Extra, LossInputError, PairLogps, Provider, RankedLogps, UnpairedLogps
 from prefopt_jax.losses.registry import REQUIRED, Loss, LossOutput, combine, get, names
 
 __all__ = [
-    "EXTRA_SHAPES",
+    "EXTRAS",
     "REQUIRED",
+    "Extra",
+    "InputKind",
     "Loss",
     "LossInputError",
     "LossOutput",
     "PairLogps",
+    "Provider",
     "RankedLogps",
     "UnpairedLogps",
     "combine",

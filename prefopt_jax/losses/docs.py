@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from prefopt_jax.kinds import InputKind
 from prefopt_jax.losses.registry import REQUIRED, Loss, get, names
 
 HEADER = """# Losses
@@ -32,15 +33,16 @@ def render_markdown() -> str:
 
     lines = [
         HEADER,
-        "| loss | input | reference | aggregation | extra inputs | stateful |",
+        "| loss | trains on | reference | aggregation | extra inputs | stateful |",
         "|---|---|---|---|---|---|",
     ]
     for name in names():
         loss = get(name)
         hp = {k: (1.0 if v is REQUIRED else v) for k, v in loss.defaults.items()}
         extras = ", ".join(f"`{e}`" for e in loss.extras(hp)) or "—"
+        reads = ", ".join(k.value for k in InputKind if loss.kind.reads(k))
         lines.append(
-            f"| [`{name}`](#{name}) | {loss.kind} | {'yes' if loss.needs_reference else 'no'} | "
+            f"| [`{name}`](#{name}) | {reads} | {'yes' if loss.needs_reference else 'no'} | "
             f"{loss.aggregation} | {extras} | {'yes' if loss.stateful else 'no'} |"
         )
     lines.append("")

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prefopt_jax.kinds import InputKind
 from prefopt_jax.losses.inputs import PairLogps, UnpairedLogps
 from prefopt_jax.losses.registry import get
 
@@ -52,7 +53,7 @@ def example_inputs(name: str, b: int = 8, seed: int = 0, dtype=jnp.float32) -> P
     """Inputs of the right kind for loss `name`, carrying every extra input any loss may declare."""
     rng = np.random.default_rng(seed + 100)
     pc, pr, mc, mr, rc, rr = random_pair_arrays(seed, b=b)
-    if get(name).kind == "unpaired":
+    if get(name).kind is InputKind.UNPAIRED:
         kl = rng.normal(-5, 1, (2, b))
         return UnpairedLogps(
             jnp.asarray(pc, dtype),
@@ -107,7 +108,7 @@ def margin_inputs(name: str, margins, dtype=jnp.float32) -> PairLogps | Unpaired
     n = m.shape[0]
     one = jnp.ones((n, 1), bool)
     base = jnp.full((n, 1), -1.0, dtype)
-    if get(name).kind == "unpaired":
+    if get(name).kind is InputKind.UNPAIRED:
         zeros = jnp.zeros(n, dtype)
         return UnpairedLogps(-1.0 + m, one, jnp.ones(n, bool), base, zeros, zeros, {"udm_prob": zeros + 0.5})
     flat = jnp.full((n,), -1.0, dtype)

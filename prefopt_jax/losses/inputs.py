@@ -7,6 +7,7 @@ All arithmetic is done in float32 whatever the input dtype.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -25,7 +26,7 @@ class PairLogps(NamedTuple):
 
     `policy_chosen`/`policy_rejected`: float [B,Tc] / [B,Tr]; `chosen_mask`/`rejected_mask`: bool,
     same shapes; `ref_chosen`/`ref_rejected`: like the policy arrays, or None without a reference.
-    `extras`: named arrays a particular loss declares (see `EXTRA_SHAPES`).
+    `extras`: named arrays a particular loss declares (see `EXTRAS`).
     """
 
     policy_chosen: Array
@@ -64,17 +65,31 @@ class RankedLogps(NamedTuple):
     extras: Mapping[str, Array] = {}
 
 
-# Extra inputs a loss may declare, and their shape: "B" per row, or the token layout they share.
-EXTRA_SHAPES: dict[str, str] = {
-    "seq_kl_chosen": "B",  # TDPO: sum over chosen tokens of KL(ref || policy)
-    "seq_kl_rejected": "B",
-    "response_only_chosen_avg": "B",  # RMiPO: avg log-prob of the response alone (no prompt)
-    "response_only_rejected_avg": "B",
-    "wpo_aligned_chosen": "chosen",  # WPO: log p(y_t) - log sum_v p(v)^2, per token
-    "wpo_aligned_rejected": "rejected",
-    "full_chosen": "full",  # ORPO: per-token log-probs over prompt + chosen
-    "full_chosen_mask": "full",
-    "udm_prob": "B",  # BCO-UDM: classifier probability that the prompt is from the desirable set
+class Provider(enum.Enum):
+    """Who computes an extra input: the train step from the models, or the host before training (a per-example
+    side input carried in the batch)."""
+
+    STEP = "step"
+    HOST = "host"
+
+
+class Extra(NamedTuple):
+    shape: str  # "B": one value per example; or the token layout it shares: "chosen", "rejected", "full"
+    provider: Provider
+
+
+# Every extra input a loss may declare: its shape and who computes it. A new extra is an entry here and the code
+# that computes it (the step's `extra_inputs`, or a host side input), nothing else.
+EXTRAS: dict[str, Extra] = {
+    "seq_kl_chosen": Extra("B", Provider.STEP),  # TDPO: sum over chosen tokens of KL(ref || policy)
+    "seq_kl_rejected": Extra("B", Provider.STEP),
+    "response_only_chosen_avg": Extra("B", Provider.STEP),  # RMiPO: avg log-prob of the response alone
+    "response_only_rejected_avg": Extra("B", Provider.STEP),
+    "wpo_aligned_chosen": Extra("chosen", Provider.STEP),  # WPO: log p(y_t) - log sum_v p(v)^2, per token
+    "wpo_aligned_rejected": Extra("rejected", Provider.STEP),
+    "full_chosen": Extra("full", Provider.STEP),  # ORPO: per-token log-probs over prompt + chosen
+    "full_chosen_mask": Extra("full", Provider.STEP),
+    "udm_prob": Extra("B", Provider.HOST),  # BCO-UDM: p(the prompt is from the desirable set), a classifier's
 }
 
 
@@ -105,7 +120,7 @@ def _check_extras(where: str, extras: Mapping[str, Array], needed: tuple[str, ..
     if missing:
         raise LossInputError(f"{where}: missing extra input(s) {missing}; this loss needs {list(needed)}")
     for k in needed:
-        want = shapes[EXTRA_SHAPES[k]]
+        want = shapes[EXTRAS[k].shape]
         if want is not None and tuple(extras[k].shape) != want:
             raise _shape_error(where, f"extras[{k!r}]", tuple(extras[k].shape), want)
     if "full_chosen" in needed and extras["full_chosen"].shape != extras["full_chosen_mask"].shape:

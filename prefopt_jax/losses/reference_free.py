@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from prefopt_jax.kinds import InputKind
 from prefopt_jax.losses.inputs import (
     LossInputError,
     PairLogps,
@@ -254,7 +255,7 @@ def _rrhf_validate(x, hp: dict) -> None:
 register(
     Loss(
         name="rrhf",
-        kind="paired or ranked",
+        kind=InputKind.RANKED,
         compute=_rrhf,
         validate=_rrhf_validate,
         defaults={"rrhf_weight": 1.0, "length_penalty": 1.0, "ft_reduction": "padded"},

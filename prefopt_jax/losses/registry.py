@@ -7,6 +7,7 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+from prefopt_jax.kinds import InputKind
 from prefopt_jax.losses.inputs import LossInputError, batch_mean, example_valid, validate_pair
 
 
@@ -40,7 +41,7 @@ class Loss:
     """
 
     name: str
-    kind: str  # "paired", "unpaired", or "paired or ranked"
+    kind: InputKind  # what its inputs are (`InputKind.reads`: every loss also trains on pairs)
     compute: Callable[[Any, Any, dict], LossOutput]
     validate: Callable[[Any, dict], None]
     defaults: Mapping[str, Any]
@@ -200,7 +201,7 @@ def combine(terms: Sequence[tuple]) -> Loss:
         raise LossInputError(f"combine: a loss appears twice in {seen}")
     kinds = {p[0].kind for p in parts}
     if len(kinds) > 1:
-        raise LossInputError(f"combine: cannot mix input kinds {sorted(kinds)}")
+        raise LossInputError(f"combine: cannot mix input kinds {sorted(k.value for k in kinds)}")
 
     def validate(inputs: Any, hp: dict) -> None:
         for loss, _, lhp in parts:
@@ -261,7 +262,7 @@ def paired_loss(
     return register(
         Loss(
             name=name,
-            kind="paired",
+            kind=InputKind.PAIRS,
             compute=compute,
             validate=validate,
             defaults=defaults,

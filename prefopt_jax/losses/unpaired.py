@@ -7,6 +7,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from prefopt_jax.kinds import InputKind
 from prefopt_jax.losses.inputs import UnpairedLogps, batch_mean, example_valid, f32, masked_sum, validate_unpaired
 from prefopt_jax.losses.primitives import running_moments_init, running_moments_update, sg
 from prefopt_jax.losses.registry import Loss, LossOutput, all_of, in_range, positive, register
@@ -61,7 +62,7 @@ def _unpaired_loss(
     return register(
         Loss(
             name=name,
-            kind="unpaired",
+            kind=InputKind.UNPAIRED,
             compute=compute,
             validate=validate,
             defaults=defaults,

@@ -14,6 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from prefopt_jax import data, losses
 from prefopt_jax.config import Config, ConfigError, cache_folder
 from prefopt_jax.data.synthetic import comparison_pairs
+from prefopt_jax.kinds import InputKind
 
 ROW_AXES = ("data", "fsdp")
 TOKEN_ARRAYS = ("input_ids", "positions", "segment_ids", "branch")
@@ -55,7 +56,7 @@ def load_data(
             prepared = ranked_sets(prepared, d.ranked_from_pairs, d.eval_fraction, cfg.train.seed, splits)
         answers = None
     check_input_kind(loss, prepared, d.source)
-    if loss.kind == "unpaired":  # pairs become two examples each; unpaired files are used as they are
+    if loss.kind is InputKind.UNPAIRED:  # pairs become two examples each; unpaired files are used as they are
         train, shares = [], []
         for share in prepared.sources:
             part = data.unpaired_from_pairs(prepared.train[share.train])
@@ -94,19 +95,18 @@ def check_input_kind(loss, prepared: data.Prepared, source) -> None:
     sets a loss that ranks (RRHF) and one number of candidates; pairs suit every loss (unpaired losses read
     each as two examples, ranking losses as two candidates)."""
     examples = prepared.train + prepared.eval
-    unpaired = next((e for e in examples if isinstance(e, data.TokenizedUnpaired)), None)
+    advice = {
+        InputKind.UNPAIRED: "an unpaired loss (kto, bco, apo_zero_unpaired)",
+        InputKind.RANKED: "a ranking loss (rrhf)",
+    }
+    for kind in (InputKind.UNPAIRED, InputKind.RANKED):
+        first = next((e for e in examples if data.KIND_OF[type(e)] is kind), None)
+        if first is not None and not loss.kind.reads(kind):
+            raise ConfigError(
+                f"loss {loss.name!r} trains on {loss.kind.noun}, but data.source={source} holds {kind.noun} "
+                f"({first.origin}); use {advice[kind]} or paired data"
+            )
     ranked = [e for e in examples if isinstance(e, data.TokenizedRanked)]
-    if unpaired is not None and loss.kind != "unpaired":
-        raise ConfigError(
-            f"loss {loss.name!r} trains on pairs, but data.source={source} holds unpaired examples "
-            f"({unpaired.origin}); use an unpaired loss (kto, bco, apo_zero_unpaired) or paired data"
-        )
-    if ranked and loss.kind != "paired or ranked":
-        raise ConfigError(
-            f"loss {loss.name!r} trains on {'unpaired examples' if loss.kind == 'unpaired' else 'pairs'}, but "
-            f"data.source={source} holds ranked candidates ({ranked[0].origin}); use a ranking loss (rrhf) or "
-            "paired data"
-        )
     if ranked and len(ranked) != len(examples):
         other = next(e for e in examples if not isinstance(e, data.TokenizedRanked))
         raise ConfigError(f"data.source={source} mixes ranked rows ({ranked[0].origin}) with pairs ({other.origin})")
@@ -276,30 +276,16 @@ def place(spec: data.BatchSpec, host: dict, mesh: Mesh) -> dict:
     return out
 
 
-def abstract_batch(spec: data.BatchSpec, mesh: Mesh, *, unpaired: bool, precomputed: bool, udm: bool = False):
-    """The step's batch as shapes and shardings (planning: no data)."""
+def abstract_batch(spec: data.BatchSpec, mesh: Mesh, side: Sequence[str] = ()):
+    """The step's batch as shapes and shardings (planning: no data), from the micro-batch schema
+    (`spec.fields`): token arrays split by rows over data x fsdp, everything else replicated."""
     rows, whole = _row_sharding(mesh), NamedSharding(mesh, PartitionSpec())
     m = spec.micro_batches
-    sds = jax.ShapeDtypeStruct
-    out = {}
-    for part, g in spec.geometries.items():
-        token = lambda dtype, g=g: sds((m, g.rows, g.length), dtype, sharding=rows)
-        out[part] = {
-            "input_ids": token(np.int32),
-            "positions": token(data.index_dtype(g.length)),
-            "segment_ids": token(data.index_dtype(g.length)),
-            "branch": token(np.int8),
-            "completion_start": sds((m, g.groups, g.completions), np.int32, sharding=whole),
-            "completion_length": sds((m, g.groups, g.completions), np.int32, sharding=whole),
-        }
-    g = spec.geometries["main"]
-    out["weight"] = sds((m, g.groups), np.float32, sharding=whole)
-    if unpaired:
-        out["label"] = sds((m, g.groups), np.bool_, sharding=whole)
-    if spec.kind == "ranked":
-        out["scores"] = sds((m, g.groups, g.completions), np.float32, sharding=whole)
-    if precomputed:
-        out["ref_logps"] = sds((m, g.groups, g.completions, g.width), np.float32, sharding=whole)
-    if udm:
-        out["udm_prob"] = sds((m, g.groups), np.float32, sharding=whole)
-    return out
+
+    def abstract(name, field):
+        if isinstance(field, dict):
+            return {k: abstract(k, f) for k, f in field.items()}
+        shape, dtype = field
+        return jax.ShapeDtypeStruct((m, *shape), dtype, sharding=rows if name in TOKEN_ARRAYS else whole)
+
+    return {name: abstract(name, field) for name, field in spec.fields(side).items()}

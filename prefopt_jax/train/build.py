@@ -20,19 +20,6 @@ from prefopt_jax.train import batches, runtime
 from prefopt_jax.train import step as step_lib
 
 REFERENCE_MODES = ("frozen", "lora_base", "precomputed", "none")
-# the extras the step computes for a loss that declares them: RMiPO's response-only pass, TDPO's KL, WPO's
-# weights, ORPO's prompt + chosen log-probs, BCO-UDM's prompt classifier (`loss.udm`)
-STEP_EXTRAS = {
-    "udm_prob",
-    "full_chosen",
-    "full_chosen_mask",
-    "response_only_chosen_avg",
-    "response_only_rejected_avg",
-    "seq_kl_chosen",
-    "seq_kl_rejected",
-    "wpo_aligned_chosen",
-    "wpo_aligned_rejected",
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,12 +29,12 @@ class Parts:
     loss: losses.Loss
     hp: dict
     reference: str  # frozen | lora_base | precomputed | none
-    extras: tuple[str, ...]  # what the loss needs beyond per-token log-probs (all in STEP_EXTRAS)
+    extras: tuple[str, ...]  # what the loss needs beyond per-token log-probs (each in `losses.EXTRAS`)
 
     @property
     def unpaired(self) -> bool:
         """The loss trains on unpaired examples (pairs are read as two of them)."""
-        return self.loss.kind == "unpaired"
+        return self.loss.kind is losses.InputKind.UNPAIRED
 
     @property
     def response_only(self) -> bool:
@@ -58,6 +45,13 @@ class Parts:
     def udm(self) -> bool:
         """Batches carry BCO-UDM's p(desirable | prompt) per example (`loss.udm`)."""
         return "udm_prob" in self.extras
+
+    @property
+    def side_inputs(self) -> tuple[str, ...]:
+        """The per-example inputs computed on the host before training that the batches carry: the precomputed
+        reference log-probs, and the extras the host provides (`losses.Provider.HOST`)."""
+        host = tuple(e for e in self.extras if losses.EXTRAS[e].provider is losses.Provider.HOST)
+        return ("ref_logps",) * self.precomputed + host
 
     @property
     def precomputed(self) -> bool:
@@ -71,8 +65,6 @@ def parts(cfg: Config) -> Parts:
     t = cfg.train
     if t.reference not in REFERENCE_MODES:
         raise ConfigError(f"train.reference={t.reference!r}; valid: {list(REFERENCE_MODES)}")
-    if loss.kind not in ("paired", "unpaired", "paired or ranked"):
-        raise ConfigError(f"loss.name={loss.name!r} is {loss.kind}; the trainer runs paired and unpaired losses")
     if not loss.needs_reference and t.reference != "none":
         raise ConfigError(f"loss {loss.name!r} needs no reference: set train.reference=none")
     if loss.needs_reference and t.reference == "none":
@@ -80,7 +72,7 @@ def parts(cfg: Config) -> Parts:
             f"loss {loss.name!r} needs a reference: train.reference must be frozen, lora_base or precomputed"
         )
     extras = loss.required_extras(**hp)
-    missing = sorted(set(extras) - STEP_EXTRAS)
+    missing = sorted(set(extras) - set(losses.EXTRAS))
     if missing:
         raise ConfigError(
             f"loss {loss.name!r} with these hyperparameters needs {missing}, which the trainer does not compute yet"

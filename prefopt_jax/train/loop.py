@@ -243,7 +243,7 @@ def train(cfg: Config, *, out: IO | None = None, stop_after: int | None = None) 
             item.plans,
             lora=spec.lora_scale is not None,
             reference_in_step=spec.reference_in_step,
-            scores_prompts="full_chosen" in spec.extras,
+            scores_prompts=spec.scores_prompts,
         )
         skipped_before = history[-1]["skipped"] if history else 0
         progress["in_a_row"] = progress["in_a_row"] + 1 if m["skipped"] > skipped_before else 0

@@ -213,9 +213,9 @@ def step_figures(mcfg, spec, bspec: data.BatchSpec, examples: list, *, seed: int
     over a run's first `steps` steps, planned as the run plans them."""
     packer = data.packer(bspec, examples, seed=seed)
     planned = [packer.next_step() for _ in range(steps)]
-    lora, in_step, prompts = spec.lora_scale is not None, spec.reference_in_step, "full_chosen" in spec.extras
+    lora, in_step = spec.lora_scale is not None, spec.reference_in_step
     per_step = [
-        flops_lib.step_flops(mcfg, plans, lora=lora, reference_in_step=in_step, scores_prompts=prompts)
+        flops_lib.step_flops(mcfg, plans, lora=lora, reference_in_step=in_step, scores_prompts=spec.scores_prompts)
         for plans in planned
     ]
     computed = sum(len(plans) for plans in planned) * bspec.geometries["main"].tokens
@@ -249,7 +249,7 @@ def plan(
     spec = build.step_spec(cfg, bspec.geometries, attention, mesh)
     optimizer = build.make_optimizer(cfg)
     state, frozen, ref_params = abstract_inputs(cfg, mcfg, spec, optimizer, mesh)
-    batch = batches.abstract_batch(bspec, mesh, unpaired=parts.unpaired, precomputed=parts.precomputed, udm=parts.udm)
+    batch = batches.abstract_batch(bspec, mesh, parts.side_inputs)
     train_step = step_lib.make_train_step(mcfg, spec, optimizer)
     # XLA:CPU's default scheduler favours concurrency; the memory-minimising one is closer to an accelerator's
     options = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"} if simulated else None

@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import optax
 
 from prefopt_jax.data.batching import Geometry
+from prefopt_jax.kinds import InputKind
 from prefopt_jax.logprobs import token_stats
-from prefopt_jax.losses import Loss, PairLogps, RankedLogps, UnpairedLogps
+from prefopt_jax.losses import EXTRAS, Loss, PairLogps, Provider, RankedLogps, UnpairedLogps
 from prefopt_jax.models.attention import AttentionSpec
 from prefopt_jax.models.config import ModelConfig
 from prefopt_jax.models.decoder import forward_hidden, no_constraint, unembedding
@@ -190,6 +191,11 @@ class StepSpec:
         return self.loss.required_extras(**self.hp)
 
     @property
+    def scores_prompts(self) -> bool:
+        """The unembedding scores the prompt's tokens too (ORPO's NLL over prompt + chosen, as TRL trains it)."""
+        return "full_chosen" in self.extras
+
+    @property
     def dtype(self) -> jnp.dtype:
         return jnp.dtype(self.compute_dtype)
 
@@ -238,11 +244,16 @@ def _common_metrics(stats: dict, mask: jax.Array, main: dict) -> dict:
     return out
 
 
+def host_extras(spec: StepSpec, batch: dict) -> dict:
+    """The extras the host computed before training, carried in the batch (`losses.Provider.HOST`)."""
+    return {k: batch[k] for k in spec.extras if EXTRAS[k].provider is Provider.HOST}
+
+
 def _paired_inputs(spec: StepSpec, stats: dict, mask: jax.Array, batch: dict, alone) -> tuple[PairLogps, dict]:
     policy = stats["logps"]
     reference = batch["ref_logps"] if spec.reference == "precomputed" else stats.get("ref_logps")
     valid = mask[:, 0].any(-1)
-    extras = {}
+    extras = host_extras(spec, batch)
     if alone is not None:  # RMiPO: the policy's avg log-prob of each response alone (chosen slots, then rejected)
         logps, alone_mask = alone
         avg = logps.sum(-1)[:, 0] / jnp.maximum(alone_mask.sum(-1)[:, 0], 1)
@@ -281,7 +292,7 @@ def _unpaired_inputs(spec: StepSpec, stats: dict, mask: jax.Array, batch: dict, 
     kl_policy = kl_ref = None
     if kl is not None:  # KTO's reference point: the mismatched (prompt_i, completion_j) pairs
         kl_policy, kl_ref = (v.sum(-1)[:, 0] for v in kl)
-    extras = {"udm_prob": batch["udm_prob"]} if "udm_prob" in spec.extras else {}  # BCO-UDM, from the host
+    extras = host_extras(spec, batch)  # BCO-UDM's prompt classifier
     x = UnpairedLogps(
         stats["logps"][:, 0],
         mask[:, 0],
@@ -313,11 +324,11 @@ def make_loss_fn(cfg: ModelConfig, spec: StepSpec, *, training: bool = True) -> 
         params = policy_params(spec, trainable, frozen, key)
         ref = reference_params(spec, frozen, reference)
         main = batch["main"]
-        sum_sq, prompts = "wpo_aligned_chosen" in spec.extras, "full_chosen" in spec.extras
+        sum_sq, prompts = "wpo_aligned_chosen" in spec.extras, spec.scores_prompts
         stats, mask = stats_of(params, "main", main, reference=ref, sum_sq=sum_sq, prompts=prompts, remat=spec.remat)
         if "scores" in batch:  # ranked candidate sets (RRHF with K candidates)
             x, extra_metrics = RankedLogps(stats["logps"], mask, batch["scores"]), {}
-        elif spec.loss.kind != "unpaired":  # pairs (RRHF on pairs: two ranked candidates)
+        elif spec.loss.kind is not InputKind.UNPAIRED:  # pairs (RRHF on pairs: two ranked candidates)
             alone = None
             if "response_only_chosen_avg" in spec.extras:
                 logps, alone_mask = stats_of(params, "response_only", batch["response_only"])

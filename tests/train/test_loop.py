@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import prefopt_jax
+from prefopt_jax import losses
 from prefopt_jax.train import runtime
 from prefopt_jax.train.loop import train
 from tests.support import quick
@@ -40,7 +41,7 @@ def test_every_shipped_config_runs_a_few_steps(path, tiny_model_dir, tmp_path, c
     summary = json.loads((tmp_path / "summary.json").read_text())
     if builtin:  # held-out pairs and the task's answers
         assert {"eval/rewards/accuracies", "eval/task_accuracy"} <= set(summary["after"])
-    elif cfg.loss.build()[0].kind == "unpaired":  # held-out unpaired examples, scored by the loss itself
+    elif cfg.loss.build()[0].kind is losses.InputKind.UNPAIRED:  # held-out unpaired examples, scored by the loss itself
         own = {"kto": "eval/kl", "bco": "eval/delta"}[cfg.loss.names[0]]  # KTO's reference point, BCO's shift
         assert {"eval/loss", "eval/rewards/chosen", "eval/rewards/rejected", own} <= set(summary["after"])
     elif cfg.data.ranked_from_pairs:  # held-out ranked sets: how many of the scores' orderings the model keeps

@@ -14,7 +14,6 @@ from prefopt_jax.config import ConfigError, load_config
 from prefopt_jax.data.tokenize import completions_of
 from prefopt_jax.models.attention import AttentionSpec
 from prefopt_jax.train import batches as batches_lib
-from prefopt_jax.train import build
 from prefopt_jax.train import lora as lora_lib
 from prefopt_jax.train import step as step_lib
 
@@ -363,7 +362,10 @@ def test_the_builder_refuses_impossible_combinations_at_config_load():
     for overrides, message in cases:
         with pytest.raises(ConfigError, match=message):
             load_config(None, overrides)
-    assert set(losses.EXTRA_SHAPES) <= build.STEP_EXTRAS  # every extra a loss can declare is computed
+    for name in losses.names():  # every extra a loss declares has an entry saying its shape and who computes it
+        loss = losses.get(name)
+        hp = {k: (1.0 if v is losses.REQUIRED else v) for k, v in loss.defaults.items()}
+        assert set(loss.extras(hp)) <= set(losses.EXTRAS), name
 
 
 def test_merged_lora_equals_the_adapted_forward(base):
