@@ -223,6 +223,31 @@ def step_figures(mcfg, spec, bspec: data.BatchSpec, examples: list, *, seed: int
     return float(np.mean(per_step)), float(np.mean([len(p) for p in planned])), computed / trained
 
 
+def compiled_sizes(train_step, args: tuple, mesh: jax.sharding.Mesh, *, simulated: bool) -> tuple[tuple, bool]:
+    """(argument, output, alias, temporary bytes per device) of the compiled step, and whether the compiler
+    refused it: the TPU compiler refuses a program that cannot fit, which is reported as a plan (with the
+    compiler's figure for the temporaries), not raised."""
+    # XLA:CPU's default scheduler favours concurrency; the memory-minimising one is closer to an accelerator's
+    options = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"} if simulated else None
+    try:
+        with jax.set_mesh(mesh):  # Pallas kernels read the target chip from the mesh's devices
+            compiled = train_step.lower(*args).compile(compiler_options=options)
+    except Exception as e:
+        found = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
+        if "RESOURCE_EXHAUSTED" not in str(e) or not found:
+            raise
+        arguments = sum(tree_bytes_per_device(x) for x in args if x is not None)
+        return (arguments, 0, 0, int(float(found.group(1)) * GiB)), True
+    m = compiled.memory_analysis()
+    return (m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes, m.temp_size_in_bytes), False
+
+
+def compiled_for(tgt, devices: list, simulated: bool) -> str:
+    if simulated:
+        return f"{len(devices)} simulated CPU devices (estimate)"
+    return "TPU (libtpu)" if tgt.topology else f"this process's {len(devices)} {devices[0].device_kind} devices"
+
+
 def plan(
     cfg: Config, target_name: str, *, mfu: float = 0.4, out: IO | None = None, examples: list | None = None
 ) -> dict:
@@ -230,6 +255,7 @@ def plan(
     and the step time at `mfu`. Returns the figures (bytes, FLOPs, seconds) as a dict. The batch is sized
     from `examples` (tokenised; the run's `train.steps` steps over them planned as the run would, and FLOPs
     the mean of those steps'), or from worst-case pairs at the configured limits."""
+    # over 60 lines, and reads better whole: one pass from the target to the figures `--json` writes
     out = out or sys.stdout
     tgt = target(target_name)
     devices, simulated = target_devices(tgt)
@@ -251,21 +277,7 @@ def plan(
     state, frozen, ref_params = abstract_inputs(cfg, mcfg, spec, optimizer, mesh)
     batch = batches.abstract_batch(bspec, mesh, parts.side_inputs)
     train_step = step_lib.make_train_step(mcfg, spec, optimizer)
-    # XLA:CPU's default scheduler favours concurrency; the memory-minimising one is closer to an accelerator's
-    options = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"} if simulated else None
-    arguments = sum(tree_bytes_per_device(x) for x in (state, frozen, ref_params, batch) if x is not None)
-    refused = False
-    try:
-        with jax.set_mesh(mesh):  # Pallas kernels read the target chip from the mesh's devices
-            compiled = train_step.lower(state, frozen, ref_params, batch).compile(compiler_options=options)
-        mem = compiled.memory_analysis()
-        sizes = (mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes, mem.temp_size_in_bytes)
-    except Exception as e:  # the TPU compiler refuses a program that cannot fit: report it as a plan
-        found = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
-        if "RESOURCE_EXHAUSTED" not in str(e) or not found:
-            raise
-        sizes = (arguments, 0, 0, int(float(found.group(1)) * GiB))  # the compiler's figure for temporaries
-        refused = True
+    sizes, refused = compiled_sizes(train_step, (state, frozen, ref_params, batch), mesh, simulated=simulated)
     step_flops, micro_used, computed_per_trained = step_figures(
         mcfg, spec, bspec, examples, seed=cfg.train.seed, steps=cfg.train.steps if given else 1
     )
@@ -274,13 +286,7 @@ def plan(
     result = {
         "target": target_name,
         "devices": len(devices),
-        "compiled_for": (
-            f"{len(devices)} simulated CPU devices (estimate)"
-            if simulated
-            else "TPU (libtpu)"
-            if tgt.topology
-            else f"this process's {len(devices)} {devices[0].device_kind} devices"
-        ),
+        "compiled_for": compiled_for(tgt, devices, simulated),
         "mesh": dict(mesh.shape),
         "params": mcfg.num_params(),
         "state_bytes": tree_bytes_per_device(state),
