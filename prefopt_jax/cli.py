@@ -84,7 +84,7 @@ def cmd_precompute_ref(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from prefopt_jax.config import load_config
-    from prefopt_jax.train.loop import evaluate_checkpoint
+    from prefopt_jax.train.evaluation import evaluate_checkpoint
 
     evaluate_checkpoint(load_config(args.config, args.overrides))
     return 0
@@ -92,7 +92,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from prefopt_jax.config import load_config
-    from prefopt_jax.train.loop import export
+    from prefopt_jax.train.export import export
 
     export(
         load_config(args.config, args.overrides),

@@ -9,6 +9,14 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
+def log_softmax(h_BxCxD: Array, unembed_DxV: Array, softcap: float | None) -> Array:
+    """float32 log-probabilities over the vocabulary of a chunk's hidden states (Gemma 2's soft-capping applied)."""
+    logits = jnp.einsum("bcd,dv->bcv", h_BxCxD, unembed_DxV.astype(h_BxCxD.dtype)).astype(jnp.float32)
+    if softcap:
+        logits = jnp.tanh(logits / softcap) * softcap
+    return jax.nn.log_softmax(logits, axis=-1)
+
+
 def token_stats(
     hidden_BxTxD: Array,
     unembed_DxV: Array,
@@ -45,17 +53,11 @@ def token_stats(
     y = jnp.pad(targets_BxT.astype(jnp.int32), ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
     live = None if active_BxT is None else jnp.pad(active_BxT, ((0, 0), (0, pad))).reshape(b, n, chunk).any(axis=(0, 2))
 
-    def log_softmax(h_c: Array, w: Array) -> Array:
-        logits = jnp.einsum("bcd,dv->bcv", h_c, w.astype(h_c.dtype)).astype(jnp.float32)
-        if softcap:
-            logits = jnp.tanh(logits / softcap) * softcap
-        return jax.nn.log_softmax(logits, axis=-1)
-
     def stats(h_c, y_c, ref_c):
-        logp = log_softmax(h_c, unembed_DxV)
+        logp = log_softmax(h_c, unembed_DxV, softcap)
         out = {"logps": jnp.take_along_axis(logp, y_c[..., None], axis=-1)[..., 0]}
         if ref_c is not None:
-            ref_logp = log_softmax(ref_c, reference[1])
+            ref_logp = log_softmax(ref_c, reference[1], softcap)
             out["ref_logps"] = jnp.take_along_axis(ref_logp, y_c[..., None], axis=-1)[..., 0]
             out["kl_ref_policy"] = jnp.sum(jnp.exp(ref_logp) * (ref_logp - logp), axis=-1)
             out["kl_policy_ref"] = jnp.sum(jnp.exp(logp) * (logp - ref_logp), axis=-1)

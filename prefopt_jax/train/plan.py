@@ -167,7 +167,7 @@ def _abstract(tree, shardings):
 
 
 def abstract_inputs(cfg: Config, mcfg: models.ModelConfig, spec, optimizer: optax.GradientTransformation, mesh):
-    """(state, frozen, ref_params) as shapes and shardings, laid out as `loop.setup` lays out the real ones
+    """(state, frozen, ref_params) as shapes and shardings, laid out as `run.setup` lays out the real ones
     (both through `build.parameter_trees`)."""
     dtype = np.dtype(cfg.model.dtype)
     table = models.param_table(mcfg)

@@ -11,7 +11,9 @@ import pytest
 from prefopt_jax import cli, models
 from prefopt_jax.config import ConfigError, load_config
 from prefopt_jax.train import reference_cache
-from prefopt_jax.train.loop import evaluate_checkpoint, export, train
+from prefopt_jax.train.evaluation import evaluate_checkpoint
+from prefopt_jax.train.export import export
+from prefopt_jax.train.loop import train
 from tests.support import quick
 
 STEPS = ["train.steps=3", "eval.generate=false"]
@@ -171,30 +173,31 @@ def test_eval_and_export_read_only_what_they_need(tiny_model_dir, tmp_path, monk
     (the optimizer state is shapes only, and the checkpoint's is not read)."""
     import jax
 
-    from prefopt_jax.train import build, loop
+    from prefopt_jax.train import build, run
 
     cfg = quick(None, tiny_model_dir, tmp_path / "run", *STEPS, "data.num_train=16", "data.num_eval=8")
     tokenised = []
-    real_prepare = loop.batches.data.prepare
+    real_prepare = run.batches.data.prepare
     monkeypatch.setattr(
-        loop.batches.data,
+        run.batches.data,
         "prepare",
         lambda rows, *a, **kw: tokenised.append(kw.get("splits")) or real_prepare(rows, *a, **kw),
     )
-    run = loop.setup(cfg, build.make_optimizer(cfg), io.StringIO(), splits=("eval",), optimizer_state=False)
-    assert run.prepared.train == [] and len(run.prepared.eval) == 8
+    parts = run.setup(cfg, build.make_optimizer(cfg), io.StringIO(), splits=("eval",), optimizer_state=False)
+    assert parts.prepared.train == [] and len(parts.prepared.eval) == 8
     assert tokenised == [(), ("train",)]  # the built-in set: its train rows untouched, its held-out rows tokenised
-    assert all(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(run.state["opt_state"]))
-    assert not any(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(run.state["trainable"]))
+    assert all(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(parts.state["opt_state"]))
+    assert not any(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(parts.state["trainable"]))
     tokenised.clear()
-    loop.setup(cfg, build.make_optimizer(cfg), io.StringIO(), splits=(), optimizer_state=False)
+    run.setup(cfg, build.make_optimizer(cfg), io.StringIO(), splits=(), optimizer_state=False)
     assert tokenised == [(), ()]
 
 
 def test_push_to_hub_offline_fails_before_any_work(tmp_path, monkeypatch):
-    from prefopt_jax.train import hub, loop
+    from prefopt_jax.train import export as export_lib
+    from prefopt_jax.train import hub
 
-    monkeypatch.setattr(loop, "setup", lambda *a, **k: pytest.fail("export started work"))
+    monkeypatch.setattr(export_lib, "setup", lambda *a, **k: pytest.fail("export started work"))
     cfg = load_config(None, [f"output.dir={tmp_path}"])
     with pytest.raises(hub.HubError, match=r"offline .*huggingface-cli upload me/model DIR"):
         export(cfg, tmp_path / "hf", push_to_hub="me/model")
@@ -237,11 +240,11 @@ def test_adapters_export_loads_in_peft_and_starts_a_run(tiny_model_dir, tmp_path
     assert models.load_tokenizer(str(tmp_path / "adapters")).eos_token_id == started.config.eos_token_id
 
     # a bucket destination: staged here, then copied (the bucket is a local folder standing in for gs://)
-    from prefopt_jax.train import loop
+    from prefopt_jax.train import checkpoint
 
-    real_run_path = loop.checkpoint.run_path
+    real_run_path = checkpoint.run_path
     bucket = lambda d: real_run_path(str(d).replace("gs://bucket", str(tmp_path / "bucket")))
-    monkeypatch.setattr(loop.checkpoint, "run_path", bucket)
+    monkeypatch.setattr(checkpoint, "run_path", bucket)
     export(cfg, "gs://bucket/exports/adapters", adapters=True, dtype="float32")
     copied = tmp_path / "bucket" / "exports" / "adapters"
     names = sorted(p.name for p in (tmp_path / "adapters").iterdir())

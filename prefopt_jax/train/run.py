@@ -1,0 +1,119 @@
+"""A run's parts, built from its config once per entry point (`train`, `eval`, `export`): the mesh, the
+model, the data, the step specs, the initial state and the side inputs computed before training."""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import IO, Any
+
+import jax
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from prefopt_jax import data, models
+from prefopt_jax.config import Config, ConfigError
+from prefopt_jax.train import batches, build, reference_cache, runtime, udm
+from prefopt_jax.train import lora as lora_lib
+from prefopt_jax.train import step as step_lib
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a run's train and eval steps take, built from the config (plain data, no behaviour)."""
+
+    cfg: Config
+    mesh: Mesh
+    model_cfg: models.ModelConfig
+    tokenizer: Any
+    prepared: data.Prepared
+    answers: list[str] | None
+    batch_specs: dict[str, data.BatchSpec]  # per split: the fixed micro-batch geometry
+    spec: step_lib.StepSpec
+    eval_spec: step_lib.StepSpec  # unpaired losses are evaluated on held-out pairs by their implicit reward
+    pad_id: int
+    state: dict
+    frozen: dict | None  # the LoRA base (also the reference in lora_base mode)
+    ref_params: dict | None  # the frozen reference copy (full fine-tuning)
+    side: dict[str, dict]  # per split, per-example inputs computed before training (`batches.host_step`)
+
+
+def side_inputs(cfg: Config, parts: build.Parts, prepared: data.Prepared, mcfg, base, mesh: Mesh, out: IO) -> dict:
+    """Per split, the per-example inputs computed before training (`parts.side_inputs`): the precomputed
+    reference log-probs, read from their cache, and BCO-UDM's p(desirable | prompt), from a classifier of the
+    base model's prompt embeddings."""
+    side: dict[str, dict] = {"train": {}, "eval": {}}
+    by_split = {"train": prepared.train, "eval": prepared.eval}
+    if parts.precomputed:
+        where = cfg.train.reference_cache
+        key = reference_cache.key_for(cfg, prepared)
+        for split, values in reference_cache.read(where, key, by_split).items():
+            side[split]["ref_logps"] = values
+        print(f"reference log-probs from {where.rstrip('/')}/{key}", file=out)
+    if parts.udm:
+        for split, values in udm.desirable_probabilities(mcfg, base, by_split, mesh).items():
+            side[split]["udm_prob"] = values
+        p = side["train"]["udm_prob"]
+        print(f"udm: prompt classifier p(desirable) {p.min():.2f}..{p.max():.2f} on the training prompts", file=out)
+    return side
+
+
+def setup(
+    cfg: Config, optimizer: optax.GradientTransformation, out: IO, *, splits=("train", "eval"), optimizer_state=True
+) -> Run:
+    """Load the model, the data (the `splits` asked for; and the precomputed reference, if asked) and build
+    the initial state. Without `optimizer_state` the optimizer's part of the state is shapes only (evaluation
+    and export read a checkpoint's policy and allocate no Adam moments)."""
+    t, parts = cfg.train, build.parts(cfg)
+    mesh, tokenizer = runtime.start(cfg)
+    if (parts.precomputed or parts.udm) and splits:  # the cache key covers both; the classifier fits on train
+        splits = ("train", "eval")
+    prepared, answers = batches.load_data(cfg, tokenizer, parts.loss, splits)  # bad data stops before the model
+    print(f"data: {batches.describe(prepared)}", file=out)
+    if parts.udm and splits and len({e.label for e in prepared.train}) < 2:
+        raise ConfigError("loss.udm=true fits a classifier of desirable vs undesirable training prompts: it needs both")
+    model = runtime.load_model(cfg, mesh)
+    mcfg, base = model.config, model.params()
+    print(f"model {cfg.model.source} ({mcfg.num_params() / 1e6:.0f}M params) loaded", file=out)
+    attention = runtime.attention(cfg, mcfg, mesh.devices.flat[0].platform)
+    specs = build.batch_specs(cfg, prepared, mesh, attention)
+    spec = build.step_spec(cfg, specs["train"].geometries if specs else {}, attention, mesh)
+    side = side_inputs(cfg, parts, prepared, mcfg, base, mesh, out)
+    adapters = None
+    if t.lora_rank:
+        adapters = lora_lib.init_lora(mcfg, rank=t.lora_rank, targets=t.lora_targets, seed=t.seed)
+    trainable, frozen, ref_params, synced = build.parameter_trees(cfg, spec, base, adapters, mesh)
+    # every leaf on the mesh (the optimizer's scalars replicated), so restored checkpoints land the same way
+    replicated = NamedSharding(mesh, PartitionSpec())
+    if not optimizer_state:  # the optimizer state as shapes only: nothing to allocate for Adam's moments
+        optimizer = optax.GradientTransformation(partial(jax.eval_shape, optimizer.init), optimizer.update)
+    state = step_lib.init_state(trainable, optimizer, parts.loss, reference=synced)
+    state = jax.tree.map(
+        lambda a: a if isinstance(a, jax.ShapeDtypeStruct) or isinstance(a.sharding, NamedSharding)
+        else jax.device_put(a, replicated),
+        state,
+    )  # fmt: skip
+    eval_spec = build.eval_spec(cfg, spec, specs, prepared)
+    if specs:
+        g, room = specs["train"].geometries["main"], specs["train"].micro_batches
+        print(
+            f"micro-batches: {g.rows} rows x {g.length} tokens, up to {g.groups} groups, {g.scored} scored tokens "
+            f"per row; {t.batch_size} per step in at most {room} of them (as the plan needs); attention: {attention}",
+            file=out,
+        )
+    return Run(
+        cfg,
+        mesh,
+        mcfg,
+        tokenizer,
+        prepared,
+        answers,
+        specs,
+        spec,
+        eval_spec,
+        tokenizer.pad_token_id or 0,
+        state,
+        frozen,
+        ref_params,
+        side,
+    )
