@@ -5,4 +5,12 @@
 
 __version__ = "0.1.0"
 
-from prefopt_jax import train  # noqa: F401  (callable: prefopt_jax.train(config))
+
+def __getattr__(name: str):
+    """`prefopt_jax.train` (callable: `prefopt_jax.train(config)`) imported on first use, so that reading a
+    config (`prefopt_jax.config`) imports neither jax nor the trainer."""
+    if name == "train":
+        import importlib
+
+        return importlib.import_module("prefopt_jax.train")
+    raise AttributeError(f"module 'prefopt_jax' has no attribute {name!r}")

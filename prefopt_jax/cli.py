@@ -1,6 +1,6 @@
-"""`prefopt-jax` command line: wiring only.
+"""prefopt-jax: Offline preference optimization (DPO and its family, KTO, CPO, ORPO, SimPO, ...) of language models.
 
-prefopt-jax train                          the built-in job: SmolLM2-135M + LoRA + DPO, offline
+prefopt-jax train                          the built-in job: SmolLM2-135M + LoRA + RPO (DPO + NLL), offline
 prefopt-jax train --config configs/X.yaml train.steps=100 loss.beta=0.2
 prefopt-jax precompute-ref --config configs/X.yaml   reference log-probs once, for train.reference=precomputed
 prefopt-jax eval --config configs/X.yaml            held-out metrics of the newest checkpoint
@@ -140,7 +140,12 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prefopt-jax", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="prefopt-jax",
+        description=__doc__.splitlines()[0].removeprefix("prefopt-jax: "),
+        epilog="examples:\n" + "\n".join("  " + line for line in __doc__.splitlines()[2:] if line),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command")
     p = sub.add_parser("losses", help="list every registered loss, evaluated on a built-in batch")
     p.add_argument("--set", action="append", default=[], metavar="LOSS.KEY=VALUE", help="hyperparameter override")
@@ -148,7 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--markdown", metavar="PATH", help="write the loss reference page instead")
     p.set_defaults(func=cmd_losses)
-    p = sub.add_parser("train", help="train a policy (no arguments: the built-in SmolLM2 + LoRA + DPO job)")
+    p = sub.add_parser(
+        "train",
+        help="train a policy (no arguments: the built-in job, SmolLM2-135M + LoRA + RPO on a generated task)",
+        description="Train a policy as configured: a YAML file (configs/) and SECTION.KEY=VALUE overrides, e.g. "
+        "`prefopt-jax train --config configs/rpo.yaml loss.name=dpo data.source=my_pairs.jsonl`. Without "
+        "--config: the built-in job (SmolLM2-135M-Instruct, LoRA, RPO on a generated task, offline). Running the "
+        "same command again resumes from the newest checkpoint in output.dir.",
+    )
     _config_args(p)
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("precompute-ref", help="compute the reference's log-probs once (train.reference=precomputed)")

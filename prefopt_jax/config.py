@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from prefopt_jax.kinds import LAYOUTS
+
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key and the valid choices."""
@@ -259,6 +261,21 @@ def _literal(text: str) -> Any:
         return text
 
 
+def check_top_level(raw: Any, path: str | Path) -> None:
+    """The file is a mapping of sections, each a mapping of keys (or empty)."""
+    sections = [f.name for f in dataclasses.fields(Config)]
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections {sections}")
+    for key, value in raw.items():
+        if key not in sections:
+            raise ConfigError(
+                f"{path}: top-level key {key!r} is not a section; sections: {sections} (keys go under one, e.g. "
+                "`train: {steps: 100}`)"
+            )
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{path}: section {key!r} must be a mapping of its keys, got {value!r}")
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), devices: int | None = None) -> Config:
     """A validated Config from YAML (or the defaults) with `section.key=value` overrides applied; the mesh
     is checked against `devices` (default: this process's devices)."""
@@ -269,9 +286,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), d
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML ({e})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else f"{path}"
+            problem = " ".join(str(getattr(e, "problem", None) or e).split())
+            raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+        check_top_level(raw, path)
     raw = {k: dict(v or {}) for k, v in raw.items()}
     loss_keys = set()
     for item in overrides:
@@ -313,15 +332,16 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), d
 
 
 def validate(cfg: Config, devices: int | None = None) -> None:
-    from prefopt_jax.data import LAYOUTS as data_layouts
-    from prefopt_jax.train import build  # the trainer's own decisions (loss, reference, extras, LoRA)
-
+    """What can be checked without the trainer (no jax imported): types were checked when the sections were
+    made; here every number's range, every choice, the sources, and the mesh against `devices` when given.
+    The trainer's own decisions (the loss, its hyperparameters, the reference, the extras) are checked when
+    an entry point resolves the config (`prefopt_jax.train.build.resolve`)."""
     check_ranges(cfg)
     t = cfg.train
     choices = {
         "train.reference_dtype": (t.reference_dtype, (None, "float32", "bfloat16")),
         "train.schedule": (t.schedule, ("cosine", "linear", "constant")),
-        "data.layout": (cfg.data.layout, data_layouts),
+        "data.layout": (cfg.data.layout, LAYOUTS),
         "model.dtype": (cfg.model.dtype, ("float32", "bfloat16")),
         "model.compute_dtype": (cfg.model.compute_dtype, (None, "float32", "bfloat16")),
         "model.remat": (cfg.model.remat, ("none", "full", "dots", "dots_no_batch")),
@@ -340,7 +360,6 @@ def validate(cfg: Config, devices: int | None = None) -> None:
             f"data.ranked_from_pairs={d.ranked_from_pairs}: needs K >= 2 candidates and one pair file or dataset "
             "(not builtin:compare, not a mixture)"
         )
-    build.parts(cfg)
     if t.profile_steps is not None:
         p = t.profile_steps
         if len(p) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in p) or not 1 <= p[0] <= p[1]:
@@ -348,10 +367,6 @@ def validate(cfg: Config, devices: int | None = None) -> None:
         if p[1] > t.steps:
             raise ConfigError(f"train.profile_steps={list(p)} goes past train.steps={t.steps}")
     check_sources(cfg)
-    if devices is None:
-        import jax
-
-        devices = jax.device_count()
     check_mesh(cfg, devices)
     if cfg.data.pack_length is not None and (cfg.data.pack_length < 32 or cfg.data.pack_length % 32):
         raise ConfigError(f"data.pack_length must be a multiple of 32 (attention tiles), got {cfg.data.pack_length}")
@@ -414,12 +429,14 @@ def check_ranges(cfg: Config) -> None:
             raise ConfigError(f"{key} must be {want}, got {value}")
 
 
-def check_mesh(cfg: Config, n: int) -> None:
-    """The mesh must fit `n` devices (a micro-batch's rows come in multiples of data x fsdp)."""
+def check_mesh(cfg: Config, n: int | None = None) -> None:
+    """Mesh sizes are >= 1 with at most one -1 (the rest), and the mesh must fit `n` devices when given."""
     m = cfg.mesh
     sizes = {"mesh.data": m.data, "mesh.fsdp": m.fsdp, "mesh.tensor": m.tensor}
     if sum(v == -1 for v in sizes.values()) > 1 or any(v == 0 or v < -1 for v in sizes.values()):
         raise ConfigError(f"mesh sizes {sizes}: each must be >= 1, and at most one may be -1 (the rest)")
+    if n is None:
+        return
     rest = -1 in sizes.values()
     known = m.data * m.fsdp * m.tensor * (-1 if rest else 1)
     if (rest and n % known) or (not rest and known > n):

@@ -53,33 +53,49 @@ def test_overrides_are_typed():
         (["trian.steps=3"], r"unknown config section\(s\) \['trian'\]"),
         (["train.steps=many"], r"train.steps: expected an integer, got 'many'"),
         (["train.steps"], r"expected section.key=value"),
-        (["loss.name=dop"], r"unknown loss 'dop'; registered losses"),
-        (["loss.dpo.bta=1"], r"unknown hyperparameter\(s\) \['bta'\]"),
-        (["loss.name=dpo", "loss.bta=1"], r"unknown hyperparameter\(s\) \['bta'\]"),
-        (["loss.beta=1"], r"a mixture's hyperparameters go under a member of \['dpo', 'sft'\], e.g. loss.dpo.beta"),
-        (["loss.weights=[1.0]"], r"loss.weights has 1 entries for the 2 losses"),
         (["train.micro_batches=2"], r"train.micro_batches was removed: a step holds exactly train.batch_size"),
         (["output.log_every=0"], r"output.log_every must be >= 1, got 0"),
         (["train.learning_rate=0"], r"train.learning_rate must be > 0.0, got 0.0"),
         (["data.eval_fraction=1.5"], r"data.eval_fraction must be in \[0.0, 1.0\], got 1.5"),
-        (["loss.name=simpo"], r"loss 'simpo' needs no reference: set train.reference=none"),
-        (["train.reference=none"], r"loss '1\*dpo\+1\*sft' needs a reference"),
-        (["train.lora_rank=0"], r"lora_base needs LoRA"),
         (["data.layout=ragged"], r"data.layout='ragged'; valid: \['padded', 'packed', 'shared', 'packed_unshared'\]"),
-        (["loss.name=kto", "train.reference=precomputed"], r"loss 'kto' needs the reference inside the step"),
-        (["train.reference=precomputed", "train.ref_sync_every=4"], r"ref_sync_every \(TR-DPO\) needs"),
-        (["train.lora_dropout=1.5"], r"train.lora_dropout must be in \[0, 1\)"),
         (["train.profile_steps=3,2"], r"train.profile_steps must be \[first, last\] steps .*got \[3, 2\]"),
         (["train.profile_steps=1,x"], r"train.profile_steps: '1,x' is not a tuple\[int, ...\]"),
         (["train.profile_steps=[3, 2]"], r"1 <= first <= last, got \[3, 2\]"),
         (["train.profile_steps=[40, 50]"], r"train.profile_steps=\[40, 50\] goes past train.steps=48"),
         (["mesh.data=-1"], r"at most one may be -1"),
-        (["mesh.fsdp=16"], r"does not fit the 8 devices"),
     ],
 )  # fmt: skip
 def test_mistakes_fail_at_load_naming_the_key(overrides, match):
-    with pytest.raises((ConfigError, losses.LossInputError), match=match):
+    """Reading a config (no trainer, no jax) refuses what each section's own rules refuse."""
+    with pytest.raises(ConfigError, match=match):
         load_config(None, overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["loss.name=dop"], r"unknown loss 'dop'; registered losses"),
+        (["loss.dpo.bta=1"], r"unknown hyperparameter\(s\) \['bta'\]"),
+        (["loss.name=dpo", "loss.bta=1"], r"unknown hyperparameter\(s\) \['bta'\]"),
+        (["loss.beta=1"], r"a mixture's hyperparameters go under a member of \['dpo', 'sft'\], e.g. loss.dpo.beta"),
+        (["loss.weights=[1.0]"], r"loss.weights has 1 entries for the 2 losses"),
+        (["loss.name=simpo"], r"loss 'simpo' needs no reference: set train.reference=none"),
+        (["train.reference=none"], r"loss '1\*dpo\+1\*sft' needs a reference"),
+        (["train.lora_rank=0"], r"lora_base needs LoRA"),
+        (["loss.name=kto", "train.reference=precomputed"], r"loss 'kto' needs the reference inside the step"),
+        (["train.reference=precomputed", "train.ref_sync_every=4"], r"ref_sync_every \(TR-DPO\) needs"),
+        (["train.lora_dropout=1.5"], r"train.lora_dropout must be in \[0, 1\)"),
+        (["mesh.fsdp=16"], r"does not fit the 8 devices"),
+    ],
+)  # fmt: skip
+def test_impossible_runs_fail_when_resolved_naming_the_key(overrides, match):
+    """What only the trainer can judge (the loss and its hyperparameters, the reference, LoRA, the mesh on 8
+    devices) passes reading and fails when an entry point resolves the run, before any work."""
+    from prefopt_jax.train import build
+
+    cfg = load_config(None, overrides)
+    with pytest.raises((ConfigError, losses.LossInputError), match=match):
+        build.resolve(cfg, devices=8)
 
 
 def test_bad_files(tmp_path):
@@ -87,5 +103,15 @@ def test_bad_files(tmp_path):
         load_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [1, 2\n")
-    with pytest.raises(ConfigError, match=r"bad\.yaml: invalid YAML"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml, line 2, column 1: invalid YAML: expected ',' or ']'"):
         load_config(bad)
+    cases = {  # one line naming the key, never a traceback from inside the reader
+        "beta: 0.1\n": r"top-level key 'beta' is not a section; sections: \['model', 'mesh', 'data'",
+        "train: 5\n": r"section 'train' must be a mapping of its keys, got 5",
+        "loss: dpo\n": r"section 'loss' must be a mapping of its keys, got 'dpo'",
+        "- 1\n- 2\n": r"the top level must be a mapping of sections",
+    }
+    for text, match in cases.items():
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=match):
+            load_config(bad)

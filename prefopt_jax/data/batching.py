@@ -26,8 +26,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from prefopt_jax.kinds import LAYOUTS
+
 Group = tuple[np.ndarray, Sequence[np.ndarray]]  # (prompt ids, [completion ids, ...])
-LAYOUTS = ("padded", "packed", "shared", "packed_unshared")
 SPLIT = {"padded": True, "packed_unshared": True, "shared": False, "packed": False}  # a unit per completion
 ONE_PER_ROW = {"padded": True, "shared": True, "packed_unshared": False, "packed": False}
 TILE = 32  # block-sparse attention's tile side (prefopt_jax.models.block_sparse uses this one)

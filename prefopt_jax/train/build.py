@@ -1,8 +1,8 @@
-"""A run's parts from its config, decided once: the loss with its hyperparameters, what it trains on, the
-reference mode, the extras the step computes for it, the optimizer, the step specs (training and held-out),
-the micro-batch specs and the parameter trees. `config.validate` asks `parts` here, so every combination
-the trainer refuses is refused in one place and at config load; the loop, `plan` and `precompute-ref` build
-their runs from here, and read the decisions (`Parts`) instead of testing the config again."""
+"""A run's parts from its config, decided once (`resolve`): the loss with its hyperparameters, what it
+trains on, the reference mode, the extras the step computes for it; then from those parts the optimizer, the
+step specs (training and held-out), the micro-batch specs and the parameter trees. Every combination the
+trainer refuses is refused in `resolve`; the loop, `plan` and `precompute-ref` resolve once and read the
+decisions (`Parts`) instead of testing the config again."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from prefopt_jax import config as config_lib
 from prefopt_jax import data, losses, sharding
 from prefopt_jax.config import Config, ConfigError
 from prefopt_jax.models import attention as attention_lib
@@ -58,8 +59,12 @@ class Parts:
         return self.reference == "precomputed"
 
 
-def parts(cfg: Config) -> Parts:
-    """The run's loss and reference decisions, or a ConfigError naming the setting that cannot work."""
+def resolve(cfg: Config, devices: int | None = None) -> Parts:
+    """The run's decided parts (the loss and what it trains on, its hyperparameters, the reference mode, the
+    extras), or a ConfigError naming the setting that cannot work; and the mesh must fit `devices` (default:
+    this process's). Each entry point (`train`, `eval`, `export`, `precompute-ref`, `plan`) resolves its config
+    once and passes the parts down; reading a config (`config.load_config`) checks what needs no trainer."""
+    config_lib.check_mesh(cfg, jax.device_count() if devices is None else devices)
     loss, hp = cfg.loss.build()  # unknown losses and unknown or out-of-range hyperparameters fail here
     loss.hyperparameters(**hp)
     t = cfg.train
@@ -124,10 +129,10 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
 # ---- step and batch specs ---------------------------------------------------------------------------
 
 
-def step_spec(cfg: Config, geometries: dict, attention: str, mesh: Mesh | None = None) -> step_lib.StepSpec:
-    """What the train step computes, from the config; with the mesh, activations and each layer's weights
-    are kept in their shards inside the step."""
-    t, p = cfg.train, parts(cfg)
+def step_spec(cfg: Config, p: Parts, geometries: dict, attention: str, mesh: Mesh | None = None) -> step_lib.StepSpec:
+    """What the train step computes, from the resolved parts and the config's model and LoRA settings; with
+    the mesh, activations and each layer's weights are kept in their shards inside the step."""
+    t = cfg.train
     constrain = (
         step_lib.no_constraint
         if mesh is None
@@ -151,22 +156,23 @@ def step_spec(cfg: Config, geometries: dict, attention: str, mesh: Mesh | None =
     )
 
 
-def eval_spec(cfg: Config, spec: step_lib.StepSpec, specs: dict, prepared: data.Prepared) -> step_lib.StepSpec:
+def eval_spec(p: Parts, spec: step_lib.StepSpec, specs: dict, prepared: data.Prepared) -> step_lib.StepSpec:
     """The held-out step: the train step's, in the held-out geometry; an unpaired loss with held-out pairs
     scores them by the implicit reward (DPO at the loss's beta), as every loss is."""
     out = dataclasses.replace(spec, geometries=specs["eval"].geometries) if specs else spec
     held_out_pairs = any(isinstance(e, data.TokenizedPair) for e in prepared.eval[:1])
-    if parts(cfg).unpaired and held_out_pairs:
+    if p.unpaired and held_out_pairs:
         beta = spec.loss.hyperparameters(**spec.hp).get("beta", 0.1)
         out = dataclasses.replace(out, loss=losses.get("dpo"), hp={"beta": beta})
     return out
 
 
-def batch_specs(cfg: Config, prepared: data.Prepared, mesh: Mesh, attention: str) -> dict[str, data.BatchSpec]:
+def batch_specs(
+    cfg: Config, p: Parts, prepared: data.Prepared, mesh: Mesh, attention: str
+) -> dict[str, data.BatchSpec]:
     """Per split, the fixed micro-batch geometry, and the micro-batches a training step needs (its steps
     planned ahead over the training examples). Paired runs size one geometry from train and held-out
     examples together; an unpaired run's held-out split is pairs, with a geometry of its own."""
-    p = parts(cfg)
     mix = batches.mixture(cfg, prepared) if prepared.train else None
 
     def spec(examples, train=None):

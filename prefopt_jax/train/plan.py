@@ -26,7 +26,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from prefopt_jax import data, models, sharding
-from prefopt_jax.config import Config, ConfigError, check_mesh
+from prefopt_jax.config import Config, ConfigError
 from prefopt_jax.data.records import Origin
 from prefopt_jax.data.tokenize import TokenizedPair
 from prefopt_jax.models.build import nest
@@ -259,11 +259,10 @@ def plan(
     out = out or sys.stdout
     tgt = target(target_name)
     devices, simulated = target_devices(tgt)
-    check_mesh(cfg, len(devices))
     m = cfg.mesh
     mesh = sharding.make_mesh(m.data, m.fsdp, m.tensor, devices=devices)
     mcfg = models.model_config(cfg.model.source)
-    parts = build.parts(cfg)
+    parts = build.resolve(cfg, len(devices))
     # a GPU or TPU target compiled for simulated CPU devices runs XLA's attention here (their kernels need
     # the hardware or its compiler)
     attention = runtime.attention(cfg, mcfg, tgt.platform if not simulated else "cpu")
@@ -272,7 +271,7 @@ def plan(
     given = examples is not None
     examples = examples if given else worst_case_examples(cfg, parts.unpaired)
     bspec = batches.batch_spec(cfg, examples, mesh, attention=attention, response_only=parts.response_only)
-    spec = build.step_spec(cfg, bspec.geometries, attention, mesh)
+    spec = build.step_spec(cfg, parts, bspec.geometries, attention, mesh)
     optimizer = build.make_optimizer(cfg)
     state, frozen, ref_params = abstract_inputs(cfg, mcfg, spec, optimizer, mesh)
     batch = batches.abstract_batch(bspec, mesh, parts.side_inputs)

@@ -147,8 +147,9 @@ def precompute(cfg, out=None) -> str:
     from prefopt_jax.train import step as step_lib
 
     out = out or sys.stdout
+    parts = build.resolve(cfg)
     mesh, tokenizer = runtime.start(cfg)
-    prepared, _ = batches.load_data(cfg, tokenizer, build.parts(cfg).loss)
+    prepared, _ = batches.load_data(cfg, tokenizer, parts.loss)
     model = runtime.load_model(cfg, mesh)
     key = key_for(cfg, prepared)
     root = cfg.train.reference_cache
@@ -162,11 +163,11 @@ def precompute(cfg, out=None) -> str:
     mcfg, params = model.config, model.params()
     pad_id = tokenizer.pad_token_id or 0
     attention = runtime.attention(cfg, mcfg, mesh.devices.flat[0].platform)
-    specs = build.batch_specs(cfg, prepared, mesh, attention)
+    specs = build.batch_specs(cfg, parts, prepared, mesh, attention)
     results: dict[str, list] = {}
     for name, examples in splits.items():
         spec = specs[name]
-        step_spec = build.step_spec(cfg, spec.geometries, attention, mesh)
+        step_spec = build.step_spec(cfg, parts, spec.geometries, attention, mesh)
         geometry, attn = spec.geometries["main"], step_spec.attention_for("main")
         logps_fn = jax.jit(
             lambda p, b, g=geometry, a=attn, s=step_spec: step_lib.completion_logps(

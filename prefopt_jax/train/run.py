@@ -64,7 +64,7 @@ def setup(
     """Load the model, the data (the `splits` asked for; and the precomputed reference, if asked) and build
     the initial state. Without `optimizer_state` the optimizer's part of the state is shapes only (evaluation
     and export read a checkpoint's policy and allocate no Adam moments)."""
-    t, parts = cfg.train, build.parts(cfg)
+    t, parts = cfg.train, build.resolve(cfg)
     mesh, tokenizer = runtime.start(cfg)
     if (parts.precomputed or parts.udm) and splits:  # the cache key covers both; the classifier fits on train
         splits = ("train", "eval")
@@ -76,8 +76,8 @@ def setup(
     mcfg, base = model.config, model.params()
     print(f"model {cfg.model.source} ({mcfg.num_params() / 1e6:.0f}M params) loaded", file=out)
     attention = runtime.attention(cfg, mcfg, mesh.devices.flat[0].platform)
-    specs = build.batch_specs(cfg, prepared, mesh, attention)
-    spec = build.step_spec(cfg, specs["train"].geometries if specs else {}, attention, mesh)
+    specs = build.batch_specs(cfg, parts, prepared, mesh, attention)
+    spec = build.step_spec(cfg, parts, specs["train"].geometries if specs else {}, attention, mesh)
     side = side_inputs(cfg, parts, prepared, mcfg, base, mesh, out)
     adapters = None
     if t.lora_rank:
@@ -93,7 +93,7 @@ def setup(
         else jax.device_put(a, replicated),
         state,
     )  # fmt: skip
-    eval_spec = build.eval_spec(cfg, spec, specs, prepared)
+    eval_spec = build.eval_spec(parts, spec, specs, prepared)
     if specs:
         g, room = specs["train"].geometries["main"], specs["train"].micro_batches
         print(

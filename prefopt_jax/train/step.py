@@ -169,7 +169,7 @@ class StepSpec:
     `lora_dropout` drops out adapter inputs while training, with a key drawn from `seed` and the step
     number (so a resumed run draws the same masks). `geometries` are the micro-batch
     parts' fixed shapes (`data.BatchSpec.geometries`), `attention` the implementation the layers use.
-    `train.build.step_spec` makes one from a config (`train.build.parts` refuses what cannot work)."""
+    `train.build.step_spec` makes one from a config (`train.build.resolve` refuses what cannot work)."""
 
     loss: Loss
     hp: dict

@@ -14,6 +14,7 @@ from prefopt_jax.config import ConfigError, load_config
 from prefopt_jax.data.tokenize import completions_of
 from prefopt_jax.models.attention import AttentionSpec
 from prefopt_jax.train import batches as batches_lib
+from prefopt_jax.train import build
 from prefopt_jax.train import lora as lora_lib
 from prefopt_jax.train import step as step_lib
 
@@ -350,8 +351,8 @@ def test_accuracy_by_length_on_a_hand_made_batch(base):
     )
 
 
-def test_the_builder_refuses_impossible_combinations_at_config_load():
-    """One place (`train.build.parts`, asked by `config.validate`) refuses what the step cannot compute."""
+def test_the_resolver_refuses_impossible_combinations():
+    """One place (`train.build.resolve`, once per entry point) refuses what the step cannot compute."""
     cases = [
         (["loss.name=dpo", "train.reference=none"], "needs a reference"),
         (["loss.name=dpo", "train.reference=lora_base", "train.lora_rank=0"], "lora_base needs LoRA"),
@@ -361,7 +362,7 @@ def test_the_builder_refuses_impossible_combinations_at_config_load():
     ]
     for overrides, message in cases:
         with pytest.raises(ConfigError, match=message):
-            load_config(None, overrides)
+            build.resolve(load_config(None, overrides), devices=8)
     for name in losses.names():  # every extra a loss declares has an entry saying its shape and who computes it
         loss = losses.get(name)
         hp = {k: (1.0 if v is losses.REQUIRED else v) for k, v in loss.defaults.items()}
