@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -121,12 +122,16 @@ class LossSection:
 @dataclasses.dataclass(frozen=True)
 class TrainSection:
     steps: int = 48
+    # passes over the training examples; the step count is then derived from the data and train.batch_size
+    # (see train_steps); a train.steps given with it wins, as TRL's max_steps wins over num_train_epochs
+    epochs: float | None = None
     # examples per optimizer step (pairs; unpaired examples for KTO/BCO; ranked sets for RRHF), exactly, every
     # step: packed by tokens into as many micro-batches (gradient accumulation) as they need
     batch_size: int = 8
     learning_rate: float = 3e-4
     schedule: str = "cosine"  # cosine | linear | constant
     warmup_steps: int = 4
+    warmup_ratio: float | None = None  # warmup as a fraction of the run's steps (rounded up, as TRL); wins if set
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     seed: int = 0
@@ -321,6 +326,14 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), d
                     if member(k, v) is not None:
                         flat |= dict(v) if isinstance(v, Mapping) else {k.split(".", 1)[1]: v}
                 loss["hparams"] = flat | {k: v for k, v in own.items() if member(k, v) is None}  # overrides win
+    # TRL: max_steps > 0 overrides num_train_epochs; an override of one on the command line wins over the file's
+    # other (`train.epochs=3` on a file with `steps: 48` runs three epochs)
+    train, given = raw.get("train", {}), {item.partition("=")[0] for item in overrides}
+    if train.get("epochs") is not None and "steps" in train:
+        if "train.epochs" in given and "train.steps" not in given:
+            del train["steps"]
+        else:
+            train["epochs"] = None
     sections = {f.name: f.type for f in dataclasses.fields(Config)}
     unknown = sorted(set(raw) - set(sections))
     if unknown:
@@ -329,6 +342,49 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), d
     cfg = Config(**{name: _section(hints[name], raw.get(name, {}), name) for name in sections})
     validate(cfg, devices)
     return cfg
+
+
+def train_steps(cfg: Config, n_examples: int) -> int:
+    """The run's optimizer steps: `train.steps`, or with `train.epochs` set, `ceil(epochs * steps per epoch)`
+    where an epoch is `n_examples // train.batch_size` steps (at least 1), as TRL counts full accumulated
+    batches per epoch and rounds the total up.
+
+    >>> cfg = Config(train=TrainSection(epochs=1.5, batch_size=8))
+    >>> train_steps(cfg, 100)  # 12 steps an epoch, 18 in 1.5 epochs
+    18
+    >>> train_steps(Config(train=TrainSection(steps=7)), 100)
+    7
+    """
+    t = cfg.train
+    if t.epochs is None:
+        return t.steps
+    if n_examples < 1:
+        raise ConfigError(f"train.epochs={t.epochs}: there are no training examples to count epochs over")
+    return max(1, math.ceil(t.epochs * max(1, n_examples // t.batch_size)))
+
+
+def steps_per_epoch(cfg: Config, n_examples: int) -> int:
+    """Optimizer steps in one pass over `n_examples` training examples (each step takes train.batch_size)."""
+    return max(1, n_examples // cfg.train.batch_size)
+
+
+def with_schedule(cfg: Config, n_examples: int) -> Config:
+    """`cfg` with `train.steps` derived from `train.epochs` and `train.warmup_steps` from `train.warmup_ratio`
+    (ceil(ratio * steps), as TRL's get_warmup_steps); unchanged when neither is set.
+
+    >>> c = with_schedule(Config(train=TrainSection(epochs=2, batch_size=4, warmup_ratio=0.1)), 50)
+    >>> c.train.steps, c.train.warmup_steps
+    (24, 3)
+    """
+    t = cfg.train
+    steps = train_steps(cfg, n_examples)
+    warmup = t.warmup_steps if t.warmup_ratio is None else math.ceil(t.warmup_ratio * steps)
+    if (steps, warmup) == (t.steps, t.warmup_steps):
+        return cfg
+    new = dataclasses.replace(cfg, train=dataclasses.replace(t, steps=steps, warmup_steps=warmup))
+    if t.profile_steps is not None and t.profile_steps[1] > steps:
+        raise ConfigError(f"train.profile_steps={list(t.profile_steps)} goes past the run's {steps} steps")
+    return new
 
 
 def validate(cfg: Config, devices: int | None = None) -> None:
@@ -387,6 +443,8 @@ RANGES = {
     "train.batch_size": (1, None, False),
     "train.learning_rate": (0.0, None, True),
     "train.warmup_steps": (0, None, False),
+    "train.epochs": (0.0, None, True),
+    "train.warmup_ratio": (0.0, 1.0, False),
     "train.max_grad_norm": (0.0, None, True),
     "train.weight_decay": (0.0, None, False),
     "train.ref_sync_every": (0, None, False),

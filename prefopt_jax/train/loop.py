@@ -16,7 +16,7 @@ from typing import IO
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from prefopt_jax.config import Config
+from prefopt_jax.config import Config, steps_per_epoch
 from prefopt_jax.train import batches, build, checkpoint
 from prefopt_jax.train import flops as flops_lib
 from prefopt_jax.train import metrics as metrics_lib
@@ -68,6 +68,9 @@ def train(cfg: Config, *, out: IO | None = None, stop_after: int | None = None) 
     run_dir.mkdir(parents=True, exist_ok=True)
     optimizer = build.make_optimizer(cfg)
     run = setup(cfg, optimizer, out)
+    if run.cfg != cfg:  # train.epochs / train.warmup_ratio: steps and warmup known once the data is read
+        cfg, t = run.cfg, run.cfg.train
+        optimizer = build.make_optimizer(cfg)  # the same state's shapes, the schedule over the run's steps
     layout = (jax.tree.map(lambda a: a.sharding, run.state), NamedSharding(run.mesh, PartitionSpec()))
     train_step = step_lib.make_train_step(run.model_cfg, run.spec, optimizer, out_shardings=layout)
     eval_step = step_lib.make_eval_step(run.model_cfg, run.eval_spec)
@@ -83,7 +86,8 @@ def train(cfg: Config, *, out: IO | None = None, stop_after: int | None = None) 
     )  # fmt: skip
     peak, peak_source = flops_lib.peak_flops(t.peak_tflops)
     print(f"MFU against {peak / 1e12:.2f} TFLOP/s ({peak_source})", file=out)
-    finish = StepLog(cfg, Meter(run, train_step, peak), writer, history, out)
+    epoch_steps = steps_per_epoch(cfg, len(run.prepared.train)) if t.epochs is not None else 0
+    finish = StepLog(cfg, Meter(run, train_step, peak), writer, history, out, epoch_steps)
     stop, profile = _stop_on_signals(), Profile(t.profile_steps, run_dir / "profile", out)
     pending = None  # the last step dispatched whose metrics are not read yet: (step, metrics, input)
     stopped = None  # a signal's name, or "stop_after"
@@ -147,6 +151,7 @@ class StepLog:
     writer: metrics_lib.MetricsWriter
     history: list[dict]
     out: IO
+    epoch_steps: int = 0  # with train.epochs: steps per epoch, so the progress line shows the epoch
 
     def __call__(self, step: int, metrics: dict, item: pipeline_lib.StepInput) -> None:
         t, history = self.cfg.train, self.history
@@ -154,6 +159,8 @@ class StepLog:
         history.append(m)
         self.writer.write(step, m)
         if step % self.cfg.output.log_every == 0 or step == t.steps:
+            if self.epoch_steps:  # train.epochs: the epoch this step ends in, as TRL's logs show it
+                m = m | {"epoch": step / self.epoch_steps}
             metrics_lib.progress(step, t.steps, m, self.out)
         if self.meter.skipped_in_a_row >= t.max_skipped_in_a_row:
             raise FloatingPointError(

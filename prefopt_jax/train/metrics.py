@@ -100,7 +100,9 @@ def progress(step: int, total: int, m: dict, out: IO | None = None) -> None:
             f"margin {m.get('rewards/margins', float('nan')):+.3f}"
         )
     text = (
-        f"[{'#' * done}{'.' * (width - done)}] step {step}/{total}  loss {m['loss']:.4f}  {quality}  "
+        f"[{'#' * done}{'.' * (width - done)}] step {step}/{total}"
+        + (f"  epoch {m['epoch']:.2f}" if "epoch" in m else "")
+        + f"  loss {m['loss']:.4f}  {quality}  "
         f"{m['tokens_per_s']:.0f} tok/s"
         + (f"  MFU {m['mfu']:.1%}" if "mfu" in m else "")
         + (f"  compiled {m['compilations']:.0f}x" if "compilations" in m else "")

@@ -12,7 +12,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from prefopt_jax import data, models
-from prefopt_jax.config import Config, ConfigError
+from prefopt_jax.config import Config, ConfigError, steps_per_epoch, with_schedule
 from prefopt_jax.train import batches, build, reference_cache, runtime, udm
 from prefopt_jax.train import lora as lora_lib
 from prefopt_jax.train import step as step_lib
@@ -70,6 +70,12 @@ def setup(
         splits = ("train", "eval")
     prepared, answers = batches.load_data(cfg, tokenizer, parts.loss, splits)  # bad data stops before the model
     print(f"data: {batches.describe(prepared)}", file=out)
+    if splits and "train" in splits and (t.epochs is not None or t.warmup_ratio is not None):
+        cfg = with_schedule(cfg, len(prepared.train))  # the run's steps and warmup, from the data (TRL's way)
+        t = cfg.train
+        per = steps_per_epoch(cfg, len(prepared.train))
+        print(f"schedule: {t.steps} steps ({per} per epoch of {len(prepared.train)} examples), warmup {t.warmup_steps}",
+              file=out)  # fmt: skip
     if parts.udm and splits and len({e.label for e in prepared.train}) < 2:
         raise ConfigError("loss.udm=true fits a classifier of desirable vs undesirable training prompts: it needs both")
     model = runtime.load_model(cfg, mesh)

@@ -1,0 +1,54 @@
+"""train.epochs and train.warmup_ratio: the step count and the warmup derived from the data, as TRL derives them."""
+
+import pytest
+
+from prefopt_jax.config import Config, ConfigError, TrainSection, load_config, train_steps, with_schedule
+
+
+def _cfg(**train):
+    return Config(train=TrainSection(**train))
+
+
+@pytest.mark.parametrize(
+    ("epochs", "batch", "n", "steps"),
+    [
+        (1, 8, 64, 8),  # 64 / 8
+        (3, 8, 100, 36),  # 12 full steps an epoch (TRL drops none, counts floor(batches / accumulation))
+        (1.5, 8, 100, 18),  # ceil(1.5 * 12)
+        (0.5, 16, 8486, 265),  # hh-rlhf's 8,486 rows: 530 full steps an epoch, half of them
+        (2, 32, 10, 2),  # fewer examples than a batch: one step an epoch
+    ],
+)
+def test_epochs_give_steps(epochs, batch, n, steps):
+    assert train_steps(_cfg(epochs=epochs, batch_size=batch), n) == steps
+
+
+def test_without_epochs_steps_stand():
+    assert train_steps(_cfg(steps=7), 1000) == 7
+
+
+def test_warmup_ratio_rounds_up_as_trl():
+    # TRL's TrainingArguments.get_warmup_steps: math.ceil(num_training_steps * warmup_ratio)
+    c = with_schedule(_cfg(epochs=1, batch_size=8, warmup_ratio=0.1), 800)
+    assert (c.train.steps, c.train.warmup_steps) == (100, 10)
+    c = with_schedule(_cfg(steps=48, warmup_ratio=0.05), 10)
+    assert (c.train.steps, c.train.warmup_steps) == (48, 3)  # ceil(2.4)
+
+
+def test_steps_win_over_epochs_as_max_steps(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train: {steps: 5, epochs: 3}\n")
+    cfg = load_config(f)
+    assert cfg.train.epochs is None and train_steps(cfg, 1000) == 5
+    # an epochs override on the command line wins over the file's steps; both overridden: steps win
+    assert load_config(f, ["train.epochs=2"]).train.epochs == 2
+    assert load_config(f, ["train.epochs=2", "train.steps=4"]).train.epochs is None
+
+
+def test_bad_epochs_and_ratio_name_the_key():
+    with pytest.raises(ConfigError, match=r"train\.epochs"):
+        load_config(None, ["train.epochs=0"])
+    with pytest.raises(ConfigError, match=r"train\.warmup_ratio"):
+        load_config(None, ["train.warmup_ratio=1.5"])
+    with pytest.raises(ConfigError, match="no training examples"):
+        train_steps(_cfg(epochs=1), 0)
