@@ -66,6 +66,9 @@ class DataSection:
     eval_fraction: float = 0.1  # ignored by builtin:compare, which has its own held-out split
     layout: str = "packed"  # packed | padded | shared (prefix sharing only) | packed_unshared (packing only)
     pack_length: int | None = None  # tokens per row (a multiple of 32; 128 for TPU/GPU); None: the longest example
+    # ... but at least this many (or a row's share of a step, if less) where rows hold several examples, so short
+    # examples pack several to a row: each micro-batch costs the step a loop iteration; 0: the longest example
+    min_pack_length: int = 512
     # rows per micro-batch (R x pack_length tokens: its memory); None: one per device the rows are split over
     micro_batch_rows: int | None = None
     on_error: str = "raise"
@@ -435,6 +438,7 @@ RANGES = {
     "data.max_prompt_length": (1, None, False),
     "data.eval_fraction": (0.0, 1.0, False),
     "data.micro_batch_rows": (1, None, False),
+    "data.min_pack_length": (0, None, False),
     "data.num_train": (1, None, False),
     "data.num_eval": (0, None, False),
     "data.workers": (0, None, False),

@@ -31,7 +31,7 @@ from prefopt_jax.data.tokenize import (
     completions_of,
 )
 
-VERSION = "1"  # bump when what the Encoder makes of a record changes
+VERSION = "2"  # bump when what a row becomes changes (2: plain-string transcripts are read, not refused)
 KINDS = {TokenizedPair: 0, TokenizedUnpaired: 1, TokenizedRanked: 2}
 DROPPED = -1
 

@@ -161,12 +161,14 @@ def batch_spec(
     rows: int | None = None,
     tiles: bool = False,
     length_multiple: int = 128,
+    min_length: int = 0,
 ) -> BatchSpec:
     """The batch spec: the geometry sized from `examples` (train and held-out together, so every one fits;
-    see `planner.derive_geometry`), then the run's `steps` steps over `train` (default `examples`; default
-    steps: one epoch) planned ahead with `seed` and `mixture` as the run will: the group slots are the most
-    examples one micro-batch holds, `micro_batches` the most micro-batches one step needs. The response-only
-    and KL parts get geometries every selection fits."""
+    rows of at least `min_length` tokens where they hold several examples; see `planner.derive_geometry`),
+    then the run's `steps` steps over `train` (default `examples`; default steps: one epoch) planned ahead
+    with `seed` and `mixture` as the run will: the group slots are the most examples one micro-batch holds,
+    `micro_batches` the most micro-batches one step needs. The response-only and KL parts get geometries every
+    selection fits."""
     kind = KIND_OF[type(examples[0])]
     train = examples if train is None else train
     lens = [_lens(_main_group(e)) for e in examples]
@@ -174,8 +176,9 @@ def batch_spec(
     completions = np.asarray([c for _, c in lens])
     common = dict(row_multiple=row_multiple, tiles=tiles, seed=seed, length_multiple=length_multiple)
     main = derive_geometry(
-        prompt, completions, layout=layout, batch_size=batch_size, length=length, rows=rows, **common
-    )
+        prompt, completions, layout=layout, batch_size=batch_size, length=length, rows=rows, min_length=min_length,
+        **common,
+    )  # fmt: skip
     geometries = {"main": main}
     if response_only:  # as many tokens per micro-batch as the main part: each example's responses fit beside it
         alone = np.asarray([len(c) - 1 for e in examples for c in (e.chosen, e.rejected)])[:, None]

@@ -250,15 +250,23 @@ def row_shape(
     length: int | None,
     rows: int | None,
     length_multiple: int,
+    min_length: int = 0,
+    step_tokens: int = 0,
 ) -> tuple[int, int]:
     """(rows R, row length T) of a run's micro-batches: T fits the longest unit (rounded up to
     `length_multiple`, or `length`), R is one row per device that splits the rows (or `rows`, rounded up to a
-    multiple of them); a layout with one unit per row needs at least a group's units."""
+    multiple of them); a layout with one unit per row needs at least a group's units. Where rows hold several
+    units, T is at least `min_length`, or a row's share of a step (`step_tokens` over R) if that is less: short
+    examples then pack several to a row instead of a micro-batch each (each micro-batch costs the step a loop
+    iteration of fixed overhead)."""
     if length is not None and longest > length:
         raise ValueError(f"the longest example needs rows of {longest} tokens; data.pack_length is {length}")
-    t = length or round_up(longest, length_multiple)
     per_group = completions if SPLIT[layout] and ONE_PER_ROW[layout] else 1
-    return round_up(max(rows or 1, per_group), row_multiple), t
+    r = round_up(max(rows or 1, per_group), row_multiple)
+    t = length or round_up(longest, length_multiple)
+    if length is None and not ONE_PER_ROW[layout]:
+        t = max(t, round_up(min(min_length, -(-step_tokens // r)), length_multiple))
+    return r, t
 
 
 def derive_geometry(
@@ -273,10 +281,11 @@ def derive_geometry(
     tiles: bool = False,
     seed: int = 0,
     length_multiple: int = 128,
+    min_length: int = 0,
     sample_steps: int = 64,
 ) -> Geometry:
     """A run's micro-batch geometry from its examples' lengths (`prompt_lens` [N], `completion_lens` [N, k]):
-    the shape from the longest example and the devices (`row_shape`), and per-row budgets of scored tokens
+    the shape from the longest example, the devices and `min_length` (`row_shape`), and per-row budgets of scored tokens
     and attention tiles (`tiles`: block-sparse) 10% above the most any row held over the first
     `sample_steps` steps packed without them, never below what the largest example needs in an empty row.
     Its group slots are `batch_size` (a step's examples): `collate.batch_spec` narrows them to the most the
@@ -285,9 +294,11 @@ def derive_geometry(
     n, k = completion_lens.shape
     units = [units_of(0, int(p), cs, layout) for p, cs in zip(prompt_lens, completion_lens, strict=True)]
     longest = max(u.size for us in units for u in us)
+    step_tokens = int(batch_size * np.mean([sum(u.size for u in us) for us in units]))
     r, t = row_shape(
-        longest, k, layout=layout, row_multiple=row_multiple, length=length, rows=rows, length_multiple=length_multiple
-    )
+        longest, k, layout=layout, row_multiple=row_multiple, length=length, rows=rows,
+        length_multiple=length_multiple, min_length=min_length, step_tokens=step_tokens,
+    )  # fmt: skip
     width = int(completion_lens.max())
     own_scored = max(sum(u.completion_lens) for us in units for u in us)
     own_tiles = max(tile_bound(0, u.prompt_len, u.completion_lens) for us in units for u in us)

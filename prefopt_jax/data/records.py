@@ -162,16 +162,52 @@ def _split_implicit(chosen: Messages, rejected: Messages) -> tuple[Messages, str
     return chosen[:n], rest_c[0][1], rest_r[0][1]
 
 
+ASSISTANT, HUMAN = "\n\nAssistant:", "\n\nHuman:"  # Anthropic HH-RLHF's turn markers
+
+
+def _split_transcripts(chosen: str, rejected: str) -> tuple[Messages | str, str, str]:
+    """Whole transcripts as plain strings (Anthropic HH-RLHF as published): each is split at its last
+    "\n\nAssistant:", the text before it is the prompt (the same in both) and the text after it the answer. A
+    character-level common prefix would move the first words both answers share into the prompt. A prompt in
+    HH's turns ("\n\nHuman: ... \n\nAssistant: ...") becomes chat messages, so the chat template applies."""
+    cut_c, cut_r = chosen.rfind(ASSISTANT), rejected.rfind(ASSISTANT)
+    if cut_c < 0 or cut_r < 0:
+        which = "chosen" if cut_c < 0 else "rejected"
+        raise DataError(f"implicit-prompt row: `{which}` is a string with no {ASSISTANT.strip()!r} turn to split at")
+    prompt = chosen[:cut_c]
+    if rejected[:cut_r] != prompt:
+        raise DataError("implicit-prompt row: chosen and rejected differ before their last assistant turn")
+    answer = lambda text, cut: text[cut + len(ASSISTANT) :].removeprefix(" ")
+    return _hh_messages(prompt), answer(chosen, cut_c), answer(rejected, cut_r)
+
+
+def _hh_messages(prompt: str) -> Messages | str:
+    """HH's "\n\nHuman: ...\n\nAssistant: ..." turns as messages (ending with a user turn), or the text as it is."""
+    if not prompt.startswith(HUMAN):
+        return prompt
+    turns, role, rest, found = [], "user", prompt[len(HUMAN) :], True
+    while found:
+        text, found, rest = rest.partition(ASSISTANT if role == "user" else HUMAN)
+        turns.append((role, text.strip()))
+        role = "assistant" if role == "user" else "user"
+    if turns[-1][0] != "user" or not all(text for _, text in turns):
+        return prompt
+    return tuple(turns)
+
+
 def normalize(row: Any, fmt: str, origin: Origin) -> Record:
     """One row as a record; a DataError names the origin and what is wrong."""
     try:
         if not isinstance(row, Mapping):
             raise DataError(f"a row must be a JSON object, got {type(row).__name__}")
-        if fmt == "implicit":
+        if fmt == "implicit" and isinstance(row["chosen"], str) and isinstance(row["rejected"], str):
+            prompt, chosen, rejected = _split_transcripts(row["chosen"], row["rejected"])
+            record: Record = Pair(prompt, chosen, rejected, _weight(row), origin)
+        elif fmt == "implicit":
             prompt, chosen, rejected = _split_implicit(
                 _messages(row["chosen"], "chosen"), _messages(row["rejected"], "rejected")
             )
-            record: Record = Pair(prompt, chosen, rejected, _weight(row), origin)
+            record = Pair(prompt, chosen, rejected, _weight(row), origin)
         elif fmt in ("standard", "conversational") and all(
             isinstance(row[k], list) and len(row[k]) > 1 for k in ("chosen", "rejected")
         ):  # whole conversations (UltraFeedback-style, e.g. princeton-nlp/*-ultrafeedback*): their shared turns

@@ -4,8 +4,11 @@ in-memory list. Every row keeps its origin (file and row), and every row read is
 from __future__ import annotations
 
 import collections
+import csv
 import dataclasses
 import glob
+import gzip
+import io
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -72,10 +75,15 @@ def _check_encoding(path: Path, head: bytes) -> None:
             raise DataError(f"{path}: the file is {name}; save it as UTF-8")
 
 
+def _open(path: Path):
+    """The file's bytes, decompressed when it ends in .gz."""
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else path.open("rb")
+
+
 def _jsonl_rows(path: Path) -> Iterator[tuple[Origin, Any]]:
     """Rows of a JSON Lines file by 1-based line: a UTF-8 BOM, CRLF endings and blank lines are fine; a line
     that is not UTF-8 or not JSON comes back as its DataError (so it can be skipped)."""
-    with path.open("rb") as f:
+    with _open(path) as f:
         _check_encoding(path, f.read(4))
         f.seek(0)
         rows = 0
@@ -100,14 +108,20 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[Origin, Any]]:
         raise DataError(f"{path}: the file holds no rows")
 
 
-def _json_rows(path: Path) -> Iterator[tuple[Origin, Any]]:
-    raw = path.read_bytes()
+def _text(path: Path) -> str:
+    """A whole file's text (decompressed; a UTF-8 BOM dropped), or the error naming its first non-UTF-8 byte."""
+    with _open(path) as f:
+        raw = f.read()
     _check_encoding(path, raw[:4])
     raw = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise _not_utf8(path, raw, e.start) from None
+
+
+def _json_rows(path: Path) -> Iterator[tuple[Origin, Any]]:
+    text = _text(path)
     if not text.strip():
         raise DataError(f"{path}: the file holds no rows")
     try:
@@ -140,13 +154,66 @@ def _table_rows(path: Path) -> Iterator[tuple[Origin, Any]]:
         yield Origin(str(path), i, "row"), row
 
 
-FILE_READERS = {".jsonl": _jsonl_rows, ".json": _json_rows, ".parquet": _table_rows, ".arrow": _table_rows}
+def _cell(name: str, text: str) -> Any:
+    """A CSV/TSV cell as the field it fills: labels as booleans, weights and scores as numbers, lists of
+    responses or scores (and message lists) as the JSON they are written in; everything else as text."""
+    if name == "label" and text.strip().lower() in ("true", "false", "1", "0"):
+        return text.strip().lower() in ("true", "1")
+    if name == "weight":
+        try:
+            return float(text)
+        except ValueError:
+            return text  # the record names the bad weight
+    if text.lstrip().startswith("[") and name in ("prompt", "chosen", "rejected", "responses", "scores"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text
+    return text
+
+
+def _delimited_rows(path: Path) -> Iterator[tuple[Origin, Any]]:
+    """Rows of a CSV or TSV file with a header line, by the 1-based line each row starts on."""
+    text = _text(path)
+    delimiter = "\t" if path.name.lower().removesuffix(".gz").endswith(".tsv") else ","
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    rows, line = 0, 1
+    for row in reader:
+        origin = Origin(str(path), line, "line")  # the line the row starts on (the header is line 1)
+        line = reader.line_num
+        if None in row or None in row.values():
+            yield origin, DataError(f"{origin}: {len(reader.fieldnames or [])} columns expected", "malformed row")
+        elif any(v.strip() for v in row.values()):
+            rows += 1
+            yield origin, {k: _cell(k, v) for k, v in row.items()}
+    if not rows:
+        raise DataError(f"{path}: the file holds no rows")
+
+
+FILE_READERS = {
+    ".jsonl": _jsonl_rows,
+    ".json": _json_rows,
+    ".jsonl.gz": _jsonl_rows,
+    ".json.gz": _json_rows,
+    ".csv": _delimited_rows,
+    ".tsv": _delimited_rows,
+    ".csv.gz": _delimited_rows,
+    ".tsv.gz": _delimited_rows,
+    ".parquet": _table_rows,
+    ".arrow": _table_rows,
+}
+
+
+def file_type(path: Path) -> str:
+    """The file's type as FILE_READERS knows it: its last suffix, or its last two for a compressed file."""
+    suffixes = [s.lower() for s in path.suffixes]
+    return "".join(suffixes[-2:]) if suffixes and suffixes[-1] == ".gz" else (suffixes[-1] if suffixes else "")
 
 
 def _file_rows(path: Path) -> Iterator[tuple[Origin, Any]]:
-    reader = FILE_READERS.get(path.suffix.lower())
+    reader = FILE_READERS.get(file_type(path))
     if reader is None:
-        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .json, .parquet or .arrow")
+        raise DataError(f"{path}: unsupported file type {file_type(path)!r}; use {', '.join(FILE_READERS)}")
     yield from reader(path)
 
 
@@ -154,6 +221,12 @@ def source_files(source: str) -> list[Path]:
     """The local files a source names (a path or a glob; none for a hub id); a glob or a data-file path that
     matches nothing is an error."""
     text = str(source)
+    if Path(text).is_dir():  # a dataset folder as the hub lays it out: data/train-*.parquet, or its files
+        for pattern in ("data/train-*", "train-*", "data/*", "*"):
+            found = [p for p in sorted(Path(text).glob(pattern)) if p.is_file() and file_type(p) in FILE_READERS]
+            if found:
+                return found
+        raise DataError(f"{text}: a folder with no data file ({', '.join(FILE_READERS)})")
     paths = sorted(glob.glob(text)) if any(c in text for c in "*?[") else ([text] if Path(text).exists() else [])
     if not paths and (text.endswith(tuple(FILE_READERS)) or any(c in text for c in "*?[")):
         raise DataError(f"no data file matches {text!r}")

@@ -170,8 +170,9 @@ def batch_spec(
     """The run's micro-batch geometry, sized from `examples` (train and held-out together, so every one
     fits), and the micro-batches a step needs, from its `train.steps` steps over `train` (default
     `examples`) planned ahead (see `data.batch_spec`). `data.pack_length` and `data.micro_batch_rows`
-    override the row length (the longest example's) and the rows per micro-batch (one per device the rows are
-    split over). Rows are a multiple of 128 tokens for the accelerator kernels, of 32 (the CPU tile) otherwise."""
+    override the row length (the longest example's, or at least `data.min_pack_length` where rows hold
+    several examples) and the rows per micro-batch (one per device the rows are split over). Rows are a
+    multiple of 128 tokens for the accelerator kernels, of 32 (the CPU tile) otherwise."""
     return data.batch_spec(
         examples,
         train=train,
@@ -185,6 +186,7 @@ def batch_spec(
         row_multiple=rows_per_device_group(mesh),
         length=cfg.data.pack_length,
         rows=cfg.data.micro_batch_rows,
+        min_length=cfg.data.min_pack_length,
         tiles=attention == "block_sparse",
         length_multiple=128 if attention in ("pallas", "cudnn") else data.TILE,
     )

@@ -294,3 +294,24 @@ def test_kl_pairs_and_response_only_parts_stay_with_their_own_examples_in_uneven
                 assert tokens_at(host["response_only"], s) == pairs[i].chosen[1:].tolist()  # first token: context
                 assert tokens_at(host["response_only"], g + s) == pairs[i].rejected[1:].tolist()
     assert len(counts) >= 2, counts
+
+
+def test_short_examples_pack_several_to_a_row_of_at_least_min_length():
+    """Pairs of ~40 tokens, 8 a step: rows as long as the longest pair (64) hold one or two pairs, so a step
+    takes ~7 micro-batches; with `min_length=512` a row is a step's share (320 tokens here, less than 512) and
+    a step takes one. Rows that hold one unit each (the padded layout: a prompt and a completion) are not lengthened."""
+    rng = np.random.default_rng(0)
+    ids = lambda lo, hi: rng.integers(5, 90, int(rng.integers(lo, hi))).astype(np.int32)
+    ex = [data.TokenizedPair(ids(15, 30), ids(3, 12), ids(3, 12), 1.0, i) for i in range(64)]
+    used = {}
+    for floor in (0, 512):
+        spec = data.batch_spec(ex, layout="packed", batch_size=8, max_length=64, min_length=floor, length_multiple=32)
+        packer = data.packer(spec, ex, seed=0)
+        used[floor] = (spec.geometries["main"].length, [len(packer.next_step()) for _ in range(8)])
+    longest = max(len(e.prompt) + len(e.chosen) + len(e.rejected) for e in ex)
+    mean_step = 8 * np.mean([len(e.prompt) + len(e.chosen) + len(e.rejected) for e in ex])
+    assert used[0][0] == -(-longest // 32) * 32 and min(used[0][1]) >= 5
+    assert used[512][0] == -(-int(mean_step) // 32) * 32 and max(used[512][1]) <= 2
+    padded = data.batch_spec(ex, layout="padded", batch_size=8, max_length=64, min_length=512, length_multiple=32)
+    unit = max(len(e.prompt) + max(len(e.chosen), len(e.rejected)) for e in ex)  # a prompt and one completion
+    assert padded.geometries["main"].length == -(-unit // 32) * 32

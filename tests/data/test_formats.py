@@ -1,0 +1,124 @@
+"""Files as the hubs publish them: compressed JSON/JSONL, CSV/TSV, hub-style data folders and plain-string
+transcripts with an implicit prompt (Anthropic HH-RLHF), each read from real rows re-written into that format
+and giving the same records as the original file; errors name the file and the 1-based line."""
+
+import csv
+import gzip
+import json
+
+import pytest
+
+from prefopt_jax import data
+
+
+@pytest.fixture(scope="module")
+def real(shared_file):
+    """The first 40 pairs of the shared HH-RLHF file (prompt as messages) and their records."""
+    path = shared_file("hh_rlhf_test.jsonl")
+    rows = [json.loads(line) for line in path.read_text().splitlines()[:40]]
+    return rows, data.read_records(rows)[0]
+
+
+def same(records, expected):
+    assert [(r.prompt, r.chosen, r.rejected) for r in records] == [(r.prompt, r.chosen, r.rejected) for r in expected]
+
+
+def test_compressed_json_and_jsonl(real, tmp_path):
+    rows, expected = real
+    jsonl, js = tmp_path / "pairs.jsonl.gz", tmp_path / "pairs.json.gz"
+    with gzip.open(jsonl, "wt", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    with gzip.open(js, "wt", encoding="utf-8") as f:
+        json.dump(rows, f)
+    for path in (jsonl, js):
+        records, _ = data.read_records(str(path))
+        same(records, expected)
+    assert str(data.read_records(str(jsonl))[0][3].origin) == f"{jsonl}, line 4"
+
+
+@pytest.mark.parametrize("name,delimiter", [("pairs.csv", ","), ("pairs.tsv", "\t"), ("pairs.csv.gz", ",")])
+def test_csv_and_tsv(real, tmp_path, name, delimiter):
+    rows, expected = real
+    path = tmp_path / name
+    opener = gzip.open if name.endswith(".gz") else open
+    with opener(path, "wt", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, ["prompt", "chosen", "rejected"], delimiter=delimiter)
+        writer.writeheader()  # the prompt's messages as the JSON a spreadsheet export keeps them in
+        writer.writerows({**r, "prompt": json.dumps(r["prompt"])} for r in rows)
+    records, _ = data.read_records(str(path))
+    same(records, expected)
+    text = (tmp_path / "short.csv").open("w", encoding="utf-8", newline="")
+    text.write('prompt,chosen,rejected\n"multi\nline",a,b\nq,only two\n')
+    text.close()
+    with pytest.raises(data.DataError, match=r"short\.csv, line 4: 3 columns expected"):
+        data.read_records(str(tmp_path / "short.csv"))
+
+
+def test_unpaired_csv_reads_labels_and_weights(tmp_path):
+    path = tmp_path / "kto.csv"
+    path.write_text("prompt,completion,label,weight\nq1,a1,true,1\nq2,a2,False,0.5\nq3,a3,1,2\n")
+    records, _ = data.read_records(str(path))
+    assert [(r.label, r.weight) for r in records] == [(True, 1.0), (False, 0.5), (True, 2.0)]
+
+
+def test_hub_style_data_folder(real, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows, expected = real
+    folder = tmp_path / "dataset"
+    (folder / "data").mkdir(parents=True)
+    flat = [{**r, "prompt": json.dumps(r["prompt"])} for r in rows]  # any column types: strings here
+    for i, part in enumerate((flat[:25], flat[25:])):
+        pq.write_table(pa.Table.from_pylist(part), folder / "data" / f"train-0000{i}-of-00002.parquet")
+    pq.write_table(pa.Table.from_pylist(flat[:3]), folder / "data" / "test-00000-of-00001.parquet")
+    (folder / "README.md").write_text("a dataset card")
+    assert [p.name for p in data.sources.source_files(str(folder))] == [
+        "train-00000-of-00002.parquet",
+        "train-00001-of-00002.parquet",
+    ]
+    records, _ = data.read_records(str(folder), format="standard")
+    assert [(r.chosen, r.rejected) for r in records] == [(r.chosen, r.rejected) for r in expected]
+
+
+def transcript(prompt, answer):
+    """A conversation as HH-RLHF publishes it: one string, each turn after a "\\n\\nHuman:"/"\\n\\nAssistant:"."""
+    turns = "".join(f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in prompt)
+    return f"{turns}\n\nAssistant: {answer}"
+
+
+def test_hh_transcripts_split_at_the_last_assistant_turn(real, tmp_path):
+    rows, _ = real
+    hh = [
+        {"chosen": transcript(r["prompt"], r["chosen"]), "rejected": transcript(r["prompt"], r["rejected"])}
+        for r in rows
+    ]
+    path = tmp_path / "hh.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in hh))
+    records, _ = data.read_records(str(path))
+    # the prompt back as chat messages (stripped of the spaces around each turn), the answers as written
+    want = [(tuple((m["role"], m["content"].strip()) for m in r["prompt"]), r["chosen"], r["rejected"]) for r in rows]
+    assert [(r.prompt, r.chosen, r.rejected) for r in records] == want
+    # both answers start alike: a character-level common prefix would move "The answer is " into the prompt
+    pair = {
+        "chosen": "\n\nHuman: 2+2?\n\nAssistant: The answer is 4",
+        "rejected": "\n\nHuman: 2+2?\n\nAssistant: The answer is 5",
+    }
+    (r,), _ = data.read_records([pair])
+    assert (r.prompt, r.chosen, r.rejected) == ((("user", "2+2?"),), "The answer is 4", "The answer is 5")
+    bad = {"chosen": "\n\nHuman: a\n\nAssistant: x", "rejected": "\n\nHuman: b\n\nAssistant: y"}
+    with pytest.raises(data.DataError, match=r"rows\[1\]: implicit-prompt row: chosen and rejected differ before"):
+        data.read_records([pair, bad])
+
+
+def test_every_format_goes_through_the_tokenised_cache(real, tmp_path, smollm2_tokenizer):
+    rows, _ = real
+    path = tmp_path / "pairs.csv.gz"
+    with gzip.open(path, "wt", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, ["prompt", "chosen", "rejected"])
+        writer.writeheader()
+        writer.writerows({**r, "prompt": json.dumps(r["prompt"])} for r in rows)
+    first = data.prepare(str(path), smollm2_tokenizer, max_length=512, cache_dir=tmp_path / "cache", on_error="skip")
+    again = data.prepare(str(path), smollm2_tokenizer, max_length=512, cache_dir=tmp_path / "cache", on_error="skip")
+    assert [s.cache for s in first.sources] == ["written"] and [s.cache for s in again.sources] == ["hit"]
+    assert [list(e.chosen) for e in again.train] == [list(e.chosen) for e in first.train] and len(first.train) > 30
