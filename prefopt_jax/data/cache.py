@@ -4,8 +4,9 @@ memory-mapped by every later load. The key hashes everything that decides the to
 (or a hub dataset's fingerprint), the format, the tokenizer's whole serialised definition, its special tokens,
 the chat template and the truncation settings, so a changed setting gives a new key, never a stale hit.
 
-A load builds the examples as views into the mapped file: every process reads the lengths (each plans the
-global batch from them) but only the token pages of the rows it builds."""
+A load builds the examples as views into the mapped file, after checking the token buffer and the segment
+lengths against the xxh3 checksums written with them (a mismatch is reported and the source tokenised again,
+never trained on); so every process reads the whole file once."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import gc
 import json
 import os
 import tempfile
+import warnings
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +33,7 @@ from prefopt_jax.data.tokenize import (
     completions_of,
 )
 
-VERSION = "2"  # bump when what a row becomes changes (2: plain-string transcripts are read, not refused)
+VERSION = "3"  # bump when what a row becomes changes (2: plain-string transcripts read; 3: checksums)
 KINDS = {TokenizedPair: 0, TokenizedUnpaired: 1, TokenizedRanked: 2}
 DROPPED = -1
 
@@ -40,6 +42,32 @@ def _hasher():
     import xxhash  # a dependency of datasets; ~10 GB/s, so hashing the source costs next to nothing
 
     return xxhash.xxh3_128()
+
+
+CHUNK_BYTES = 1 << 22  # the token buffer is checksummed in 4 MiB pieces, so a mismatch names where it is
+
+
+def checksums(flat: np.ndarray, lengths: np.ndarray) -> dict:
+    """xxh3 digests of the token buffer, per CHUNK_BYTES piece, and of the segment lengths that cut it into
+    prompts and completions: written with the cache, checked on every load."""
+    import xxhash
+
+    raw = memoryview(np.ascontiguousarray(flat, np.int32)).cast("B")
+    pieces = [xxhash.xxh3_64_hexdigest(raw[i : i + CHUNK_BYTES]) for i in range(0, len(raw), CHUNK_BYTES)]
+    return {"tokens": pieces, "segments": xxhash.xxh3_64_hexdigest(np.ascontiguousarray(lengths, np.int64))}
+
+
+def _corrupt(stored: dict, flat: np.ndarray, lengths: np.ndarray) -> str | None:
+    """What of the cached file does not match its checksums (None: all of it does)."""
+    found = checksums(flat, lengths)
+    if found["segments"] != stored["segments"]:
+        return "its segment lengths"
+    bad = [i for i, (a, b) in enumerate(zip(found["tokens"], stored["tokens"], strict=False)) if a != b]
+    if bad or len(found["tokens"]) != len(stored["tokens"]):
+        first = bad[0] if bad else min(len(found["tokens"]), len(stored["tokens"]))
+        per = CHUNK_BYTES // 4
+        return f"its tokens {first * per}-{min((first + 1) * per, len(flat)) - 1}"
+    return None
 
 
 def source_digest(source: str, split: str | None, format: str | None) -> str:
@@ -161,6 +189,7 @@ def write(
         }
     )
     meta = {"version": VERSION, "sources": names, "read": read.read, "dropped": read.dropped, "first": read.first}
+    meta["checksums"] = checksums(flat, np.asarray([n for s in segments for n in s], np.int64))
     table = table.replace_schema_metadata({"prefopt_jax": json.dumps(meta)})
     target = path_for(root, cache_key)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -196,6 +225,11 @@ def read(root: str | Path, cache_key: str) -> tuple[list[Encoded], DataReport] |
     flat = np.frombuffer(values.buffers()[1], np.int32, count=len(values), offset=values.offset * 4)
     flat.flags.writeable = False  # a write would land in (or fault on) the mapped file
     lengths = segments.values.to_numpy()
+    wrong = _corrupt(meta["checksums"], flat, lengths)
+    if wrong is not None:  # bit rot, a bad copy, a disk error: never trained on
+        why = f"tokenised cache {path}: {wrong} do not match their checksum; tokenising the source again"
+        warnings.warn(why, stacklevel=2)
+        return None
     # rows are contiguous in `flat` and a dropped row has no segments, so segment s starts where the previous ended
     ends_np = np.cumsum(lengths)
     starts, ends = (ends_np - lengths).tolist(), ends_np.tolist()

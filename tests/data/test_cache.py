@@ -154,3 +154,32 @@ def test_a_hit_maps_the_tokens_instead_of_copying_them(tmp_path, tok):
     bases = {id(np.asarray(e.prompt).base) for e in hit.train} | {id(np.asarray(e.chosen).base) for e in hit.train}
     assert len(bases) == 1  # views of one buffer: the memory-mapped token column
     assert not hit.train[0].prompt.flags.owndata and not hit.train[0].prompt.flags.writeable
+
+
+@pytest.mark.parametrize("what", ["tokens", "segments"])
+def test_bytes_changed_inside_the_cache_are_never_trained_on(tmp_path, tok, what):
+    """Bytes flipped inside the cached file's token values (or the lengths that cut them into prompts and
+    completions), as bit rot or a bad copy would: the load reports it and tokenises the source again."""
+    src = write_rows(tmp_path / "d.jsonl", ROWS)
+    plain = data.prepare(str(src), tok, max_length=64)
+    first = data.prepare(str(src), tok, max_length=64, cache_dir=str(tmp_path / "c"))
+    (path,) = (tmp_path / "c").glob("*.arrow")
+    raw = bytearray(path.read_bytes())
+    e = first.train[5]
+    if what == "tokens":  # the example's chosen tokens, located in the file by their bytes
+        needle = np.asarray(e.chosen, np.int32).tobytes()
+        at = raw.find(needle)
+        raw[at] ^= 0x01  # token id + or - 1: still a valid id, silently wrong
+    else:  # the segment lengths: [prompt, chosen, rejected] of each row, one int32 each
+        lengths = np.asarray([len(x) for x in first.train[0:3] for x in (x.prompt, x.chosen, x.rejected)], np.int32)
+        at = raw.find(lengths.tobytes())
+        raw[at] ^= 0x01
+    assert at >= 0
+    path.write_bytes(bytes(raw))
+    with pytest.warns(UserWarning, match=rf"{what if what == 'tokens' else 'segment lengths'}.* do not match"):
+        again = data.prepare(str(src), tok, max_length=64, cache_dir=str(tmp_path / "c"))
+    assert [s.cache for s in again.sources] == ["written"]  # tokenised again, and the cache rewritten
+    same(again.train, plain.train)
+    assert [s.cache for s in data.prepare(str(src), tok, max_length=64, cache_dir=str(tmp_path / "c")).sources] == [
+        "hit"
+    ]
