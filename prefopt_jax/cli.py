@@ -7,6 +7,8 @@ prefopt-jax eval --config configs/X.yaml            held-out metrics of the newe
 prefopt-jax export --config configs/X.yaml OUT_DIR  Hugging Face folder (LoRA merged)
 prefopt-jax plot RUN_DIR                            PNG curves of a run's metrics
 prefopt-jax plan --config configs/X.yaml --target v5e-16   per-device memory and step time, compiled ahead
+prefopt-jax train --config trl_recipe.yaml --beta 0.2   a TRL / alignment-handbook recipe, converted
+prefopt-jax config --from-trl trl_recipe.yaml -o native.yaml   the recipe's native config
 prefopt-jax losses                         every loss evaluated on a built-in batch
 prefopt-jax losses --set r_dpo.alpha=0.05 --markdown docs/losses.md
 """
@@ -66,36 +68,88 @@ def cmd_losses(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_config(path: str | None, overrides, extra: list[str] | None = None, **kw):
+    """The config of `--config`: a native YAML, or a TRL / alignment-handbook recipe converted key by key (the
+    mapping printed once; TRL-style `--key value` overrides in `extra` applied to the recipe first)."""
+    from prefopt_jax import config, trl_recipe
+
+    raw = _read_yaml(path) if path else None
+    if not trl_recipe.looks_like_recipe(raw):
+        if extra:
+            raise config.ConfigError(f"unrecognised arguments {extra}: native configs take SECTION.KEY=VALUE")
+        return config.load_config(path, overrides, **kw)
+    recipe = trl_recipe.apply_overrides(raw, extra or [])
+    native, lines = trl_recipe.convert(recipe, path, devices=_TRL_DEVICES[0])
+    print("\n".join(lines), flush=True)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        converted = Path(tmp) / "native.yaml"
+        converted.write_text(trl_recipe.to_yaml(native, []))
+        try:
+            return config.load_config(converted, overrides, **kw)
+        except config.ConfigError as e:
+            msg = str(e).replace(str(converted), "the converted config")
+            raise config.ConfigError(f"{path} (converted from TRL): {msg}") from None
+
+
+_TRL_DEVICES = [1]  # --trl-devices: the data-parallel ranks the recipe's per-device batch was written for
+
+
+def _read_yaml(path: str):
+    import yaml
+
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except (FileNotFoundError, yaml.YAMLError):
+        return None  # config.load_config reports these with the line
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from prefopt_jax import trl_recipe
+    from prefopt_jax.config import ConfigError
+
+    raw = _read_yaml(args.from_trl)
+    if not trl_recipe.looks_like_recipe(raw):
+        raise ConfigError(f"{args.from_trl}: not a TRL / alignment-handbook recipe (or not readable YAML)")
+    recipe = trl_recipe.apply_overrides(raw, args.extra or [])
+    native, lines = trl_recipe.convert(recipe, args.from_trl, devices=args.trl_devices)
+    text = f"# prefopt-jax train --config {args.out or 'THIS_FILE'}\n" + trl_recipe.to_yaml(native, lines)
+    if args.out:
+        Path(args.out).write_text(text)
+        print("\n".join(lines))
+        print(f"wrote {args.out}")
+    else:
+        print(text, end="")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from prefopt_jax.config import load_config
     from prefopt_jax.train.loop import train
 
-    train(load_config(args.config, args.overrides))
+    train(load_config(args.config, args.overrides, args.extra))
     return 0
 
 
 def cmd_precompute_ref(args: argparse.Namespace) -> int:
-    from prefopt_jax.config import load_config
     from prefopt_jax.train.reference_cache import precompute
 
-    precompute(load_config(args.config, args.overrides))
+    precompute(load_config(args.config, args.overrides, args.extra))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from prefopt_jax.config import load_config
     from prefopt_jax.train.evaluation import evaluate_checkpoint
 
-    evaluate_checkpoint(load_config(args.config, args.overrides))
+    evaluate_checkpoint(load_config(args.config, args.overrides, args.extra))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from prefopt_jax.config import load_config
     from prefopt_jax.train.export import export
 
     export(
-        load_config(args.config, args.overrides),
+        load_config(args.config, args.overrides, args.extra),
         args.out_dir,
         dtype=args.dtype,
         max_shard_size=args.max_shard_size,
@@ -192,12 +246,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     _config_args(p)
     p.set_defaults(func=cmd_plan)
+    p = sub.add_parser(
+        "config",
+        help="convert a TRL / alignment-handbook recipe (DPO, KTO, CPO, ORPO, SimPO) to a native config YAML",
+        description="Write the native config equivalent to a TRL recipe, the mapping of every key as comments; "
+        "keys that would change the run and have no native equivalent are refused, naming each. TRL-style "
+        "`--key value` overrides apply to the recipe first. `prefopt-jax train --config RECIPE` converts the "
+        "same way.",
+    )
+    p.add_argument("--from-trl", required=True, metavar="RECIPE", help="the TRL / handbook recipe YAML")
+    p.add_argument("-o", "--out", help="where to write the native YAML (default: print it)")
+    p.add_argument("--trl-devices", type=int, default=1, help="GPUs the recipe's per-device batch was for (1)")
+    p.set_defaults(func=cmd_config)
     return parser
+
+
+def _trl_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the arguments argparse knows, TRL-style `--key value` / `--key=value` / `--flag` ones it does not) for
+    the commands that take a recipe; a value is the next word unless it is an option or SECTION.KEY=VALUE."""
+    import re
+
+    subs = next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
+    if not argv or argv[0] not in ("train", "precompute-ref", "eval", "export", "config"):
+        return argv, []
+    actions = {o: a for a in subs[argv[0]]._actions for o in a.option_strings}
+    keep, extra, i = argv[:1], [], 1
+    while i < len(argv):
+        word, name = argv[i], argv[i].split("=", 1)[0]
+        takes = name in actions and actions[name].nargs != 0 and "=" not in word
+        if name in actions or not word.startswith("--"):
+            keep += argv[i : i + 1 + takes]
+            i += 1 + takes
+            continue
+        extra.append(word)
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if "=" not in word and nxt is not None and not nxt.startswith("--") and not re.match(r"^\w+\.\w+=", nxt):
+            extra.append(nxt)
+            i += 1
+        i += 1
+    return keep, extra
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv, extra = _trl_arguments(parser, sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(argv)
+    args.extra = extra  # TRL-style --key value overrides of a recipe
+    if "--trl-devices" in extra:  # also accepted by the commands that run a recipe
+        i = extra.index("--trl-devices")
+        _TRL_DEVICES[0], args.extra = int(extra[i + 1]), extra[:i] + extra[i + 2 :]
     if args.command is None:
         parser.print_help()
         return 0
