@@ -7,7 +7,9 @@ runs no reference forward at all.
 
 Layout of `<cache>/<key>/`: per split, `<split>.logps` (float32, every completion's tokens one after
 another) and `<split>.offsets` (int64, where each completion starts); `meta.json` is written last, so a
-cache without it is incomplete and is never read."""
+cache without it is incomplete and is never read. `meta.json` also holds xxh3 checksums of both arrays (the
+log-probs per stored chunk of `CHUNK` values), checked on every read: changed bytes (bit rot, a bad copy) are
+an error naming the file, never used for training; `precompute-ref` then computes them again."""
 
 from __future__ import annotations
 
@@ -18,8 +20,25 @@ from pathlib import Path
 
 import numpy as np
 import tensorstore as ts
+import xxhash
 
 from prefopt_jax.data import TokenizedPair, TokenizedUnpaired
+
+CHUNK = 1 << 20  # values per stored chunk of the log-probs (4 MiB of float32) and per checksum
+
+
+def checksums(values: np.ndarray, offsets: np.ndarray) -> dict:
+    """xxh3-64 hex digests of the log-probs, per CHUNK values, and of the offsets.
+
+    >>> checksums(np.zeros(3, np.float32), np.array([0, 3]))["logps"] == [xxhash.xxh3_64_hexdigest(bytes(12))]
+    True
+    """
+    raw = np.ascontiguousarray(values, np.float32).view(np.uint8)
+    step = CHUNK * 4
+    return {
+        "logps": [xxhash.xxh3_64_hexdigest(raw[i : i + step]) for i in range(0, len(raw), step)],
+        "offsets": xxhash.xxh3_64_hexdigest(np.ascontiguousarray(offsets, np.int64)),
+    }
 
 
 class ReferenceCacheError(RuntimeError):
@@ -77,7 +96,7 @@ def _array(path: str, dtype: str, shape: tuple[int, ...] | None = None) -> ts.Te
     spec = {"driver": "zarr3", "kvstore": _kvstore(path)}
     if shape is None:
         return ts.open(spec, open=True).result()
-    chunk = [max(1, min(shape[0], 1 << 20))]
+    chunk = [max(1, min(shape[0], CHUNK))]
     return ts.open(
         spec,
         create=True,
@@ -100,6 +119,7 @@ def write(root: str, key: str, splits: dict[str, list[list[np.ndarray]]], meta: 
         _array(f"{where}/{name}.logps", "float32", values.shape).write(values).result()
         _array(f"{where}/{name}.offsets", "int64", offsets.shape).write(offsets).result()
         counts[name] = {"examples": len(examples), "completions": len(flat), "tokens": len(values)}
+        counts[name]["checksums"] = checksums(values, offsets)
     meta_store = ts.KvStore.open(_kvstore(where + "/")).result()
     meta_store.write("meta.json", json.dumps({**meta, "key": key, "splits": counts}, indent=2).encode()).result()
     return where
@@ -114,16 +134,34 @@ def read(root: str, key: str, splits: dict[str, Sequence]) -> dict[str, list[lis
             f"no precomputed reference log-probs for this model, data and settings at {where}; "
             "run `prefopt-jax precompute-ref` with the same config first"
         )
+    stored = json.loads(meta_raw.value).get("splits", {})
     out = {}
     for name, examples in splits.items():
         values = _array(f"{where}/{name}.logps", "float32").read().result()
         offsets = _array(f"{where}/{name}.offsets", "int64").read().result()
+        verify(where, name, stored.get(name, {}).get("checksums"), values, offsets)
         lengths = [len(c) for e in examples for c in completions_of(e)]
         if len(offsets) != len(lengths) + 1 or not np.array_equal(np.diff(offsets), lengths):
             raise ReferenceCacheError(f"{where}/{name}: the cached completions do not match the examples")
         pieces = iter(np.split(values, offsets[1:-1]))
         out[name] = [[next(pieces) for _ in completions_of(e)] for e in examples]
     return out
+
+
+def verify(where: str, name: str, stored: dict | None, values: np.ndarray, offsets: np.ndarray) -> None:
+    """Raise ReferenceCacheError, naming the file, unless the arrays are the bytes that were written."""
+    again = "run `prefopt-jax precompute-ref` with the same config to compute them again"
+    if not stored:
+        raise ReferenceCacheError(f"{where}/{name}: no checksums in meta.json (an older cache); {again}")
+    now = checksums(values, offsets)
+    if now["offsets"] != stored.get("offsets"):
+        raise ReferenceCacheError(f"{where}/{name}.offsets: checksum mismatch (changed bytes); {again}")
+    bad = [i for i, (a, b) in enumerate(zip(now["logps"], stored.get("logps", []), strict=False)) if a != b]
+    if bad or len(now["logps"]) != len(stored.get("logps", [])):
+        raise ReferenceCacheError(
+            f"{where}/{name}.logps: checksum mismatch in chunk(s) {bad or 'count'} of {CHUNK} values (changed "
+            f"bytes); {again}"
+        )
 
 
 def key_for(cfg, prepared) -> str:
@@ -158,8 +196,9 @@ def precompute(cfg, out=None) -> str:
         read(root, key, splits)
         print(f"reference log-probs already cached at {root.rstrip('/')}/{key}", file=out)
         return f"{root.rstrip('/')}/{key}"
-    except (ReferenceCacheError, ValueError):
-        pass
+    except (ReferenceCacheError, ValueError) as e:
+        if "checksum" in str(e) or "no checksums" in str(e):
+            print(f"reference log-probs: {e.args[0].split('; ')[0]}; computing them again", file=out)
     mcfg, params = model.config, model.params()
     pad_id = tokenizer.pad_token_id or 0
     attention = runtime.attention(cfg, mcfg, mesh.devices.flat[0].platform)
