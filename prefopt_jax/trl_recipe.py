@@ -279,7 +279,11 @@ def _data(r: dict, given: dict, plan: _Plan, done: set) -> None:
         plan.refuse("truncation_mode", f"{r['truncation_mode']!r}: only keep_start (TRL's default) is native")
     if r.get("do_eval") is False:
         plan.set("do_eval", "data.eval_fraction", 0.0, "no held-out split")
+    elif "do_eval" in given:
+        plan.lines.append("  do_eval: true -> held-out metrics before and after training (data.eval_fraction)")
     strategy = r.get("eval_strategy", r.get("evaluation_strategy"))
+    if strategy in (None, "no") and "eval_steps" in given:
+        plan.ignore("eval_steps", f"eval_strategy is {strategy!r}")
     if strategy not in (None, "no"):
         plan.refuse(
             "eval_strategy/eval_steps",
