@@ -52,3 +52,19 @@ def test_bad_epochs_and_ratio_name_the_key():
         load_config(None, ["train.warmup_ratio=1.5"])
     with pytest.raises(ConfigError, match="no training examples"):
         train_steps(_cfg(epochs=1), 0)
+
+
+def test_a_run_by_epochs_takes_the_derived_steps_and_shows_the_epoch(tiny_model_dir, tmp_path, capsys):
+    from prefopt_jax.train.loop import train
+
+    cfg = load_config(
+        None,
+        [f"model.source={tiny_model_dir}", "mesh.fsdp=1", "data.num_train=16", "data.num_eval=8", "eval.generate=false",
+         "train.batch_size=4", "train.epochs=0.5", "train.warmup_ratio=0.5", f"output.dir={tmp_path}"],
+    )  # fmt: skip
+    _, history = train(cfg)
+    out = capsys.readouterr().out
+    # 16 examples / 4 per step = 4 steps an epoch; half an epoch = 2 steps; warmup ceil(0.5 x 2) = 1
+    assert len(history) == 2
+    assert "schedule: 2 steps (4 per epoch of 16 examples), warmup 1" in out
+    assert "step 2/2  epoch 0.50" in out
