@@ -68,3 +68,14 @@ def test_a_run_by_epochs_takes_the_derived_steps_and_shows_the_epoch(tiny_model_
     assert len(history) == 2
     assert "schedule: 2 steps (4 per epoch of 16 examples), warmup 1" in out
     assert "step 2/2  epoch 0.50" in out
+
+
+def test_progress_line_shows_epoch_and_eta():
+    import io
+
+    from prefopt_jax.train import metrics
+
+    out = io.StringIO()
+    metrics.progress(3, 10, {"loss": 0.5, "tokens_per_s": 100.0, "epoch": 0.75, "eta_s": 125.0}, out)
+    line = out.getvalue()
+    assert "step 3/10  epoch 0.75  loss 0.5000" in line and line.rstrip().endswith("ETA 2:05")

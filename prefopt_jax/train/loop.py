@@ -152,15 +152,23 @@ class StepLog:
     history: list[dict]
     out: IO
     epoch_steps: int = 0  # with train.epochs: steps per epoch, so the progress line shows the epoch
+    first_done: float = 0.0  # when this process's first step (the compiling one) was read: the ETA counts from it
+    seen: int = 0  # steps read by this process
 
     def __call__(self, step: int, metrics: dict, item: pipeline_lib.StepInput) -> None:
         t, history = self.cfg.train, self.history
         m = self.meter(step, metrics, item, skipped_before=history[-1]["skipped"] if history else 0)
         history.append(m)
+        self.seen += 1
+        if self.seen == 1:
+            self.first_done = time.perf_counter()
         self.writer.write(step, m)
         if step % self.cfg.output.log_every == 0 or step == t.steps:
             if self.epoch_steps:  # train.epochs: the epoch this step ends in, as TRL's logs show it
                 m = m | {"epoch": step / self.epoch_steps}
+            if self.seen >= 2:  # the run's ETA from this process's steps since its first (which compiles)
+                per_step = (time.perf_counter() - self.first_done) / (self.seen - 1)
+                m = m | {"eta_s": per_step * (t.steps - step)}
             metrics_lib.progress(step, t.steps, m, self.out)
         if self.meter.skipped_in_a_row >= t.max_skipped_in_a_row:
             raise FloatingPointError(

@@ -106,6 +106,7 @@ def progress(step: int, total: int, m: dict, out: IO | None = None) -> None:
         f"{m['tokens_per_s']:.0f} tok/s"
         + (f"  MFU {m['mfu']:.1%}" if "mfu" in m else "")
         + (f"  compiled {m['compilations']:.0f}x" if "compilations" in m else "")
+        + (f"  ETA {int(m['eta_s']) // 60}:{int(m['eta_s']) % 60:02d}" if m.get("eta_s") else "")
     )
     if out.isatty():
         print("\r" + text, end="\n" if step == total else "", file=out, flush=True)

@@ -164,6 +164,13 @@ def verify(where: str, name: str, stored: dict | None, values: np.ndarray, offse
         )
 
 
+def progress_bar(total: int, what: str, out):
+    """A tqdm bar with rate and ETA on a terminal; off (a no-op) when `out` is not one (logs, tests)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=what, unit="ex", file=out, disable=not getattr(out, "isatty", lambda: False)())
+
+
 def key_for(cfg, prepared) -> str:
     """The cache key of a run's configuration (`prepared`: its train and held-out examples)."""
     from prefopt_jax import models
@@ -215,11 +222,14 @@ def precompute(cfg, out=None) -> str:
         )
         results[name] = [None] * len(examples)
         plans = data.packer(spec, examples, seed=0, shuffle=False) if examples else None
+        bar = progress_bar(len(examples), f"reference log-probs ({name})", out)
         while plans is not None and (plan := plans.next_micro()) is not None:
+            bar.update(len(plan.examples))
             placed = batches.place(spec, batches.host_step(spec, [plan], examples, mesh, pad_id, micro_batches=1), mesh)
             logps = jax.device_get(logps_fn(params, jax.tree.map(lambda a: a[0], placed["main"])))
             for slot, i in enumerate(plan.examples):
                 results[name][i] = [logps[slot, j, : len(c)] for j, c in enumerate(completions_of(examples[i]))]
+        bar.close()
         print(f"reference log-probs: {name} {len(examples)} examples", file=out)
     meta = {"model": cfg.model.source, "dtype": cfg.model.dtype, "data": cfg.data.source}
     where = write(root, key, results, meta)
