@@ -62,11 +62,23 @@ def _encode(encoder: Encoder, records: Sequence, indices: Sequence[int], workers
     else:
         encoded = (encoder.encode([records[i] for i in c]) for c in chunks)
     out = {}
+    bar = _progress(len(indices))
     for chunk in chunks:
         out.update(zip(chunk, next(encoded), strict=True))
+        bar.update(len(chunk))
+    bar.close()
     if hasattr(encoded, "close"):
         encoded.close()  # the worker processes
     return out
+
+
+def _progress(total: int):
+    """A tqdm bar (rate, ETA) for a first pass of more than a few chunks, on stderr when it is a terminal."""
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="tokenising", unit="ex", disable=total <= 4 * CHUNK or not sys.stderr.isatty())
 
 
 def _one_thread_each(worker: int, workers: int) -> None:
