@@ -161,3 +161,17 @@ def test_trl_overrides_and_the_cli(tmp_path, capsys):
     bad.write_text("model_name_or_path: m\ndataset_name: p\noptim: lion_8bit\n")
     assert cli.main(["train", "--config", str(bad)]) == 2
     assert "optim: 'lion_8bit'" in capsys.readouterr().err
+
+
+def test_kto_and_cpo_recipes():
+    # TRL's KTOConfig: loss_type "kto", beta 0.1, desirable/undesirable_weight 1.0; CPOConfig: loss_type
+    # "sigmoid", cpo_alpha 1.0 (both learning_rate 1e-6, max_length 1024)
+    kto, _ = convert({"model_name_or_path": "m", "dataset_name": "u.jsonl", "desirable_weight": 1.33})
+    assert kto["loss"] == {"name": "kto", "hparams": {"beta": 0.1, "desirable_weight": 1.33}}
+    assert kto["train"]["reference"] == "frozen" and kto["train"]["learning_rate"] == 1e-6
+    cpo, _ = convert({"model_name_or_path": "m", "dataset_name": "p", "loss_type": "simpo", "cpo_alpha": 0.0,
+                      "simpo_gamma": 0.7})  # fmt: skip
+    assert cpo["loss"] == {
+        "name": "cpo", "hparams": {"beta": 0.1, "loss_variant": "simpo", "cpo_alpha": 0.0, "simpo_gamma": 0.7}
+    }  # fmt: skip
+    assert "reference" not in cpo["train"]
