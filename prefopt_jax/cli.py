@@ -292,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     argv, extra = _trl_arguments(parser, sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(argv)
     args.extra = extra  # TRL-style --key value overrides of a recipe
+    _TRL_DEVICES[0] = 1
     if "--trl-devices" in extra:  # also accepted by the commands that run a recipe
         i = extra.index("--trl-devices")
         _TRL_DEVICES[0], args.extra = int(extra[i + 1]), extra[:i] + extra[i + 2 :]
