@@ -175,3 +175,12 @@ def test_kto_and_cpo_recipes():
         "name": "cpo", "hparams": {"beta": 0.1, "loss_variant": "simpo", "cpo_alpha": 0.0, "simpo_gamma": 0.7}
     }  # fmt: skip
     assert "reference" not in cpo["train"]
+
+
+def test_trl_devices_multiply_the_per_device_batch(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model_name_or_path: m\ndataset_name: p.jsonl\nper_device_train_batch_size: 2\n"
+                      "gradient_accumulation_steps: 4\n")  # fmt: skip
+    out = tmp_path / "n.yaml"
+    assert cli.main(["config", "--from-trl", str(recipe), "--trl-devices", "8", "-o", str(out)]) == 0
+    assert load_config(out).train.batch_size == 2 * 4 * 8
