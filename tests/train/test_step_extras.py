@@ -11,6 +11,7 @@ import pytest
 from prefopt_jax import data, losses, models, sharding
 from prefopt_jax.config import ConfigError, load_config
 from prefopt_jax.train import batches as batches_lib
+from prefopt_jax.train import build
 from prefopt_jax.train import lora as lora_lib
 from prefopt_jax.train import step as step_lib
 from tests.train.test_step import CFG, as_batch, make_spec, pairs, seq_logp
@@ -218,8 +219,8 @@ def test_lora_dropout_masks_adapter_inputs_and_is_reproducible(base):
     )
     assert not np.allclose(draws[0], exact, atol=1e-3)
     np.testing.assert_allclose(draws.mean(0), exact, atol=0.05 * float(jnp.abs(exact).max()))
-    with pytest.raises(ConfigError, match="lora_dropout needs LoRA"):
-        load_config(None, ["train.lora_dropout=0.1", "train.lora_rank=0", "train.reference=frozen"])
+    with pytest.raises(ConfigError, match="lora_dropout needs LoRA"):  # refused when the run is resolved
+        build.resolve(load_config(None, ["train.lora_dropout=0.1", "train.lora_rank=0", "train.reference=frozen"]))
 
 
 def test_log_probs_at_completion_positions_only_equal_plain_forwards(base):
