@@ -363,7 +363,7 @@ def train_steps(cfg: Config, n_examples: int) -> int:
         return t.steps
     if n_examples < 1:
         raise ConfigError(f"train.epochs={t.epochs}: there are no training examples to count epochs over")
-    return max(1, math.ceil(t.epochs * max(1, n_examples // t.batch_size)))
+    return max(1, math.ceil(t.epochs * steps_per_epoch(cfg, n_examples)))
 
 
 def steps_per_epoch(cfg: Config, n_examples: int) -> int:

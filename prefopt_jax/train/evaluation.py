@@ -13,7 +13,7 @@ import numpy as np
 from prefopt_jax import data
 from prefopt_jax.config import Config
 from prefopt_jax.models.generate import generate
-from prefopt_jax.train import batches, build, checkpoint
+from prefopt_jax.train import batches, checkpoint
 from prefopt_jax.train import metrics as metrics_lib
 from prefopt_jax.train import step as step_lib
 from prefopt_jax.train.run import Run, setup
@@ -66,7 +66,7 @@ def evaluate_checkpoint(cfg: Config, *, out: IO | None = None) -> dict:
     """`prefopt-jax eval`: held-out metrics of the newest checkpoint in output.dir (or of the starting
     model when there is none)."""
     out = out or sys.stdout
-    run = setup(cfg, build.make_optimizer(cfg), out, splits=("eval",), optimizer_state=False)
+    run = setup(cfg, out, splits=("eval",), optimizer_state=False)
     ckpt = checkpoint.manager(checkpoint.run_path(cfg.output.dir) / "checkpoints", keep=cfg.output.keep)
     restored = checkpoint.restore_latest(ckpt, run.state, skip=("opt_state",))
     where = "the starting model (no checkpoint)"

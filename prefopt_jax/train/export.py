@@ -16,7 +16,7 @@ import numpy as np
 
 from prefopt_jax import models
 from prefopt_jax.config import Config, ConfigError
-from prefopt_jax.train import build, checkpoint
+from prefopt_jax.train import checkpoint
 from prefopt_jax.train import hub as hub_lib
 from prefopt_jax.train import lora as lora_lib
 from prefopt_jax.train import model_card as model_card_lib
@@ -64,7 +64,7 @@ def export(
     out = out or sys.stdout
     max_bytes = check_request(cfg, dtype, max_shard_size, adapters)
     hub = hub_lib.preflight(push_to_hub) if push_to_hub else None  # offline or logged out: fail before any work
-    run = setup(cfg, build.make_optimizer(cfg), out, splits=(), optimizer_state=False)
+    run = setup(cfg, out, splits=(), optimizer_state=False)
     run_dir = checkpoint.run_path(cfg.output.dir)
     mgr = checkpoint.manager(run_dir / "checkpoints", keep=cfg.output.keep)
     restored = checkpoint.restore_latest(mgr, run.state, skip=("opt_state",))

@@ -17,7 +17,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from prefopt_jax.config import Config, steps_per_epoch
-from prefopt_jax.train import batches, build, checkpoint
+from prefopt_jax.train import batches, checkpoint
 from prefopt_jax.train import flops as flops_lib
 from prefopt_jax.train import metrics as metrics_lib
 from prefopt_jax.train import pipeline as pipeline_lib
@@ -66,13 +66,10 @@ def train(cfg: Config, *, out: IO | None = None, stop_after: int | None = None) 
     t, start = cfg.train, time.perf_counter()
     run_dir = checkpoint.run_path(cfg.output.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    optimizer = build.make_optimizer(cfg)
-    run = setup(cfg, optimizer, out)
-    if run.cfg != cfg:  # train.epochs / train.warmup_ratio: steps and warmup known once the data is read
-        cfg, t = run.cfg, run.cfg.train
-        optimizer = build.make_optimizer(cfg)  # the same state's shapes, the schedule over the run's steps
+    run = setup(cfg, out)
+    cfg, t = run.cfg, run.cfg.train  # train.epochs / train.warmup_ratio: steps and warmup known from the data
     layout = (jax.tree.map(lambda a: a.sharding, run.state), NamedSharding(run.mesh, PartitionSpec()))
-    train_step = step_lib.make_train_step(run.model_cfg, run.spec, optimizer, out_shardings=layout)
+    train_step = step_lib.make_train_step(run.model_cfg, run.spec, run.optimizer, out_shardings=layout)
     eval_step = step_lib.make_eval_step(run.model_cfg, run.eval_spec)
     ckpt = checkpoint.manager(run_dir / "checkpoints", keep=cfg.output.keep)
     inputs = pipeline_lib.step_inputs(

@@ -36,6 +36,7 @@ class Run:
     frozen: dict | None  # the LoRA base (also the reference in lora_base mode)
     ref_params: dict | None  # the frozen reference copy (full fine-tuning)
     side: dict[str, dict]  # per split, per-example inputs computed before training (`batches.host_step`)
+    optimizer: optax.GradientTransformation  # over the run's steps (known once the data is read, with train.epochs)
 
 
 def side_inputs(cfg: Config, parts: build.Parts, prepared: data.Prepared, mcfg, base, mesh: Mesh, out: IO) -> dict:
@@ -58,12 +59,11 @@ def side_inputs(cfg: Config, parts: build.Parts, prepared: data.Prepared, mcfg, 
     return side
 
 
-def setup(
-    cfg: Config, optimizer: optax.GradientTransformation, out: IO, *, splits=("train", "eval"), optimizer_state=True
-) -> Run:
+def setup(cfg: Config, out: IO, *, splits=("train", "eval"), optimizer_state=True) -> Run:
     """Load the model, the data (the `splits` asked for; and the precomputed reference, if asked) and build
-    the initial state. Without `optimizer_state` the optimizer's part of the state is shapes only (evaluation
-    and export read a checkpoint's policy and allocate no Adam moments)."""
+    the optimizer (its schedule over the run's steps) and the initial state. Without `optimizer_state` the
+    optimizer's part of the state is shapes only (evaluation and export read a checkpoint's policy and
+    allocate no Adam moments)."""
     t, parts = cfg.train, build.resolve(cfg)
     mesh, tokenizer = runtime.start(cfg)
     if (parts.precomputed or parts.udm) and splits:  # the cache key covers both; the classifier fits on train
@@ -91,9 +91,15 @@ def setup(
     trainable, frozen, ref_params, synced = build.parameter_trees(cfg, spec, base, adapters, mesh)
     # every leaf on the mesh (the optimizer's scalars replicated), so restored checkpoints land the same way
     replicated = NamedSharding(mesh, PartitionSpec())
-    if not optimizer_state:  # the optimizer state as shapes only: nothing to allocate for Adam's moments
-        optimizer = optax.GradientTransformation(partial(jax.eval_shape, optimizer.init), optimizer.update)
-    state = step_lib.init_state(trainable, optimizer, parts.loss, reference=synced)
+    optimizer = build.make_optimizer(cfg)
+    init = (
+        optimizer
+        if optimizer_state
+        else optax.GradientTransformation(  # shapes only: no Adam moments
+            partial(jax.eval_shape, optimizer.init), optimizer.update
+        )
+    )
+    state = step_lib.init_state(trainable, init, parts.loss, reference=synced)
     state = jax.tree.map(
         lambda a: a if isinstance(a, jax.ShapeDtypeStruct) or isinstance(a.sharding, NamedSharding)
         else jax.device_put(a, replicated),
@@ -122,4 +128,5 @@ def setup(
         frozen,
         ref_params,
         side,
+        optimizer,
     )

@@ -173,7 +173,7 @@ def test_eval_and_export_read_only_what_they_need(tiny_model_dir, tmp_path, monk
     (the optimizer state is shapes only, and the checkpoint's is not read)."""
     import jax
 
-    from prefopt_jax.train import build, run
+    from prefopt_jax.train import run
 
     cfg = quick(None, tiny_model_dir, tmp_path / "run", *STEPS, "data.num_train=16", "data.num_eval=8")
     tokenised = []
@@ -183,13 +183,13 @@ def test_eval_and_export_read_only_what_they_need(tiny_model_dir, tmp_path, monk
         "prepare",
         lambda rows, *a, **kw: tokenised.append(kw.get("splits")) or real_prepare(rows, *a, **kw),
     )
-    parts = run.setup(cfg, build.make_optimizer(cfg), io.StringIO(), splits=("eval",), optimizer_state=False)
+    parts = run.setup(cfg, io.StringIO(), splits=("eval",), optimizer_state=False)
     assert parts.prepared.train == [] and len(parts.prepared.eval) == 8
     assert tokenised == [(), ("train",)]  # the built-in set: its train rows untouched, its held-out rows tokenised
     assert all(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(parts.state["opt_state"]))
     assert not any(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(parts.state["trainable"]))
     tokenised.clear()
-    run.setup(cfg, build.make_optimizer(cfg), io.StringIO(), splits=(), optimizer_state=False)
+    run.setup(cfg, io.StringIO(), splits=(), optimizer_state=False)
     assert tokenised == [(), ()]
 
 
