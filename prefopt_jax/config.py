@@ -38,7 +38,7 @@ class ModelSection:
     dtype: str = "float32"  # parameter (and optimizer state) dtype
     compute_dtype: str | None = None  # the layers' matmuls; None: model.dtype (bfloat16 on accelerators)
     remat: str = "full"  # full | none | dots | dots_no_batch; full keeps only layer inputs (less memory)
-    # auto | dense | block_sparse | pallas | cudnn; auto: pallas on TPU, cudnn on GPU, block_sparse on CPU
+    # auto | dense | block_sparse | pallas | pallas_gpu | cudnn; auto: pallas on TPU, cudnn on GPU, block_sparse on CPU
     attention: str = "auto"
 
     @property
@@ -390,6 +390,10 @@ def with_schedule(cfg: Config, n_examples: int) -> Config:
     return new
 
 
+# model.attention's choices: "auto" and models.attention.IMPLEMENTATIONS (kept equal by a test; no jax here)
+ATTENTION = ("auto", "dense", "block_sparse", "pallas", "pallas_gpu", "cudnn")
+
+
 def validate(cfg: Config, devices: int | None = None) -> None:
     """What can be checked without the trainer (no jax imported): types were checked when the sections were
     made; here every number's range, every choice, the sources, and the mesh against `devices` when given.
@@ -404,7 +408,7 @@ def validate(cfg: Config, devices: int | None = None) -> None:
         "model.dtype": (cfg.model.dtype, ("float32", "bfloat16")),
         "model.compute_dtype": (cfg.model.compute_dtype, (None, "float32", "bfloat16")),
         "model.remat": (cfg.model.remat, ("none", "full", "dots", "dots_no_batch")),
-        "model.attention": (cfg.model.attention, ("auto", "dense", "block_sparse", "pallas", "cudnn")),
+        "model.attention": (cfg.model.attention, ATTENTION),
         "data.on_error": (cfg.data.on_error, ("raise", "skip")),
         "mesh.rules": (cfg.mesh.rules, ("dp", "fsdp", "fsdp_tp")),
     }

@@ -8,8 +8,10 @@ implementation derives it on the device, inside attention, from those [B, T] arr
     block_sparse  XLA, the CPU default: only the non-empty tiles of each row (`block_sparse`), with a static
                   tile budget per row that the packer guarantees
     pallas        TPU: the project's flash kernel (`flash_tpu`), empty tiles skipped, full tiles unmasked
+    pallas_gpu    NVIDIA GPU: the project's flash kernel on Triton (`flash_gpu`), the same mask rule, tiles
+                  and gradients; any head_dim that is a power of two (Gemma 2's 256), soft-capping, float32
     cudnn         NVIDIA GPU: cuDNN fused attention (jax.nn.dot_product_attention) with the mask derived on
-                  the device; not with Gemma 2's logit soft-capping
+                  the device; bfloat16/float16, head_dim <= 128, not with Gemma 2's logit soft-capping
 
 On a mesh the kernels run under shard_map: rows split over the batch axes, kv heads over the tensor axis
 (when they divide), so each device attends over its own rows and heads.
@@ -24,20 +26,21 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from prefopt_jax.models import block_sparse, flash_tpu
+from prefopt_jax.models import block_sparse, flash_gpu, flash_tpu
 from prefopt_jax.models.config import ModelConfig
 from prefopt_jax.models.mask import Tokens, visible
 
 Array = jax.Array
 NEG_INF = -1e30  # finite: masked entries get exactly zero weight, and no row is ever fully masked
 QUERY_CHUNK = 512  # dense attention over longer rows goes this many queries at a time
-IMPLEMENTATIONS = ("dense", "block_sparse", "pallas", "cudnn")
+IMPLEMENTATIONS = ("dense", "block_sparse", "pallas", "pallas_gpu", "cudnn")
+KERNELS = {"pallas": flash_tpu, "pallas_gpu": flash_gpu}  # the Pallas flash kernels, by implementation
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionSpec:
     """Which implementation runs (resolved, never "auto") and what it needs to know statically.
-    `tiles_per_row`: block_sparse's tile budget per row; `interpret`: run the Pallas kernel in interpret
+    `tiles_per_row`: block_sparse's tile budget per row; `interpret`: run a Pallas kernel in interpret
     mode (CPU tests)."""
 
     impl: str = "dense"
@@ -96,17 +99,21 @@ def _cudnn(cfg: ModelConfig, q: Array, k: Array, v: Array, tokens: Tokens, windo
     )
 
 
-def _pallas(cfg: ModelConfig, q: Array, k: Array, v: Array, tokens: Tokens, window, interpret: bool) -> Array:
+def _block(impl: str, length: int, head_dim: int) -> int | None:
+    return flash_tpu.block_for(length) if impl == "pallas" else flash_gpu.block_for(length, head_dim)
+
+
+def _pallas(cfg: ModelConfig, spec: AttentionSpec, q: Array, k: Array, v: Array, tokens: Tokens, window) -> Array:
     b, t, kh, g, e = q.shape
-    block = flash_tpu.block_for(t)
+    block = _block(spec.impl, t, e)
     if block is None:
-        raise ValueError(f"pallas attention needs rows of a multiple of 128 tokens, got {t}")
+        raise ValueError(f"{spec.impl} attention cannot tile rows of {t} tokens with head_dim {e}")
     q_h = q.reshape(b, t, kh * g, e).transpose(0, 2, 1, 3)
     k_h, v_h = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     ints = [a.astype(jnp.int32) for a in tokens]
-    out = flash_tpu.flash_attention(
+    out = KERNELS[spec.impl].flash_attention(
         q_h, k_h, v_h, *ints, jnp.asarray(window, jnp.int32), cfg.attention_scale,
-        cfg.attn_logit_softcap or None, block, interpret,
+        cfg.attn_logit_softcap or None, block, spec.interpret,
     )  # fmt: skip
     return out.transpose(0, 2, 1, 3)
 
@@ -123,8 +130,8 @@ def _local(cfg: ModelConfig, spec: AttentionSpec, q, k, v, tokens: Tokens, windo
                 q, k, v, tiles, tokens.positions, window, cfg.attention_scale, cfg.attn_logit_softcap
             )
         )
-    if spec.impl == "pallas":
-        return _pallas(cfg, q, k, v, tokens, window, spec.interpret)
+    if spec.impl in KERNELS:
+        return _pallas(cfg, spec, q, k, v, tokens, window)
     return _cudnn(cfg, q, k, v, tokens, window)
 
 
@@ -158,11 +165,14 @@ def resolve(requested: str, platform: str, cfg: ModelConfig, dtype) -> str:
     """The implementation "auto" (or a request) means on `platform`: Pallas on TPU, cuDNN on GPU
     (bfloat16/float16, head dim <= 128, no soft-capping), block-sparse tiles on CPU, dense where the preferred
     kernel cannot run. Rows must be a multiple of 128 tokens (the batch geometry's are). An explicit request
-    that cannot run here is an error; "pallas" on CPU runs the kernel in interpret mode (slow: for tests)."""
+    that cannot run here is an error; a Pallas kernel on CPU runs in interpret mode (slow: for tests).
+    "pallas_gpu" is not yet what "auto" picks on GPU: it has not been timed on a GPU against cuDNN and dense
+    (`benchmarks/accelerator.py` does that)."""
     ok = {
         "dense": True,
         "block_sparse": True,
         "pallas": platform in ("tpu", "cpu"),
+        "pallas_gpu": platform in ("gpu", "cpu") and flash_gpu.block_for(128, cfg.head_dim) is not None,
         "cudnn": platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and cfg.head_dim <= 128
         and not cfg.attn_logit_softcap,
     }  # fmt: skip

@@ -188,7 +188,7 @@ def batch_spec(
         rows=cfg.data.micro_batch_rows,
         min_length=cfg.data.min_pack_length,
         tiles=attention == "block_sparse",
-        length_multiple=128 if attention in ("pallas", "cudnn") else data.TILE,
+        length_multiple=128 if attention in ("pallas", "pallas_gpu", "cudnn") else data.TILE,
     )
 
 

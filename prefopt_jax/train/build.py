@@ -143,7 +143,7 @@ def step_spec(cfg: Config, p: Parts, geometries: dict, attention: str, mesh: Mes
         p.loss,
         p.hp,
         geometries,
-        attention_lib.AttentionSpec(attention, interpret=attention == "pallas" and platform == "cpu"),
+        attention_lib.AttentionSpec(attention, interpret=attention in attention_lib.KERNELS and platform == "cpu"),
         reference=p.reference,
         lora_scale=(t.lora_alpha / t.lora_rank) if t.lora_rank else None,
         lora_dropout=t.lora_dropout,
