@@ -1,6 +1,7 @@
-"""The architecture fields of the hub models the shipped 7-9B recipes name (from each repository's
-config.json), so `prefopt-jax plan` can size a recipe on a machine that has neither the weights nor the
-network. Training still downloads the real config and weights."""
+"""The architecture fields of the hub models the shipped 7-9B recipes and the accelerator benchmark name
+(from each repository's config.json), so `prefopt-jax plan` can size a recipe, and `benchmarks/accelerator.py`
+build a model of random weights, on a machine that has neither the weights nor the network. Training still
+downloads the real config and weights."""
 
 from __future__ import annotations
 
@@ -21,7 +22,30 @@ _LLAMA3_8B = {
     "eos_token_id": 128009,
 }
 
+
+
+def _smollm2(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, theta: float) -> dict:
+    return {
+        "model_type": "llama",
+        "vocab_size": 49152,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": theta,
+        "max_position_embeddings": 8192,
+        "tie_word_embeddings": True,
+        "hidden_act": "silu",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+
+
 HUB_CONFIGS: dict[str, dict] = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": _smollm2(576, 1536, 30, 9, 3, 100000.0),
+    "HuggingFaceTB/SmolLM2-1.7B-Instruct": _smollm2(2048, 8192, 24, 32, 32, 130000.0),
     "meta-llama/Meta-Llama-3-8B-Instruct": _LLAMA3_8B,
     "mistralai/Mistral-7B-Instruct-v0.2": {
         "model_type": "mistral",

@@ -70,9 +70,10 @@ def step_flops(
     return total
 
 
-def measured_peak_flops(n: int = 1024, repeats: int = 10) -> float:
-    """This device's fp32 matmul FLOP/s, measured (median of `repeats` timed n x n x n products)."""
-    a = jnp.ones((n, n), jnp.float32)
+def measured_peak_flops(n: int = 1024, repeats: int = 10, dtype=jnp.float32) -> float:
+    """This device's matmul FLOP/s in `dtype` (default fp32), measured (median of `repeats` timed n x n x n
+    products)."""
+    a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
     times = []

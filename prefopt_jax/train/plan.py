@@ -70,6 +70,7 @@ TARGETS: dict[str, Target] = {
     "v5p-128": _tpu("v5p-128", "v5p:4x4x4", 16, *_V5P),
     "v6e-8": _tpu("v6e-8", "v6e:2x4", 1, *_V6E),
     "v6e-16": _tpu("v6e-16", "v6e:4x4", 4, *_V6E),
+    "1xH200": Target("gpu", 1, 1, 140.4 * GiB, 989e12),  # one chip: what benchmarks/accelerator.py measures
     "8xH100": Target("gpu", 8, 1, 79.6 * GiB, 989e12),  # 80 GB HBM3 (81,559 MiB usable)
     "8xH200": Target("gpu", 8, 1, 140.4 * GiB, 989e12),
     "16xH100": Target("gpu", 16, 2, 79.6 * GiB, 989e12),
