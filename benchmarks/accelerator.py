@@ -51,11 +51,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from prefopt_jax import config, data, models, sharding
 from prefopt_jax.data.records import Origin
 from prefopt_jax.data.tokenize import TokenizedPair
 from prefopt_jax.models import attention as attention_lib
+from prefopt_jax.models import flash_gpu
 from prefopt_jax.models.mask import Tokens
 from prefopt_jax.train import batches, build, runtime
 from prefopt_jax.train import flops as flops_lib
@@ -189,7 +191,9 @@ def build_case(cfg: config.Config, examples: list, device, *, steps: int) -> Cas
         adapters = lora_lib.init_lora(mcfg, rank=t.lora_rank, targets=t.lora_targets, seed=0) if t.lora_rank else None
         trainable, frozen, ref_params, synced = build.parameter_trees(cfg, spec, base, adapters, mesh)
         state = step_lib.init_state(trainable, optimizer, parts.loss, reference=synced)
-        state = jax.device_put(state, device)
+        replicated = NamedSharding(mesh, PartitionSpec())  # as run.setup places the optimizer's scalars
+        state = jax.tree.map(lambda a: a if isinstance(a.sharding, NamedSharding) else jax.device_put(a, replicated),
+                             state)  # fmt: skip
     packer = data.packer(bspec, examples, seed=0)
     placed = []
     for _ in range(steps):
@@ -337,6 +341,15 @@ def attention_speed(report: Report, lengths: list, device, smoke: bool) -> None:
     q = jnp.asarray(rng.normal(size=(rows, length, kh, h // kh, e)), jnp.bfloat16)
     k, v = (jnp.asarray(rng.normal(size=(rows, length, kh, e)), jnp.bfloat16) for _ in range(2))
     q, k, v = jax.device_put((q, k, v), device)
+    block = flash_gpu.block_for(length, e)
+    kinds = np.asarray(flash_gpu.tile_kinds(*tokens, 0, block))
+    n = length // block
+    nonempty = int((kinds != flash_gpu.EMPTY).sum())
+    report.add("attention tiles", {  # what the kernel computes, against a dense-mask kernel's every tile
+        "rows": f"{rows} x {length}", "block": block, "nonempty_of_all": nonempty / kinds.size,
+        "nonempty_of_causal": nonempty / (rows * n * (n + 1) / 2),
+        "full_of_nonempty": float((kinds == flash_gpu.FULL).sum() / nonempty),
+    })  # fmt: skip
     ms = {}
     for impl in IMPLS:
         row = {"rows": f"{rows} x {length}", "heads": f"{h}/{kh}x{e}", "impl": impl}
