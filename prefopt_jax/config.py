@@ -60,6 +60,10 @@ class DataSection:
     # generated "which is larger?" pairs; or a file, glob or hub dataset id; or a list of them: a mixture
     source: str | tuple[str, ...] = "builtin:compare"
     weights: tuple[float, ...] | None = None  # a mixture's shares of the training stream; None: by size
+    # per source: a hub dataset's (or hub-style folder's) split to read (None: train), and the share of its rows
+    # kept (a seeded subset: the alignment-handbook's dataset_mixture weight; None: all)
+    source_splits: tuple[str, ...] | None = None
+    keep_fractions: tuple[float, ...] | None = None
     format: str | None = None
     max_length: int = 256
     max_prompt_length: int | None = None
@@ -475,11 +479,16 @@ def check_sources(cfg: Config) -> None:
         raise ConfigError(f"data.source must be a file, glob or hub id, or a non-empty list of them; got {d.source!r}")
     if len(sources) > 1 and "builtin:compare" in sources:
         raise ConfigError("data.source: builtin:compare cannot be part of a mixture")
-    if d.weights is not None:
-        if len(d.weights) != len(sources):
-            raise ConfigError(f"data.weights has {len(d.weights)} entries for the {len(sources)} data.source entries")
-        if not all(w > 0 for w in d.weights):
-            raise ConfigError(f"data.weights must all be positive, got {list(d.weights)}")
+    for key in ("weights", "source_splits", "keep_fractions"):
+        values = getattr(d, key)
+        if values is not None and len(values) != len(sources):
+            raise ConfigError(f"data.{key} has {len(values)} entries for the {len(sources)} data.source entries")
+        if values is not None and "builtin:compare" in sources:
+            raise ConfigError(f"data.{key}: builtin:compare has no splits or weights")
+    if d.weights is not None and not all(w > 0 for w in d.weights):
+        raise ConfigError(f"data.weights must all be positive, got {list(d.weights)}")
+    if d.keep_fractions is not None and not all(0 < f <= 1 for f in d.keep_fractions):
+        raise ConfigError(f"data.keep_fractions must each lie in (0, 1], got {list(d.keep_fractions)}")
 
 
 def check_ranges(cfg: Config) -> None:

@@ -241,31 +241,33 @@ def _data(r: dict, given: dict, plan: _Plan, done: set) -> None:
         where = f"dataset {i} ({ds})"
         if config not in (None, "default"):
             plan.refuse(where, f"config {config!r}: save that configuration's split to a file and name the file")
-        elif split != "train" and not Path(str(ds)).exists():
-            plan.refuse(
-                where,
-                f"split {split!r}: data.source reads a hub dataset's 'train' split; save the split to a file "
-                f"(datasets.load_dataset({ds!r}, split={split!r}).to_json('{split}.jsonl')) and name the file",
-            )
-        elif frac != 1.0:  # the handbook keeps that fraction of the dataset; a stream share would differ
-            plan.refuse(where, f"weight {frac}: the fraction of the dataset kept has no native key (1.0 has)")
+        elif not 0.0 < frac <= 1.0:
+            plan.refuse(where, f"weight {frac}: the fraction of the dataset kept must lie in (0, 1]")
         else:
-            sources.append(str(ds))
+            sources.append((str(ds), split, frac))
     if isinstance(r.get("dataset_mixture"), Mapping):
         extra = set(r["dataset_mixture"]) - {"datasets", "seed", "test_split_size"}
         for key in sorted(extra):
             plan.refuse(f"dataset_mixture.{key}", "not a handbook mixture key")
-        if "test_split_size" in r["dataset_mixture"]:
-            plan.refuse("dataset_mixture.test_split_size", "a held-out row count: set data.eval_fraction instead")
+        size = r["dataset_mixture"].get("test_split_size")
+        if isinstance(size, float) and 0.0 < size < 1.0:  # datasets' train_test_split: a float is a fraction
+            plan.set("dataset_mixture.test_split_size", "data.eval_fraction", size, "the share held out")
+        elif size is not None:
+            plan.refuse("dataset_mixture.test_split_size", f"{size!r} rows: give the share held out (a float < 1)")
         if "seed" in r["dataset_mixture"]:
             plan.ignore("dataset_mixture.seed", "the held-out split follows train.seed")
         for i, d in enumerate(r["dataset_mixture"].get("datasets") or [], 1):
             if isinstance(d, Mapping) and "columns" in d:
                 plan.ignore(f"dataset_mixture.datasets[{i}].columns", "the reader takes the fields it needs")
     if sources:
-        plan.set("dataset_*", "data.source", sources[0] if len(sources) == 1 else sources)
-        if len(sources) > 1:  # whole datasets concatenated: each one's share of the stream is its size
-            plan.lines.append("  (a mixture of whole datasets: data.weights unset, each one's share is its size)")
+        names, splits, kept = (list(column) for column in zip(*sources, strict=True))
+        plan.set("dataset_*", "data.source", names[0] if len(names) == 1 else names)
+        if any(s != "train" for s in splits):
+            plan.set("dataset splits", "data.source_splits", splits)
+        if any(f != 1.0 for f in kept):  # the handbook keeps that fraction of each dataset; not a stream share
+            plan.set("dataset weights", "data.keep_fractions", kept, "the share of each dataset kept, seeded")
+        if len(sources) > 1:  # datasets concatenated: each one's share of the stream is its (kept) size
+            plan.lines.append("  (a mixture of datasets: data.weights unset, each one's share is its kept size)")
     elif not sets:
         plan.refuse("dataset_name", "missing: a recipe names its data (dataset_name or dataset_mixture)")
     if "dataset_splits" in given and r.get("dataset_mixer") is not None:

@@ -32,11 +32,34 @@ def test_zephyr_dpo_full_refuses_what_it_cannot_map_and_names_it():
     raw = _recipe("ZEPHYR_DPO_FULL")
     assert looks_like_recipe(raw) and trainer_of(raw, "recipes/zephyr-7b-beta/dpo/config_full.yaml") == "dpo"
     assert _refused(raw) == {
-        "dataset 1 (HuggingFaceH4/ultrafeedback_binarized)",  # split train_prefs: not the hub's train split
-        "dataset 2 (HuggingFaceH4/ultrafeedback_binarized)",
-        "dataset_mixture.test_split_size",
+        "dataset_mixture.test_split_size",  # 2000 rows: a count, not a share
         "eval_strategy/eval_steps",
     }
+    native, lines = convert(_recipe("ZEPHYR_DPO_FULL", drop=["eval_steps"], eval_strategy="no") | {
+        "dataset_mixture": {**raw["dataset_mixture"], "test_split_size": 0.03}})  # fmt: skip
+    d = native["data"]
+    assert d["source"] == ["HuggingFaceH4/ultrafeedback_binarized"] * 2  # both splits, mixed as the handbook does
+    assert d["source_splits"] == ["train_prefs", "test_prefs"] and "keep_fractions" not in d  # weight 1.0: whole
+    assert d["eval_fraction"] == 0.03
+    assert "dataset_mixture.seed: ignored" in "\n".join(lines)
+
+
+def test_handbook_mixture_weights_are_the_share_of_each_dataset_kept():
+    raw = _recipe("ZEPHYR_DPO_FULL", drop=["eval_steps"], eval_strategy="no")
+    datasets = [{"id": "a.jsonl", "weight": 0.25}, {"id": "b.jsonl", "weight": 1.0}]
+    native, lines = convert(raw | {"dataset_mixture": {"datasets": datasets}})
+    assert native["data"]["source"] == ["a.jsonl", "b.jsonl"] and native["data"]["keep_fractions"] == [0.25, 1.0]
+    assert "weights" not in native["data"]  # not shares of the stream
+    assert "share of each dataset kept" in "\n".join(lines)
+    assert _refused(raw | {"dataset_mixture": {"datasets": [{"id": "a.jsonl", "weight": 1.5}]}}) == {
+        "dataset 1 (a.jsonl)"
+    }
+    cfg = load_config(None, ["data.source=['a.jsonl','b.jsonl']", "data.keep_fractions=[0.25,1.0]"])
+    assert cfg.data.keep_fractions == (0.25, 1.0)
+    with pytest.raises(ConfigError, match=r"data\.keep_fractions has 1 entries for the 2"):
+        load_config(None, ["data.source=['a.jsonl','b.jsonl']", "data.keep_fractions=[0.5]"])
+    with pytest.raises(ConfigError, match=r"data.keep_fractions must each lie in \(0, 1\]"):
+        load_config(None, ["data.source=a.jsonl", "data.keep_fractions=[0]"])
 
 
 def test_zephyr_dpo_full_maps_every_other_key():

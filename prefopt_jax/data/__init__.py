@@ -25,7 +25,7 @@ from prefopt_jax.data.order import Order
 from prefopt_jax.data.planner import MicroPlan, Packer, Part, Steps, TooLarge, derive_geometry, plan_extent
 from prefopt_jax.data.prepare import Prepared, SourceShare, prepare, prepare_mixture
 from prefopt_jax.data.records import FORMATS, DataError, Origin, Pair, Ranked, Unpaired, detect_format, normalize
-from prefopt_jax.data.sources import DataReport, read_records, split_indices, split_records
+from prefopt_jax.data.sources import DataReport, kept_rows, read_records, split_indices, split_records
 from prefopt_jax.data.tokenize import (
     Encoder,
     TokenizedPair,
@@ -66,6 +66,7 @@ __all__ = [
     "detect_format",
     "host_arrays",
     "index_dtype",
+    "kept_rows",
     "normalize",
     "pack",
     "packer",

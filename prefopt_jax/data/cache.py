@@ -74,7 +74,7 @@ def source_digest(source: str, split: str | None, format: str | None) -> str:
     """A hash of a source's content: each local file's path and bytes, or a hub dataset's fingerprint."""
     h = _hasher()
     h.update(json.dumps({"version": VERSION, "format": format, "split": split}).encode())
-    paths = source_files(source)
+    paths = source_files(source, split)
     for p in paths:
         h.update(str(p).encode() + b"\0")
         with p.open("rb") as f:

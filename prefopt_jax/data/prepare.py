@@ -17,7 +17,7 @@ from absl import flags
 
 from prefopt_jax.data import cache
 from prefopt_jax.data.records import DataError
-from prefopt_jax.data.sources import DataReport, read_records, split_indices
+from prefopt_jax.data.sources import DataReport, kept_rows, read_records, split_indices
 from prefopt_jax.data.tokenize import CHUNK, Encoded, Encoder
 
 
@@ -140,10 +140,12 @@ def prepare(
     splits: Sequence[str] = ("train", "eval"),
     cache_dir: str | None = None,
     weight: float | None = None,
+    keep: float = 1.0,
     workers: int = 0,
 ) -> Prepared:
-    """Read, normalise, split and tokenise a preference source; `report` accounts for every row. The eval
-    set is a seeded `eval_fraction` of the usable rows, or the named `eval_split` of a hub dataset. Only the
+    """Read, normalise, split and tokenise a preference source; `report` accounts for every row. `keep` < 1
+    keeps a seeded share of the usable rows (`kept_rows`) before anything else. The eval set is a seeded
+    `eval_fraction` of the kept rows, or the named `eval_split` of a hub dataset. Only the
     `splits` asked for are tokenised (the other comes back empty), unless the cache is being written: it holds
     every row. With `cache_dir` a file or hub source is tokenised once and read back on later calls; `workers` > 1
     tokenises in that many worker processes (the same examples)."""
@@ -157,8 +159,9 @@ def prepare(
 
         @functools.cache
         def by_fraction(n: int) -> dict[str, list[int]]:  # the seeded split, computed once
-            train, held = split_indices(n, eval_fraction, seed)
-            return {"train": train, "eval": held}
+            rows = kept_rows(n, keep, seed)
+            train, held = split_indices(len(rows), eval_fraction, seed)
+            return {"train": [rows[i] for i in train], "eval": [rows[i] for i in held]}
 
         need = lambda n: [part for name, part in by_fraction(n).items() if name in splits]
         n, outcome, report, status = _outcomes(source, split, need=need, **common)
@@ -171,7 +174,9 @@ def prepare(
             source, eval_split, need=lambda m: [range(m)] if "eval" in splits else [], **common
         )
         report.merge(held_report)
-        parts = [("train", range(n), outcome), ("eval", range(m), held_outcome)]
+        parts = [("train", kept_rows(n, keep, seed), outcome), ("eval", range(m), held_outcome)]
+    left_out = n - len(parts[0][1]) - (len(parts[1][1]) if eval_split is None else 0)
+    report.used, report.not_kept = report.used - left_out, report.not_kept + left_out
     out = {}
     for name, idx, get in parts:
         if name in splits:
@@ -186,16 +191,31 @@ def prepare(
     return Prepared(out["train"], out["eval"], report, [share])
 
 
-def prepare_mixture(sources: Sequence[str], weights: Sequence[float] | None, tokenizer: Any, **kwargs) -> Prepared:
+def prepare_mixture(
+    sources: Sequence[str],
+    weights: Sequence[float] | None,
+    tokenizer: Any,
+    *,
+    source_splits: Sequence[str] | None = None,
+    keep: Sequence[float] | None = None,
+    **kwargs,
+) -> Prepared:
     """Several sources prepared one by one (each split with the same seed, each with its own accounting) and
-    concatenated; `weights` (one per source) are their shares of the training stream (see `data.Packer`)."""
-    if weights is not None and len(weights) != len(sources):
-        raise ValueError(f"{len(weights)} weights for {len(sources)} sources")
+    concatenated; `weights` (one per source) are their shares of the training stream (see `data.Packer`),
+    `source_splits` each hub source's (or hub-style folder's) split, `keep` the share of each source's rows
+    kept (see `prepare`)."""
+    for name, values in (("weights", weights), ("source_splits", source_splits), ("keep", keep)):
+        if values is not None and len(values) != len(sources):
+            raise ValueError(f"{len(values)} {name} for {len(sources)} sources")
     if weights is not None and not all(w > 0 for w in weights):
         raise ValueError(f"mixture weights must be positive, got {list(weights)}")
     total = Prepared([], [], DataReport())
     for i, source in enumerate(sources):
-        one = prepare(source, tokenizer, weight=None if weights is None else float(weights[i]), **kwargs)
+        one = prepare(
+            source, tokenizer, weight=None if weights is None else float(weights[i]),
+            split=None if source_splits is None else source_splits[i], keep=1.0 if keep is None else float(keep[i]),
+            **kwargs,
+        )  # fmt: skip
         (share,) = one.sources
         share.train = slice(len(total.train), len(total.train) + len(one.train))
         share.eval = slice(len(total.eval), len(total.eval) + len(one.eval))

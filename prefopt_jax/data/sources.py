@@ -27,6 +27,7 @@ class DataReport:
     read: int = 0
     used: int = 0
     unused: int = 0
+    not_kept: int = 0  # left out of a source kept in part (`keep`: the alignment-handbook's mixture weight)
     dropped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     truncated: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     first: dict[str, str] = dataclasses.field(default_factory=dict)  # reason -> the first such row's message
@@ -39,19 +40,21 @@ class DataReport:
     def merge(self, other: DataReport) -> None:
         """Add another source's accounting to this one."""
         self.read, self.used, self.unused = self.read + other.read, self.used + other.used, self.unused + other.unused
+        self.not_kept += other.not_kept
         self.dropped.update(other.dropped)
         self.truncated.update(other.truncated)
         for reason, message in other.first.items():
             self.first.setdefault(reason, message)
 
     def check(self) -> None:
-        if self.read != self.used + self.unused + sum(self.dropped.values()):
+        if self.read != self.used + self.unused + self.not_kept + sum(self.dropped.values()):
             raise AssertionError(f"row accounting does not add up: {self}")
 
     def summary(self) -> str:
         parts = [f"{self.read} rows read, {self.used} used"]
         parts += [f"{n} dropped ({reason}; first: {self.first[reason]})" for reason, n in sorted(self.dropped.items())]
         parts += [f"{self.unused} not needed (another split)"] if self.unused else []
+        parts += [f"{self.not_kept} not kept (a seeded subset of the source)"] if self.not_kept else []
         parts += [f"{n} truncated ({what})" for what, n in sorted(self.truncated.items())]
         return ", ".join(parts)
 
@@ -217,16 +220,18 @@ def _file_rows(path: Path) -> Iterator[tuple[Origin, Any]]:
     yield from reader(path)
 
 
-def source_files(source: str) -> list[Path]:
+def source_files(source: str, split: str | None = None) -> list[Path]:
     """The local files a source names (a path or a glob; none for a hub id); a glob or a data-file path that
-    matches nothing is an error."""
-    text = str(source)
-    if Path(text).is_dir():  # a dataset folder as the hub lays it out: data/train-*.parquet, or its files
-        for pattern in ("data/train-*", "train-*", "data/*", "*"):
+    matches nothing is an error. A folder laid out as the hub lays out a dataset gives its `split`'s files
+    (data/<split>-*.parquet; default train), or, for train, every data file it holds."""
+    text, split = str(source), split or "train"
+    if Path(text).is_dir():
+        patterns = (f"data/{split}-*", f"{split}-*") + (("data/*", "*") if split == "train" else ())
+        for pattern in patterns:
             found = [p for p in sorted(Path(text).glob(pattern)) if p.is_file() and file_type(p) in FILE_READERS]
             if found:
                 return found
-        raise DataError(f"{text}: a folder with no data file ({', '.join(FILE_READERS)})")
+        raise DataError(f"{text}: a folder with no {split} data file ({', '.join(FILE_READERS)})")
     paths = sorted(glob.glob(text)) if any(c in text for c in "*?[") else ([text] if Path(text).exists() else [])
     if not paths and (text.endswith(tuple(FILE_READERS)) or any(c in text for c in "*?[")):
         raise DataError(f"no data file matches {text!r}")
@@ -238,7 +243,7 @@ def _rows(source: str | Path | Sequence[dict], split: str | None) -> Iterator[tu
         for i, row in enumerate(source):
             yield Origin("in-memory rows", i, "index"), row
         return
-    paths = source_files(str(source))
+    paths = source_files(str(source), split)
     if paths:
         for p in paths:
             yield from _file_rows(p)
@@ -311,6 +316,16 @@ def split_indices(n: int, eval_fraction: float, seed: int = 0) -> tuple[list[int
     held = np.zeros(n, bool)
     held[order[: round(n * eval_fraction)]] = True
     return np.flatnonzero(~held).tolist(), np.flatnonzero(held).tolist()
+
+
+def kept_rows(n: int, keep: float, seed: int = 0) -> list[int]:
+    """The rows of `n` kept when a source is kept in part: a seeded `keep` share of them, int(n · keep) rows
+    (the alignment-handbook's dataset_mixture weight), in source order; all of them when keep is 1."""
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"the share of a source kept must lie in (0, 1], got {keep}")
+    if keep == 1.0:
+        return list(range(n))
+    return sorted(np.random.default_rng(seed).permutation(n)[: int(n * keep)].tolist())
 
 
 def split_records(records: Sequence[Record], eval_fraction: float, seed: int = 0) -> tuple[list, list]:

@@ -23,7 +23,6 @@ _LLAMA3_8B = {
 }
 
 
-
 def _smollm2(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, theta: float) -> dict:
     return {
         "model_type": "llama",

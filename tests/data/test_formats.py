@@ -79,6 +79,63 @@ def test_hub_style_data_folder(real, tmp_path):
     ]
     records, _ = data.read_records(str(folder), format="standard")
     assert [(r.chosen, r.rejected) for r in records] == [(r.chosen, r.rejected) for r in expected]
+    held, _ = data.read_records(str(folder), format="standard", split="test")  # a split by its name
+    assert [(r.chosen, r.rejected) for r in held] == [(r.chosen, r.rejected) for r in expected[:3]]
+    with pytest.raises(data.DataError, match="a folder with no test_prefs data file"):
+        data.read_records(str(folder), split="test_prefs")
+
+
+def test_named_splits_and_kept_fractions_as_the_handbook_mixes(real, tmp_path, smollm2_tokenizer):
+    """The zephyr recipe's mixture: train_prefs and test_prefs of one dataset, each kept in part (the handbook's
+    weight: int(n · weight) rows, a seeded subset), accounted for row by row; the same seed keeps the same rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows, _ = real
+    folder = tmp_path / "ultrafeedback"
+    (folder / "data").mkdir(parents=True)
+    flat = [{**r, "prompt": json.dumps(r["prompt"])} for r in rows]
+    pq.write_table(pa.Table.from_pylist(flat[:30]), folder / "data" / "train_prefs-00000-of-00001.parquet")
+    pq.write_table(pa.Table.from_pylist(flat[30:]), folder / "data" / "test_prefs-00000-of-00001.parquet")
+    kw = dict(max_length=512, format="standard", on_error="skip", eval_fraction=0.2, seed=3)
+    mix = lambda: data.prepare_mixture(
+        [str(folder)] * 2, None, smollm2_tokenizer, source_splits=["train_prefs", "test_prefs"], keep=[0.5, 1.0], **kw
+    )
+    got = mix()
+    (first, second) = got.sources
+    assert first.report.not_kept == 15 and second.report.not_kept == 0  # int(30 * 0.5) of 30 kept
+    assert first.report.read == 30 and second.report.read == 10
+    kept = data.kept_rows(30, 0.5, seed=3)
+    assert len(kept) == 15 and kept == sorted(set(kept))
+    n_first = (first.train.stop - first.train.start) + (first.eval.stop - first.eval.start)
+    dropped = sum(first.report.dropped.values())
+    assert (
+        n_first + dropped == 15
+        and (
+            second.train.stop
+            + second.eval.stop
+            - second.train.start
+            - second.eval.start
+            + sum(second.report.dropped.values())
+        )
+        == 10
+    )
+    assert "15 not kept" in got.report.summary()
+    again = mix()
+    assert [list(e.chosen) for e in again.train] == [list(e.chosen) for e in got.train]
+    from prefopt_jax import losses
+    from prefopt_jax.config import load_config
+    from prefopt_jax.train.batches import load_data
+
+    cfg = load_config(None, [
+        f"data.source=['{folder}','{folder}']", "data.source_splits=['train_prefs','test_prefs']",
+        "data.keep_fractions=[0.5,1.0]", "data.format=standard", "data.on_error=skip", "data.eval_fraction=0.2",
+        "train.seed=3", "data.cache=null", "data.max_length=512",
+    ])  # fmt: skip
+    through_config, _ = load_data(cfg, smollm2_tokenizer, losses.get("dpo"))  # the run's own path
+    assert [list(e.chosen) for e in through_config.train] == [list(e.chosen) for e in got.train]
+    with pytest.raises(ValueError, match=r"share of a source kept must lie in \(0, 1\]"):
+        data.kept_rows(10, 0.0)
 
 
 def transcript(prompt, answer):
