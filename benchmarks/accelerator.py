@@ -51,7 +51,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from prefopt_jax import config, data, models, sharding
 from prefopt_jax.data.records import Origin
@@ -178,22 +177,17 @@ def build_case(cfg: config.Config, examples: list, device, *, steps: int) -> Cas
     """The run's own step (as `train.run.setup` builds it) over one device, with random weights, and the
     first `steps` steps' batches, placed."""
     mesh = sharding.make_mesh(1, 1, 1, devices=[device])
-    mcfg = models.model_config(cfg.model.source)
+    mcfg, t = models.model_config(cfg.model.source), cfg.train
     parts = build.resolve(cfg, 1)
-    attention = runtime.attention(cfg, mcfg, device.platform)
-    bspec = batches.batch_spec(cfg, examples, mesh, attention=attention, response_only=parts.response_only)
-    spec = build.step_spec(cfg, parts, bspec.geometries, attention, mesh)
-    optimizer = build.make_optimizer(cfg)
+    attention = runtime.attention(cfg.model, mcfg, device.platform)
+    bspec = batches.batch_spec(cfg.data, t, examples, mesh, attention=attention, response_only=parts.response_only)
+    spec = build.step_spec(parts, cfg.model, t, bspec.geometries, attention, mesh)
     dtype = jnp.dtype(cfg.model.dtype)
     with jax.default_device(device):
-        base = models.create_model(mcfg, seed=0, mesh=mesh, rules=cfg.mesh.rules, param_dtype=dtype).params()
-        t = cfg.train
+        base = models.create_model(mcfg, seed=0, mesh=mesh, rules=parts.rules, param_dtype=dtype).params()
         adapters = lora_lib.init_lora(mcfg, rank=t.lora_rank, targets=t.lora_targets, seed=0) if t.lora_rank else None
-        trainable, frozen, ref_params, synced = build.parameter_trees(cfg, spec, base, adapters, mesh)
-        state = step_lib.init_state(trainable, optimizer, parts.loss, reference=synced)
-        replicated = NamedSharding(mesh, PartitionSpec())  # as run.setup places the optimizer's scalars
-        state = jax.tree.map(lambda a: a if isinstance(a.sharding, NamedSharding) else jax.device_put(a, replicated),
-                             state)  # fmt: skip
+        trainable, frozen, ref_params, synced = build.parameter_trees(parts, t, spec, base, adapters, mesh)
+        optimizer, state = build.initial_state(parts, t, trainable, synced, mesh)
     packer = data.packer(bspec, examples, seed=0)
     placed = []
     for _ in range(steps):

@@ -273,6 +273,25 @@ def _literal(text: str) -> Any:
         return text
 
 
+def _another_loss(loss: dict, given: set) -> None:
+    """A `loss.name` override: the file's weights and the hyperparameters of members no longer in the loss are
+    dropped (unless `given` on the command line too); a mixture member chosen alone keeps its own."""
+    names = LossSection(name=_coerce(loss["name"], typing.get_type_hints(LossSection)["name"], "loss.name")).names
+    if "weights" not in given:
+        loss["weights"] = None
+    if "hparams" in given:
+        return
+    member = lambda k, v: k.split(".")[0] if "." in k else k if isinstance(v, Mapping) else None
+    hp = loss.get("hparams", {})
+    loss["hparams"] = {k: v for k, v in hp.items() if member(k, v) is None or member(k, v) in names}
+    if len(names) == 1:  # a mixture member chosen alone: its own hyperparameters become the loss's
+        own, flat = loss["hparams"], {}
+        for k, v in own.items():
+            if member(k, v) is not None:
+                flat |= dict(v) if isinstance(v, Mapping) else {k.split(".", 1)[1]: v}
+        loss["hparams"] = flat | {k: v for k, v in own.items() if member(k, v) is None}  # overrides win
+
+
 def check_top_level(raw: Any, path: str | Path) -> None:
     """The file is a mapping of sections, each a mapping of keys (or empty)."""
     sections = [f.name for f in dataclasses.fields(Config)]
@@ -319,20 +338,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), d
         raw["loss"].setdefault("weights", None)
         raw["loss"].setdefault("hparams", {})
     if "name" in loss_keys:  # another loss: the old one's weights and member hyperparameters do not carry over
-        loss = raw["loss"]
-        names = LossSection(name=_coerce(loss["name"], typing.get_type_hints(LossSection)["name"], "loss.name")).names
-        if "weights" not in loss_keys:
-            loss["weights"] = None
-        if "hparams" not in loss_keys:
-            member = lambda k, v: k.split(".")[0] if "." in k else k if isinstance(v, Mapping) else None
-            hp = loss.get("hparams", {})
-            loss["hparams"] = {k: v for k, v in hp.items() if member(k, v) is None or member(k, v) in names}
-            if len(names) == 1:  # a mixture member chosen alone: its own hyperparameters become the loss's
-                own, flat = loss["hparams"], {}
-                for k, v in own.items():
-                    if member(k, v) is not None:
-                        flat |= dict(v) if isinstance(v, Mapping) else {k.split(".", 1)[1]: v}
-                loss["hparams"] = flat | {k: v for k, v in own.items() if member(k, v) is None}  # overrides win
+        _another_loss(raw["loss"], loss_keys)
     # TRL: max_steps > 0 overrides num_train_epochs; an override of one on the command line wins over the file's
     # other (`train.epochs=3` on a file with `steps: 48` runs three epochs)
     train, given = raw.get("train", {}), {item.partition("=")[0] for item in overrides}

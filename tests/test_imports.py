@@ -70,3 +70,29 @@ def test_reading_a_config_imports_no_jax_grain_or_trainer():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]", done.stdout
+
+
+# the entry points that resolve a config and pass its parts down; everything else under train/ takes typed
+# sections (ModelSection, DataSection, TrainSection, ...) and the resolved Parts, never the whole Config
+ENTRY_POINTS = {
+    "build.resolve", "loop.train", "run.setup", "evaluation.evaluate_checkpoint", "export.export", "plan.plan",
+    "reference_cache.precompute",
+}  # fmt: skip
+
+
+def test_below_the_entry_points_no_function_under_train_takes_a_config():
+    """Every function under prefopt_jax/train/ with a parameter annotated `Config` or an unannotated `cfg`,
+    and every class with a `Config` field (bar `Run`, the entry points' own product), is an entry point."""
+    takers = set()
+    for path in sorted((PACKAGE / "train").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                args = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+                annotations = [(a.arg, ast.unparse(a.annotation) if a.annotation else None) for a in args]
+                if any(kind == "Config" or (name, kind) == ("cfg", None) for name, kind in annotations):
+                    takers.add(f"{path.stem}.{node.name}")
+            elif isinstance(node, ast.ClassDef):  # a class holding a Config is a function taking one
+                fields = [n for n in node.body if isinstance(n, ast.AnnAssign)]
+                if any(ast.unparse(f.annotation) == "Config" for f in fields) and node.name != "Run":
+                    takers.add(f"{path.stem}.{node.name}")
+    assert takers == ENTRY_POINTS, sorted(takers ^ ENTRY_POINTS)

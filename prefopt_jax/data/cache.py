@@ -204,12 +204,12 @@ def write(
     return target
 
 
-def read(root: str | Path, cache_key: str) -> tuple[list[Encoded], DataReport] | None:
-    """(outcomes, read accounting) of a stored key, or None when there is none (or it is unreadable: then it
-    is rebuilt)."""
+def _open_verified(path: Path):
+    """(table, metadata, token values, segment lengths) of a cache file whose version and checksums hold, or
+    None (missing, unreadable, another version, or corrupt: a warning names it). The token values are a
+    read-only view into the memory-mapped file."""
     import pyarrow as pa
 
-    path = path_for(root, cache_key)
     if not path.is_file():
         return None
     try:
@@ -219,17 +219,27 @@ def read(root: str | Path, cache_key: str) -> tuple[list[Encoded], DataReport] |
         return None
     if meta.get("version") != VERSION:
         return None
-    col = lambda name: table.column(name).chunk(0)  # written as one record batch
-    tokens, segments = col("tokens"), col("segments")
-    values = tokens.values  # int32, no nulls: a view of its buffer into the mapped file (no page is read yet)
+    values = table.column("tokens").chunk(0).values  # int32, no nulls: a view into the mapped file
     flat = np.frombuffer(values.buffers()[1], np.int32, count=len(values), offset=values.offset * 4)
     flat.flags.writeable = False  # a write would land in (or fault on) the mapped file
-    lengths = segments.values.to_numpy()
+    lengths = table.column("segments").chunk(0).values.to_numpy()
     wrong = _corrupt(meta["checksums"], flat, lengths)
     if wrong is not None:  # bit rot, a bad copy, a disk error: never trained on
         why = f"tokenised cache {path}: {wrong} do not match their checksum; tokenising the source again"
-        warnings.warn(why, stacklevel=2)
+        warnings.warn(why, stacklevel=3)
         return None
+    return table, meta, flat, lengths
+
+
+def read(root: str | Path, cache_key: str) -> tuple[list[Encoded], DataReport] | None:
+    """(outcomes, read accounting) of a stored key, or None when there is none (or it is unreadable or
+    corrupt: then it is rebuilt)."""
+    opened = _open_verified(path_for(root, cache_key))
+    if opened is None:
+        return None
+    table, meta, flat, lengths = opened
+    col = lambda name: table.column(name).chunk(0)  # written as one record batch
+    segments = col("segments")
     # rows are contiguous in `flat` and a dropped row has no segments, so segment s starts where the previous ended
     ends_np = np.cumsum(lengths)
     starts, ends = (ends_np - lengths).tolist(), ends_np.tolist()

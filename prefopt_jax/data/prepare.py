@@ -123,6 +123,36 @@ def _outcomes(
     return len(records), encoded.__getitem__, report, status
 
 
+def _split(source, split, eval_split, eval_fraction: float, keep: float, seed: int, splits, common: dict):
+    """([(split name, row indices, outcome of row i)] for train and eval, the accounting, the cache status): the
+    kept rows split by `eval_fraction`, or train (kept) and the hub dataset's `eval_split`; the rows left out
+    by `keep` accounted as not kept."""
+    if eval_split is None:
+
+        @functools.cache
+        def by_fraction(n: int) -> dict[str, list[int]]:  # the seeded split, computed once
+            rows = kept_rows(n, keep, seed)
+            train, held = split_indices(len(rows), eval_fraction, seed)
+            return {"train": [rows[i] for i in train], "eval": [rows[i] for i in held]}
+
+        need = lambda n: [part for name, part in by_fraction(n).items() if name in splits]
+        n, outcome, report, status = _outcomes(source, split, need=need, **common)
+        parts = [(name, idx, outcome) for name, idx in by_fraction(n).items()]
+        left_out = n - sum(len(idx) for _, idx, _ in parts)
+    else:
+        n, outcome, report, status = _outcomes(
+            source, split, need=lambda n: [range(n)] if "train" in splits else [], **common
+        )
+        m, held_outcome, held_report, _ = _outcomes(
+            source, eval_split, need=lambda m: [range(m)] if "eval" in splits else [], **common
+        )
+        report.merge(held_report)
+        parts = [("train", kept_rows(n, keep, seed), outcome), ("eval", range(m), held_outcome)]
+        left_out = n - len(parts[0][1])
+    report.used, report.not_kept = report.used - left_out, report.not_kept + left_out
+    return parts, report, status
+
+
 def prepare(
     source: str | Path | Sequence[dict],
     tokenizer: Any,
@@ -155,28 +185,7 @@ def prepare(
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     encoder = Encoder(tokenizer, max_length, max_prompt_length, max_completion_length, "keep_end", use_chat_template)
     common = dict(format=format, encoder=encoder, on_error=on_error, cache_dir=cache_dir, workers=workers)
-    if eval_split is None:
-
-        @functools.cache
-        def by_fraction(n: int) -> dict[str, list[int]]:  # the seeded split, computed once
-            rows = kept_rows(n, keep, seed)
-            train, held = split_indices(len(rows), eval_fraction, seed)
-            return {"train": [rows[i] for i in train], "eval": [rows[i] for i in held]}
-
-        need = lambda n: [part for name, part in by_fraction(n).items() if name in splits]
-        n, outcome, report, status = _outcomes(source, split, need=need, **common)
-        parts = [(name, idx, outcome) for name, idx in by_fraction(n).items()]
-    else:
-        n, outcome, report, status = _outcomes(
-            source, split, need=lambda n: [range(n)] if "train" in splits else [], **common
-        )
-        m, held_outcome, held_report, _ = _outcomes(
-            source, eval_split, need=lambda m: [range(m)] if "eval" in splits else [], **common
-        )
-        report.merge(held_report)
-        parts = [("train", kept_rows(n, keep, seed), outcome), ("eval", range(m), held_outcome)]
-    left_out = n - len(parts[0][1]) - (len(parts[1][1]) if eval_split is None else 0)
-    report.used, report.not_kept = report.used - left_out, report.not_kept + left_out
+    parts, report, status = _split(source, split, eval_split, eval_fraction, keep, seed, splits, common)
     out = {}
     for name, idx, get in parts:
         if name in splits:

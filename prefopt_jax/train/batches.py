@@ -12,7 +12,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from prefopt_jax import data, losses
-from prefopt_jax.config import Config, ConfigError, cache_folder
+from prefopt_jax.config import ConfigError, DataSection, TrainSection, cache_folder
 from prefopt_jax.data.synthetic import comparison_pairs
 from prefopt_jax.kinds import InputKind
 
@@ -21,17 +21,17 @@ TOKEN_ARRAYS = ("input_ids", "positions", "segment_ids", "branch")
 
 
 def load_data(
-    cfg: Config, tokenizer, loss: losses.Loss, splits=("train", "eval")
+    d: DataSection, seed: int, tokenizer, loss: losses.Loss, splits=("train", "eval")
 ) -> tuple[data.Prepared, list[str] | None]:
     """The train and held-out examples (only the `splits` asked for are tokenised; and, for the built-in
     task, the held-out answers), through the tokenised cache (`data.cache`). Unpaired losses train on
     unpaired files as they are, and on pairs read as two unpaired examples (chosen desirable, rejected
     undesirable); held-out pairs stay pairs, so reward accuracy is measured the same way for every loss, and
     held-out unpaired examples are scored by the loss itself. With `data.ranked_from_pairs`, the pairs of
-    each prompt become one ranked set (`ranked_sets`), held out or trained on as a whole."""
-    d = cfg.data
+    each prompt become one ranked set (`ranked_sets`), held out or trained on as a whole. `seed` (train.seed)
+    draws the built-in task, the held-out split and the kept subsets."""
     if d.source == "builtin:compare":
-        train_rows, eval_rows = comparison_pairs(d.num_train, d.num_eval, seed=cfg.train.seed)
+        train_rows, eval_rows = comparison_pairs(d.num_train, d.num_eval, seed=seed)
         kw = dict(max_length=d.max_length, max_prompt_length=d.max_prompt_length)
         train = data.prepare(train_rows, tokenizer, splits=("train",) if "train" in splits else (), **kw)
         held = data.prepare(eval_rows, tokenizer, splits=("train",) if "eval" in splits else (), **kw)
@@ -44,7 +44,7 @@ def load_data(
             max_prompt_length=d.max_prompt_length,
             on_error=d.on_error,
             eval_fraction=d.eval_fraction,
-            seed=cfg.train.seed,
+            seed=seed,
             splits=splits,
             cache_dir=cache_folder(d.cache, "tokenized"),
             workers=d.workers,
@@ -54,7 +54,7 @@ def load_data(
         kw |= {"source_splits": d.source_splits, "keep": d.keep_fractions}
         prepared = _first_process_writes(lambda: data.prepare_mixture(sources, d.weights, tokenizer, **kw))
         if d.ranked_from_pairs:
-            prepared = ranked_sets(prepared, d.ranked_from_pairs, d.eval_fraction, cfg.train.seed, splits)
+            prepared = ranked_sets(prepared, d.ranked_from_pairs, d.eval_fraction, seed, splits)
         answers = None
     check_input_kind(loss, prepared, d.source)
     if loss.kind is InputKind.UNPAIRED:  # pairs become two examples each; unpaired files are used as they are
@@ -120,9 +120,9 @@ def check_input_kind(loss, prepared: data.Prepared, source) -> None:
         )
 
 
-def mixture(cfg: Config, prepared: data.Prepared):
+def mixture(d: DataSection, prepared: data.Prepared):
     """The packer's mixture (each training example's source, the weights), or None (no weights given)."""
-    return None if cfg.data.weights is None else (prepared.source_of_train(), cfg.data.weights)
+    return None if d.weights is None else (prepared.source_of_train(), d.weights)
 
 
 def _first_process_writes(prepare):
@@ -166,7 +166,15 @@ def rows_per_device_group(mesh: Mesh) -> int:
 
 
 def batch_spec(
-    cfg: Config, examples: Sequence, mesh: Mesh, *, attention: str, response_only: bool, train=None, mixture=None
+    d: DataSection,
+    t: TrainSection,
+    examples: Sequence,
+    mesh: Mesh,
+    *,
+    attention: str,
+    response_only: bool,
+    train=None,
+    mixture=None,
 ) -> data.BatchSpec:
     """The run's micro-batch geometry, sized from `examples` (train and held-out together, so every one
     fits), and the micro-batches a step needs, from its `train.steps` steps over `train` (default
@@ -177,17 +185,17 @@ def batch_spec(
     return data.batch_spec(
         examples,
         train=train,
-        layout=cfg.data.layout,
-        batch_size=cfg.train.batch_size,
-        steps=cfg.train.steps,
-        seed=cfg.train.seed,
+        layout=d.layout,
+        batch_size=t.batch_size,
+        steps=t.steps,
+        seed=t.seed,
         mixture=mixture,
-        max_length=cfg.data.max_length,
+        max_length=d.max_length,
         response_only=response_only,
         row_multiple=rows_per_device_group(mesh),
-        length=cfg.data.pack_length,
-        rows=cfg.data.micro_batch_rows,
-        min_length=cfg.data.min_pack_length,
+        length=d.pack_length,
+        rows=d.micro_batch_rows,
+        min_length=d.min_pack_length,
         tiles=attention == "block_sparse",
         length_multiple=128 if attention in ("pallas", "pallas_gpu", "cudnn") else data.TILE,
     )

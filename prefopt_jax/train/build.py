@@ -7,6 +7,7 @@ decisions (`Parts`) instead of testing the config again."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from prefopt_jax import config as config_lib
 from prefopt_jax import data, losses, sharding
-from prefopt_jax.config import Config, ConfigError
+from prefopt_jax.config import Config, ConfigError, DataSection, ModelSection, TrainSection
 from prefopt_jax.models import attention as attention_lib
 from prefopt_jax.train import batches, runtime
 from prefopt_jax.train import step as step_lib
@@ -31,6 +32,8 @@ class Parts:
     hp: dict
     reference: str  # frozen | lora_base | precomputed | none
     extras: tuple[str, ...]  # what the loss needs beyond per-token log-probs (each in `losses.EXTRAS`)
+    reference_dtype: str  # the frozen reference copy's dtype (train.reference_dtype, else model.dtype)
+    rules: str  # how parameters and activations are sharded over the mesh (mesh.rules)
 
     @property
     def unpaired(self) -> bool:
@@ -99,7 +102,7 @@ def resolve(cfg: Config, devices: int | None = None) -> Parts:
             f"loss {loss.name!r} needs the reference inside the step (mismatched pairs or full distributions): "
             "train.reference must be frozen or lora_base"
         )
-    return Parts(loss, hp, t.reference, extras)
+    return Parts(loss, hp, t.reference, extras, t.reference_dtype or cfg.model.dtype, cfg.mesh.rules)
 
 
 # ---- the optimizer ----------------------------------------------------------------------------------
@@ -120,8 +123,8 @@ def learning_rate(schedule: str, peak: float, warmup: int, steps: int):
     return rate
 
 
-def make_optimizer(cfg: Config) -> optax.GradientTransformation:
-    t = cfg.train
+def make_optimizer(t: TrainSection) -> optax.GradientTransformation:
+    """Clipping by global norm, then AdamW over `learning_rate`'s schedule of the run's steps."""
     lr = learning_rate(t.schedule, t.learning_rate, t.warmup_steps, t.steps)
     return optax.chain(optax.clip_by_global_norm(t.max_grad_norm), optax.adamw(lr, weight_decay=t.weight_decay))
 
@@ -129,14 +132,13 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
 # ---- step and batch specs ---------------------------------------------------------------------------
 
 
-def step_spec(cfg: Config, p: Parts, geometries: dict, attention: str, mesh: Mesh | None = None) -> step_lib.StepSpec:
-    """What the train step computes, from the resolved parts and the config's model and LoRA settings; with
-    the mesh, activations and each layer's weights are kept in their shards inside the step."""
-    t = cfg.train
+def step_spec(
+    p: Parts, model: ModelSection, t: TrainSection, geometries: dict, attention: str, mesh: Mesh | None = None
+) -> step_lib.StepSpec:
+    """What the train step computes, from the resolved parts and the model and LoRA settings; with the mesh,
+    activations and each layer's weights are kept in their shards inside the step."""
     constrain = (
-        step_lib.no_constraint
-        if mesh is None
-        else sharding.activation_constraint(mesh, sharding.rules_for(cfg.mesh.rules))
+        step_lib.no_constraint if mesh is None else sharding.activation_constraint(mesh, sharding.rules_for(p.rules))
     )
     platform = mesh.devices.flat[0].platform if mesh is not None else "cpu"
     return step_lib.StepSpec(
@@ -149,9 +151,9 @@ def step_spec(cfg: Config, p: Parts, geometries: dict, attention: str, mesh: Mes
         lora_dropout=t.lora_dropout,
         ref_sync_every=t.ref_sync_every,
         ref_sync_alpha=t.ref_sync_alpha,
-        remat=cfg.model.remat,
+        remat=model.remat,
         seed=t.seed,
-        compute_dtype=cfg.model.compute,
+        compute_dtype=model.compute,
         constrain=constrain,
     )
 
@@ -168,16 +170,16 @@ def eval_spec(p: Parts, spec: step_lib.StepSpec, specs: dict, prepared: data.Pre
 
 
 def batch_specs(
-    cfg: Config, p: Parts, prepared: data.Prepared, mesh: Mesh, attention: str
+    p: Parts, d: DataSection, t: TrainSection, prepared: data.Prepared, mesh: Mesh, attention: str
 ) -> dict[str, data.BatchSpec]:
     """Per split, the fixed micro-batch geometry, and the micro-batches a training step needs (its steps
     planned ahead over the training examples). Paired runs size one geometry from train and held-out
     examples together; an unpaired run's held-out split is pairs, with a geometry of its own."""
-    mix = batches.mixture(cfg, prepared) if prepared.train else None
+    mix = batches.mixture(d, prepared) if prepared.train else None
 
     def spec(examples, train=None):
         return batches.batch_spec(
-            cfg, examples, mesh, attention=attention, response_only=p.response_only, train=train, mixture=mix
+            d, t, examples, mesh, attention=attention, response_only=p.response_only, train=train, mixture=mix
         )
 
     if p.unpaired:
@@ -205,10 +207,9 @@ def _copy_as(a, dtype):
     return jnp.copy(a) if a.dtype == dtype else a.astype(dtype)
 
 
-def parameter_trees(cfg: Config, spec: step_lib.StepSpec, base: dict, adapters: dict | None, mesh: Mesh):
+def parameter_trees(p: Parts, t: TrainSection, spec: step_lib.StepSpec, base: dict, adapters: dict | None, mesh: Mesh):
     """(trainable, frozen, ref_params, synced): the parameter trees a run holds, from the loaded base (and
     the initial LoRA adapters). `synced` is TR-DPO's moving reference; arrays or abstract shapes alike."""
-    t = cfg.train
     if adapters is not None:  # LoRA: the adapters train (small: replicated), the base stays frozen
         replicated = NamedSharding(mesh, PartitionSpec())
         trainable = jax.tree.map(
@@ -224,8 +225,22 @@ def parameter_trees(cfg: Config, spec: step_lib.StepSpec, base: dict, adapters: 
         return trainable, base, None, synced
     ref_params = None
     if spec.reference_in_step:
-        dtype = runtime.dtype_of(t.reference_dtype or cfg.model.dtype)
+        dtype = runtime.dtype_of(p.reference_dtype)
         ref_params = jax.tree.map(lambda a: _copy_as(a, dtype), base)
     if t.ref_sync_every:  # TR-DPO: the reference lives in the state
         return base, None, None, ref_params
     return base, None, ref_params, None  # without a reference in the step, no second copy at all
+
+
+def initial_state(p: Parts, t: TrainSection, trainable, synced, mesh: Mesh, *, optimizer_state: bool = True):
+    """(the optimizer over the run's steps, the initial train state with every leaf on the mesh: the
+    optimizer's scalars replicated, so restored checkpoints land the same way). Without `optimizer_state` the
+    optimizer's part of the state is shapes only (evaluation and export allocate no Adam moments)."""
+    optimizer = make_optimizer(t)
+    init = optimizer if optimizer_state else optax.GradientTransformation(
+        functools.partial(jax.eval_shape, optimizer.init), optimizer.update
+    )  # fmt: skip
+    state = step_lib.init_state(trainable, init, p.loss, reference=synced)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    placed = lambda a: isinstance(a, jax.ShapeDtypeStruct) or isinstance(a.sharding, NamedSharding)
+    return optimizer, jax.tree.map(lambda a: a if placed(a) else jax.device_put(a, replicated), state)

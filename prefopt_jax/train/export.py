@@ -3,7 +3,6 @@ with its model card, to a local folder, a bucket or the hub."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import tempfile
@@ -14,18 +13,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prefopt_jax import models
-from prefopt_jax.config import Config, ConfigError
+from prefopt_jax import model_card, models
+from prefopt_jax.config import Config, ConfigError, ModelSection
 from prefopt_jax.train import checkpoint
 from prefopt_jax.train import hub as hub_lib
 from prefopt_jax.train import lora as lora_lib
-from prefopt_jax.train import model_card as model_card_lib
 from prefopt_jax.train.run import setup
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": np.float32}
 
 
-def check_request(cfg: Config, dtype: str, max_shard_size: str | int, adapters: bool) -> int:
+def check_request(model: ModelSection, lora_rank: int, dtype: str, max_shard_size: str | int, adapters: bool) -> int:
     """The largest shard in bytes, once the request is known to be possible (a ConfigError otherwise)."""
     if dtype not in DTYPES:
         raise ConfigError(f"export dtype {dtype!r}: expected one of {list(DTYPES)}")
@@ -33,9 +31,9 @@ def check_request(cfg: Config, dtype: str, max_shard_size: str | int, adapters: 
         max_bytes = models.parse_size(max_shard_size)
     except ValueError as e:
         raise ConfigError(f"export --max-shard-size: {e}") from None
-    if adapters and not cfg.train.lora_rank:
+    if adapters and not lora_rank:
         raise ConfigError("export --adapters needs a LoRA run (train.lora_rank > 0); without it export the model")
-    base = str(cfg.model.source)
+    base = str(model.source)
     if adapters and (base in models.SHORT_NAMES or base.endswith(".gguf")):
         raise ConfigError(
             f"export --adapters: model.source={base} is a GGUF file, which transformers and PEFT cannot use as the "
@@ -62,7 +60,7 @@ def export(
     uploads the folder to that hub repository (created if missing). `adapters`: a LoRA run's adapters
     alone, in PEFT's format over `model.source` (which must be a Hugging Face folder or hub id)."""
     out = out or sys.stdout
-    max_bytes = check_request(cfg, dtype, max_shard_size, adapters)
+    max_bytes = check_request(cfg.model, cfg.train.lora_rank, dtype, max_shard_size, adapters)
     hub = hub_lib.preflight(push_to_hub) if push_to_hub else None  # offline or logged out: fail before any work
     run = setup(cfg, out, splits=(), optimizer_state=False)
     run_dir = checkpoint.run_path(cfg.output.dir)
@@ -93,7 +91,7 @@ def export(
         )
     if primary:
         run.tokenizer.save_pretrained(str(out_dir))
-        write_card(cfg, run_dir, meta["history"], out_dir, dtype=dtype, adapters=adapters)
+        model_card.write(cfg, run_dir, meta["history"], out_dir, dtype=dtype, adapters=adapters)
         if hub is not None:
             print(f"uploaded to {hub_lib.upload(hub, push_to_hub, out_dir)}", file=out)
         if remote:
@@ -104,16 +102,6 @@ def export(
             file=out,
         )
     return checkpoint.run_path(destination) if remote else out_dir
-
-
-def write_card(cfg: Config, run_dir: Path, history: list, out_dir: Path, *, dtype: str, adapters: bool) -> None:
-    """The export's model card (README.md), from the run's config, summary and metric history."""
-    summary_file = run_dir / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.exists() else None
-    lora = cfg.train.lora_rank
-    how = "full" if not lora else f"LoRA r {lora}, " + ("adapters only (PEFT)" if adapters else "merged")
-    card = model_card_lib.model_card(cfg, summary, history, dtype=dtype, lora=how, adapters=adapters)
-    (out_dir / "README.md").write_text(card)
 
 
 def copy_folder(local: Path, destination: str) -> None:

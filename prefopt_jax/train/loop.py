@@ -16,7 +16,7 @@ from typing import IO
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from prefopt_jax.config import Config, steps_per_epoch
+from prefopt_jax.config import Config, TrainSection, steps_per_epoch
 from prefopt_jax.train import batches, checkpoint
 from prefopt_jax.train import flops as flops_lib
 from prefopt_jax.train import metrics as metrics_lib
@@ -74,7 +74,7 @@ def train(cfg: Config, *, out: IO | None = None, stop_after: int | None = None) 
     ckpt = checkpoint.manager(run_dir / "checkpoints", keep=cfg.output.keep)
     inputs = pipeline_lib.step_inputs(
         run.batch_specs["train"], run.prepared.train, run.mesh, pad_id=run.pad_id, seed=t.seed,
-        mixture=batches.mixture(cfg, run.prepared), side=run.side["train"],
+        mixture=batches.mixture(cfg.data, run.prepared), side=run.side["train"],
     )  # fmt: skip
     history, before, resumed = resume_or_evaluate(run, ckpt, run_dir / "checkpoints", inputs, eval_step, out)
     writer = metrics_lib.MetricsWriter(
@@ -84,7 +84,7 @@ def train(cfg: Config, *, out: IO | None = None, stop_after: int | None = None) 
     peak, peak_source = flops_lib.peak_flops(t.peak_tflops)
     print(f"MFU against {peak / 1e12:.2f} TFLOP/s ({peak_source})", file=out)
     epoch_steps = steps_per_epoch(cfg, len(run.prepared.train)) if t.epochs is not None else 0
-    finish = StepLog(cfg, Meter(run, train_step, peak), writer, history, out, epoch_steps)
+    finish = StepLog(t, cfg.output.log_every, Meter(run, train_step, peak), writer, history, out, epoch_steps)
     stop, profile = _stop_on_signals(), Profile(t.profile_steps, run_dir / "profile", out)
     pending = None  # the last step dispatched whose metrics are not read yet: (step, metrics, input)
     stopped = None  # a signal's name, or "stop_after"
@@ -143,7 +143,8 @@ class StepLog:
     """Reads a step's metrics (the device has the next step queued by then), meters them, writes and prints
     them, and stops the run after `train.max_skipped_in_a_row` non-finite steps in a row."""
 
-    cfg: Config
+    train: TrainSection
+    log_every: int  # output.log_every
     meter: Meter
     writer: metrics_lib.MetricsWriter
     history: list[dict]
@@ -153,14 +154,14 @@ class StepLog:
     seen: int = 0  # steps read by this process
 
     def __call__(self, step: int, metrics: dict, item: pipeline_lib.StepInput) -> None:
-        t, history = self.cfg.train, self.history
+        t, history = self.train, self.history
         m = self.meter(step, metrics, item, skipped_before=history[-1]["skipped"] if history else 0)
         history.append(m)
         self.seen += 1
         if self.seen == 1:
             self.first_done = time.perf_counter()
         self.writer.write(step, m)
-        if step % self.cfg.output.log_every == 0 or step == t.steps:
+        if step % self.log_every == 0 or step == t.steps:
             if self.epoch_steps:  # train.epochs: the epoch this step ends in, as TRL's logs show it
                 m = m | {"epoch": step / self.epoch_steps}
             if self.seen >= 2:  # the run's ETA from this process's steps since its first (which compiles)

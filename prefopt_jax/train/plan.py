@@ -26,7 +26,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from prefopt_jax import data, models, sharding
-from prefopt_jax.config import Config, ConfigError
+from prefopt_jax.config import Config, ConfigError, DataSection, TrainSection
 from prefopt_jax.data.records import Origin
 from prefopt_jax.data.tokenize import TokenizedPair
 from prefopt_jax.models.build import nest
@@ -131,24 +131,24 @@ def target_devices(t: Target) -> tuple[list, bool]:
     return devices, True
 
 
-def worst_case_pairs(cfg: Config) -> list[TokenizedPair]:
+def worst_case_pairs(d: DataSection, batch_size: int) -> list[TokenizedPair]:
     """A step of pairs at the configured limits: a prompt of min(max_prompt_length, max_length / 2) tokens
     and both completions filling the rest of max_length."""
-    length = cfg.data.max_length
-    prompt = min(cfg.data.max_prompt_length or length // 2, length // 2)
+    length = d.max_length
+    prompt = min(d.max_prompt_length or length // 2, length // 2)
     ids = np.arange(length, dtype=np.int32) % 1000 + 1  # token values do not change shapes
     pair = TokenizedPair(ids[:prompt], ids[prompt:], ids[prompt:][::-1].copy(), 1.0, Origin("plan", 0))
-    return [pair] * cfg.train.batch_size
+    return [pair] * batch_size
 
 
-def worst_case_examples(cfg: Config, unpaired: bool) -> list:
+def worst_case_examples(d: DataSection, batch_size: int, unpaired: bool) -> list:
     """The worst-case step's examples: unpaired losses count examples, not pairs, in train.batch_size (a
     pair is two examples)."""
-    pairs = worst_case_pairs(cfg)
+    pairs = worst_case_pairs(d, batch_size)
     return data.unpaired_from_pairs(pairs)[: len(pairs)] if unpaired else pairs
 
 
-def host_seconds(cfg: Config, bspec: data.BatchSpec, examples: list, hosts: int, repeats: int = 5) -> float:
+def host_seconds(bspec: data.BatchSpec, examples: list, hosts: int, repeats: int = 5) -> float:
     """Median host time to plan one step and build one process's share of it (its rows; the group arrays
     whole), for a process of a `hosts`-process run: what each process does per step, in the background."""
     timings = []
@@ -167,22 +167,20 @@ def _abstract(tree, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
-def abstract_inputs(cfg: Config, mcfg: models.ModelConfig, spec, optimizer: optax.GradientTransformation, mesh):
+def abstract_inputs(p: build.Parts, t: TrainSection, dtype: str, mcfg: models.ModelConfig, spec, optimizer, mesh):
     """(state, frozen, ref_params) as shapes and shardings, laid out as `run.setup` lays out the real ones
-    (both through `build.parameter_trees`)."""
-    dtype = np.dtype(cfg.model.dtype)
+    (both through `build.parameter_trees`); `dtype`: the parameters' (model.dtype)."""
     table = models.param_table(mcfg)
     base = _abstract(
-        nest({n: jax.ShapeDtypeStruct(shape, dtype) for n, (shape, _, _) in table.items()}),
-        models.param_shardings(mcfg, mesh, cfg.mesh.rules),
+        nest({n: jax.ShapeDtypeStruct(shape, np.dtype(dtype)) for n, (shape, _, _) in table.items()}),
+        models.param_shardings(mcfg, mesh, p.rules),
     )
-    t = cfg.train
     adapters = None
     if t.lora_rank:
         adapters = jax.eval_shape(
             lambda: lora_lib.init_lora(mcfg, rank=t.lora_rank, targets=t.lora_targets, seed=t.seed)
         )
-    trainable, frozen, ref_params, synced = build.parameter_trees(cfg, spec, base, adapters, mesh)
+    trainable, frozen, ref_params, synced = build.parameter_trees(p, t, spec, base, adapters, mesh)
     shapes = jax.eval_shape(lambda tr, r: step_lib.init_state(tr, optimizer, spec.loss, reference=r), trainable, synced)
     replicated = NamedSharding(mesh, PartitionSpec())
     trainable_shardings = jax.tree.map(lambda a: a.sharding, trainable)
@@ -243,6 +241,28 @@ def compiled_sizes(train_step, args: tuple, mesh: jax.sharding.Mesh, *, simulate
     return (m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes, m.temp_size_in_bytes), False
 
 
+def memory_figures(trees: tuple, sizes: tuple, refused: bool, memory: float | None) -> dict:
+    """Bytes per device: of the step's inputs (state, frozen, ref_params, batch: abstract arrays), of the
+    compiled executable (`compiled_sizes`), their total, and whether it fits `memory`."""
+    state, frozen, ref_params, batch = trees
+    total = sizes[0] + sizes[1] - sizes[2] + sizes[3]
+    return {
+        "state_bytes": tree_bytes_per_device(state),
+        "frozen_bytes": tree_bytes_per_device(frozen) if frozen is not None else 0,
+        "reference_bytes": tree_bytes_per_device(ref_params) if ref_params is not None else 0,
+        "batch_bytes": tree_bytes_per_device(batch),
+        "batch_bytes_total": sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(batch)),
+        "argument_bytes": sizes[0],
+        "output_bytes": sizes[1],
+        "alias_bytes": sizes[2],
+        "temp_bytes": sizes[3],
+        "total_bytes": total,
+        "device_memory": memory,
+        "fits": None if memory is None else total <= memory and not refused,
+        "refused_by_compiler": refused,
+    }
+
+
 def compiled_for(tgt, devices: list, simulated: bool) -> str:
     if simulated:
         return f"{len(devices)} simulated CPU devices (estimate)"
@@ -256,7 +276,7 @@ def plan(
     and the step time at `mfu`. Returns the figures (bytes, FLOPs, seconds) as a dict. The batch is sized
     from `examples` (tokenised; the run's `train.steps` steps over them planned as the run would, and FLOPs
     the mean of those steps'), or from worst-case pairs at the configured limits."""
-    # over 60 lines, and reads better whole: one pass from the target to the figures `--json` writes
+    # over 60 lines by its one dict of figures (what `--json` writes): one pass from the target to them
     out = out or sys.stdout
     tgt = target(target_name)
     devices, simulated = target_devices(tgt)
@@ -266,15 +286,16 @@ def plan(
     parts = build.resolve(cfg, len(devices))
     # a GPU or TPU target compiled for simulated CPU devices runs XLA's attention here (their kernels need
     # the hardware or its compiler)
-    attention = runtime.attention(cfg, mcfg, tgt.platform if not simulated else "cpu")
+    attention = runtime.attention(cfg.model, mcfg, tgt.platform if not simulated else "cpu")
     if simulated and tgt.platform != "cpu":
         attention = "dense"
     given = examples is not None
-    examples = examples if given else worst_case_examples(cfg, parts.unpaired)
-    bspec = batches.batch_spec(cfg, examples, mesh, attention=attention, response_only=parts.response_only)
-    spec = build.step_spec(cfg, parts, bspec.geometries, attention, mesh)
-    optimizer = build.make_optimizer(cfg)
-    state, frozen, ref_params = abstract_inputs(cfg, mcfg, spec, optimizer, mesh)
+    t = cfg.train
+    examples = examples if given else worst_case_examples(cfg.data, t.batch_size, parts.unpaired)
+    bspec = batches.batch_spec(cfg.data, t, examples, mesh, attention=attention, response_only=parts.response_only)
+    spec = build.step_spec(parts, cfg.model, t, bspec.geometries, attention, mesh)
+    optimizer = build.make_optimizer(t)
+    state, frozen, ref_params = abstract_inputs(parts, t, cfg.model.dtype, mcfg, spec, optimizer, mesh)
     batch = batches.abstract_batch(bspec, mesh, parts.side_inputs)
     train_step = step_lib.make_train_step(mcfg, spec, optimizer)
     sizes, refused = compiled_sizes(train_step, (state, frozen, ref_params, batch), mesh, simulated=simulated)
@@ -282,31 +303,26 @@ def plan(
         mcfg, spec, bspec, examples, seed=cfg.train.seed, steps=cfg.train.steps if given else 1
     )
     peak = flops_lib.total_peak(tgt.peak_flops, len(devices), tgt.platform)
-    total = sizes[0] + sizes[1] - sizes[2] + sizes[3]
     result = {
+        "source": str(cfg.model.source),
+        "loss": cfg.loss.name if isinstance(cfg.loss.name, str) else ",".join(cfg.loss.name),
+        "reference": t.reference,
+        "lora_rank": t.lora_rank,
+        "batch_size": t.batch_size,
+        "steps": t.steps,
+        "layout": cfg.data.layout,
+        "max_length": cfg.data.max_length,
         "target": target_name,
         "devices": len(devices),
         "compiled_for": compiled_for(tgt, devices, simulated),
         "mesh": dict(mesh.shape),
         "params": mcfg.num_params(),
-        "state_bytes": tree_bytes_per_device(state),
-        "frozen_bytes": tree_bytes_per_device(frozen) if frozen is not None else 0,
-        "reference_bytes": tree_bytes_per_device(ref_params) if ref_params is not None else 0,
-        "batch_bytes": tree_bytes_per_device(batch),
-        "batch_bytes_total": sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(batch)),
-        "host_seconds": host_seconds(cfg, bspec, examples, tgt.hosts),
+        **memory_figures((state, frozen, ref_params, batch), sizes, refused, tgt.memory),
+        "host_seconds": host_seconds(bspec, examples, tgt.hosts),
         "hosts": tgt.hosts,
         "attention": attention,
         "geometry": dataclasses.asdict(bspec.geometries["main"]),
         "shapes": 1,
-        "argument_bytes": sizes[0],
-        "output_bytes": sizes[1],
-        "alias_bytes": sizes[2],
-        "temp_bytes": sizes[3],
-        "total_bytes": total,
-        "device_memory": tgt.memory,
-        "fits": None if tgt.memory is None else total <= tgt.memory and not refused,
-        "refused_by_compiler": refused,
         "flops": step_flops,
         "mfu": mfu,
         "step_seconds": step_flops / (peak * mfu),
@@ -315,25 +331,26 @@ def plan(
         "micro_batches_used": micro_used,
         "computed_per_trained_token": computed_per_trained,
     }
-    print(report(cfg, result), file=out)
+    print(report(result), file=out)
     return result
 
 
-def report(cfg: Config, r: dict) -> str:
+def report(r: dict) -> str:
+    """The plan's figures (`plan`'s result) as the lines `prefopt-jax plan` prints."""
+
     def gib(n: float) -> str:
         return f"{n / GiB:7.2f} GiB"
 
-    t = cfg.train
-    ref = f"{t.reference}" + (f" (LoRA r{t.lora_rank})" if t.lora_rank else " (full fine-tuning)")
+    ref = f"{r['reference']}" + (f" (LoRA r{r['lora_rank']})" if r["lora_rank"] else " (full fine-tuning)")
     lines = [
-        f"plan: {cfg.model.source} ({r['params'] / 1e9:.2f}B params), {cfg.loss.name}, reference {ref}",
+        f"plan: {r['source']} ({r['params'] / 1e9:.2f}B params), {r['loss']}, reference {ref}",
         f"target {r['target']}: compiled for {r['compiled_for']}; mesh {r['mesh']}",
-        f"batch: {t.batch_size} pairs/step packed into {r['micro_batches_used']:.2f} micro-batches on average "
-        f"(room for {r['batch_shape'][0]}) of {r['batch_shape'][1:]} rows x tokens ({cfg.data.layout}; "
+        f"batch: {r['batch_size']} pairs/step packed into {r['micro_batches_used']:.2f} micro-batches on average "
+        f"(room for {r['batch_shape'][0]}) of {r['batch_shape'][1:]} rows x tokens ({r['layout']}; "
         + (
-            f"the given examples, {t.steps} steps"
+            f"the given examples, {r['steps']} steps"
             if r["examples"] == "given"
-            else f"worst-case pairs at max_length {cfg.data.max_length}"
+            else f"worst-case pairs at max_length {r['max_length']}"
         )
         + f"); {r['computed_per_trained_token']:.3f} tokens computed per token trained; {r['shapes']} shape for "
         f"every step (fixed geometry: {r['geometry']['scored']} scored tokens per row)",
@@ -355,7 +372,7 @@ def report(cfg: Config, r: dict) -> str:
         lines.append(f"  device memory                   {gib(r['device_memory'])}  -> {verdict}")
     lines.append(
         f"FLOPs per step {r['flops']:.3e}; at {r['mfu']:.0%} MFU a step takes {r['step_seconds']:.2f} s "
-        f"({t.batch_size / r['step_seconds']:.1f} pairs/s)"
+        f"({r['batch_size'] / r['step_seconds']:.1f} pairs/s)"
     )
     if r["compiled_for"].endswith("(estimate)"):
         lines.append(

@@ -171,12 +171,13 @@ def progress_bar(total: int, what: str, out):
     return tqdm(total=total, desc=what, unit="ex", file=out, disable=not getattr(out, "isatty", lambda: False)())
 
 
-def key_for(cfg, prepared) -> str:
-    """The cache key of a run's configuration (`prepared`: its train and held-out examples)."""
+def key_for(model, prepared) -> str:
+    """The cache key of a run's reference (`model`: the config's model section) over `prepared`'s train and
+    held-out examples."""
     from prefopt_jax import models
 
-    digest = model_digest(models.resolve_source(cfg.model.source))
-    dtypes = f"{cfg.model.dtype}/{cfg.model.compute}"
+    digest = model_digest(models.resolve_source(model.source))
+    dtypes = f"{model.dtype}/{model.compute}"
     return cache_key(digest, dtypes, {"train": prepared.train, "eval": prepared.eval})
 
 
@@ -193,10 +194,10 @@ def precompute(cfg, out=None) -> str:
 
     out = out or sys.stdout
     parts = build.resolve(cfg)
-    mesh, tokenizer = runtime.start(cfg)
-    prepared, _ = batches.load_data(cfg, tokenizer, parts.loss)
-    model = runtime.load_model(cfg, mesh)
-    key = key_for(cfg, prepared)
+    mesh, tokenizer = runtime.start(cfg.model, cfg.mesh, cfg.output.compilation_cache)
+    prepared, _ = batches.load_data(cfg.data, cfg.train.seed, tokenizer, parts.loss)
+    model = runtime.load_model(cfg.model, parts.rules, mesh)
+    key = key_for(cfg.model, prepared)
     root = cfg.train.reference_cache
     splits = {"train": prepared.train, "eval": prepared.eval}
     try:
@@ -208,12 +209,12 @@ def precompute(cfg, out=None) -> str:
             print(f"reference log-probs: {e.args[0].split('; ')[0]}; computing them again", file=out)
     mcfg, params = model.config, model.params()
     pad_id = tokenizer.pad_token_id or 0
-    attention = runtime.attention(cfg, mcfg, mesh.devices.flat[0].platform)
-    specs = build.batch_specs(cfg, parts, prepared, mesh, attention)
+    attention = runtime.attention(cfg.model, mcfg, mesh.devices.flat[0].platform)
+    specs = build.batch_specs(parts, cfg.data, cfg.train, prepared, mesh, attention)
     results: dict[str, list] = {}
     for name, examples in splits.items():
         spec = specs[name]
-        step_spec = build.step_spec(cfg, parts, spec.geometries, attention, mesh)
+        step_spec = build.step_spec(parts, cfg.model, cfg.train, spec.geometries, attention, mesh)
         geometry, attn = spec.geometries["main"], step_spec.attention_for("main")
         logps_fn = jax.jit(
             lambda p, b, g=geometry, a=attn, s=step_spec: step_lib.completion_logps(

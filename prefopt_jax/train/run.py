@@ -4,15 +4,13 @@ model, the data, the step specs, the initial state and the side inputs computed 
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 from typing import IO, Any
 
-import jax
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from prefopt_jax import data, models
-from prefopt_jax.config import Config, ConfigError, steps_per_epoch, with_schedule
+from prefopt_jax.config import Config, ConfigError, ModelSection, steps_per_epoch, with_schedule
 from prefopt_jax.train import batches, build, reference_cache, runtime, udm
 from prefopt_jax.train import lora as lora_lib
 from prefopt_jax.train import step as step_lib
@@ -39,18 +37,19 @@ class Run:
     optimizer: optax.GradientTransformation  # over the run's steps (known once the data is read, with train.epochs)
 
 
-def side_inputs(cfg: Config, parts: build.Parts, prepared: data.Prepared, mcfg, base, mesh: Mesh, out: IO) -> dict:
+def side_inputs(
+    parts: build.Parts, model: ModelSection, cache: str, prepared: data.Prepared, mcfg, base, mesh: Mesh, out: IO
+) -> dict:
     """Per split, the per-example inputs computed before training (`parts.side_inputs`): the precomputed
     reference log-probs, read from their cache, and BCO-UDM's p(desirable | prompt), from a classifier of the
-    base model's prompt embeddings."""
+    base model's prompt embeddings. `cache`: where the precomputed log-probs are (train.reference_cache)."""
     side: dict[str, dict] = {"train": {}, "eval": {}}
     by_split = {"train": prepared.train, "eval": prepared.eval}
     if parts.precomputed:
-        where = cfg.train.reference_cache
-        key = reference_cache.key_for(cfg, prepared)
-        for split, values in reference_cache.read(where, key, by_split).items():
+        key = reference_cache.key_for(model, prepared)
+        for split, values in reference_cache.read(cache, key, by_split).items():
             side[split]["ref_logps"] = values
-        print(f"reference log-probs from {where.rstrip('/')}/{key}", file=out)
+        print(f"reference log-probs from {cache.rstrip('/')}/{key}", file=out)
     if parts.udm:
         for split, values in udm.desirable_probabilities(mcfg, base, by_split, mesh).items():
             side[split]["udm_prob"] = values
@@ -65,10 +64,10 @@ def setup(cfg: Config, out: IO, *, splits=("train", "eval"), optimizer_state=Tru
     optimizer's part of the state is shapes only (evaluation and export read a checkpoint's policy and
     allocate no Adam moments)."""
     t, parts = cfg.train, build.resolve(cfg)
-    mesh, tokenizer = runtime.start(cfg)
+    mesh, tokenizer = runtime.start(cfg.model, cfg.mesh, cfg.output.compilation_cache)
     if (parts.precomputed or parts.udm) and splits:  # the cache key covers both; the classifier fits on train
         splits = ("train", "eval")
-    prepared, answers = batches.load_data(cfg, tokenizer, parts.loss, splits)  # bad data stops before the model
+    prepared, answers = batches.load_data(cfg.data, t.seed, tokenizer, parts.loss, splits)  # bad data: before the model
     print(f"data: {batches.describe(prepared)}", file=out)
     if splits and "train" in splits and (t.epochs is not None or t.warmup_ratio is not None):
         cfg = with_schedule(cfg, len(prepared.train))  # the run's steps and warmup, from the data (TRL's way)
@@ -78,33 +77,18 @@ def setup(cfg: Config, out: IO, *, splits=("train", "eval"), optimizer_state=Tru
               file=out)  # fmt: skip
     if parts.udm and splits and len({e.label for e in prepared.train}) < 2:
         raise ConfigError("loss.udm=true fits a classifier of desirable vs undesirable training prompts: it needs both")
-    model = runtime.load_model(cfg, mesh)
+    model = runtime.load_model(cfg.model, parts.rules, mesh)
     mcfg, base = model.config, model.params()
     print(f"model {cfg.model.source} ({mcfg.num_params() / 1e6:.0f}M params) loaded", file=out)
-    attention = runtime.attention(cfg, mcfg, mesh.devices.flat[0].platform)
-    specs = build.batch_specs(cfg, parts, prepared, mesh, attention)
-    spec = build.step_spec(cfg, parts, specs["train"].geometries if specs else {}, attention, mesh)
-    side = side_inputs(cfg, parts, prepared, mcfg, base, mesh, out)
+    attention = runtime.attention(cfg.model, mcfg, mesh.devices.flat[0].platform)
+    specs = build.batch_specs(parts, cfg.data, t, prepared, mesh, attention)
+    spec = build.step_spec(parts, cfg.model, t, specs["train"].geometries if specs else {}, attention, mesh)
+    side = side_inputs(parts, cfg.model, t.reference_cache, prepared, mcfg, base, mesh, out)
     adapters = None
     if t.lora_rank:
         adapters = lora_lib.init_lora(mcfg, rank=t.lora_rank, targets=t.lora_targets, seed=t.seed)
-    trainable, frozen, ref_params, synced = build.parameter_trees(cfg, spec, base, adapters, mesh)
-    # every leaf on the mesh (the optimizer's scalars replicated), so restored checkpoints land the same way
-    replicated = NamedSharding(mesh, PartitionSpec())
-    optimizer = build.make_optimizer(cfg)
-    init = (
-        optimizer
-        if optimizer_state
-        else optax.GradientTransformation(  # shapes only: no Adam moments
-            partial(jax.eval_shape, optimizer.init), optimizer.update
-        )
-    )
-    state = step_lib.init_state(trainable, init, parts.loss, reference=synced)
-    state = jax.tree.map(
-        lambda a: a if isinstance(a, jax.ShapeDtypeStruct) or isinstance(a.sharding, NamedSharding)
-        else jax.device_put(a, replicated),
-        state,
-    )  # fmt: skip
+    trainable, frozen, ref_params, synced = build.parameter_trees(parts, t, spec, base, adapters, mesh)
+    optimizer, state = build.initial_state(parts, t, trainable, synced, mesh, optimizer_state=optimizer_state)
     eval_spec = build.eval_spec(parts, spec, specs, prepared)
     if specs:
         g, room = specs["train"].geometries["main"], specs["train"].micro_batches
@@ -113,20 +97,6 @@ def setup(cfg: Config, out: IO, *, splits=("train", "eval"), optimizer_state=Tru
             f"per row; {t.batch_size} per step in at most {room} of them (as the plan needs); attention: {attention}",
             file=out,
         )
-    return Run(
-        cfg,
-        mesh,
-        mcfg,
-        tokenizer,
-        prepared,
-        answers,
-        specs,
-        spec,
-        eval_spec,
-        tokenizer.pad_token_id or 0,
-        state,
-        frozen,
-        ref_params,
-        side,
-        optimizer,
-    )
+    pad_id = tokenizer.pad_token_id or 0
+    return Run(cfg, mesh, mcfg, tokenizer, prepared, answers, specs, spec, eval_spec, pad_id, state, frozen,
+               ref_params, side, optimizer)  # fmt: skip

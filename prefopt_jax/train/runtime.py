@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from prefopt_jax import models, sharding
-from prefopt_jax.config import Config, ConfigError, cache_folder
+from prefopt_jax.config import ConfigError, MeshSection, ModelSection, cache_folder
 from prefopt_jax.models import attention as attention_lib
 
 
@@ -28,22 +28,21 @@ def dtype_of(name: str):
     return jnp.bfloat16 if name == "bfloat16" else jnp.float32
 
 
-def start(cfg: Config) -> tuple[Mesh, object]:
+def start(model: ModelSection, mesh: MeshSection, compilation_cache: str | None) -> tuple[Mesh, object]:
     """(mesh, tokenizer): what a command needs before its data, so bad data stops it before the model loads."""
-    use_compilation_cache(cfg.output.compilation_cache)  # before the first compilation of the command
-    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    return mesh, models.load_tokenizer(cfg.model.source)
+    use_compilation_cache(compilation_cache)  # before the first compilation of the command
+    return sharding.make_mesh(mesh.data, mesh.fsdp, mesh.tensor), models.load_tokenizer(model.source)
 
 
-def load_model(cfg: Config, mesh: Mesh) -> models.Decoder:
-    """The model with its parameters sharded over the mesh."""
-    return models.load_pretrained(cfg.model.source, dtype=dtype_of(cfg.model.dtype), mesh=mesh, rules=cfg.mesh.rules)
+def load_model(model: ModelSection, rules: str, mesh: Mesh) -> models.Decoder:
+    """The model with its parameters sharded over the mesh by `rules`."""
+    return models.load_pretrained(model.source, dtype=dtype_of(model.dtype), mesh=mesh, rules=rules)
 
 
-def attention(cfg: Config, mcfg: models.ModelConfig, platform: str) -> str:
+def attention(model: ModelSection, mcfg: models.ModelConfig, platform: str) -> str:
     """The attention implementation `model.attention` means for this model on `platform` ("auto": by
     platform); one that cannot run there is a configuration error."""
     try:
-        return attention_lib.resolve(cfg.model.attention, platform, mcfg, cfg.model.compute)
+        return attention_lib.resolve(model.attention, platform, mcfg, model.compute)
     except ValueError as e:
         raise ConfigError(str(e)) from None

@@ -80,7 +80,9 @@ def per_prompt(values_RxT: jax.Array, b: dict) -> tuple[jax.Array, jax.Array]:
     return jnp.where(mask, values_RxT[flat // t, flat % t], 0.0), mask
 
 
-def _hidden(cfg, params, b, attention: AttentionSpec, remat="none", dtype=jnp.float32, constrain=no_constraint):
+def _hidden(
+    cfg: ModelConfig, params, b, attention: AttentionSpec, remat="none", dtype=jnp.float32, constrain=no_constraint
+):
     return forward_hidden(
         cfg,
         params,

@@ -132,7 +132,7 @@ def test_named_splits_and_kept_fractions_as_the_handbook_mixes(real, tmp_path, s
         "data.keep_fractions=[0.5,1.0]", "data.format=standard", "data.on_error=skip", "data.eval_fraction=0.2",
         "train.seed=3", "data.cache=null", "data.max_length=512",
     ])  # fmt: skip
-    through_config, _ = load_data(cfg, smollm2_tokenizer, losses.get("dpo"))  # the run's own path
+    through_config, _ = load_data(cfg.data, cfg.train.seed, smollm2_tokenizer, losses.get("dpo"))  # the run's own path
     assert [list(e.chosen) for e in through_config.train] == [list(e.chosen) for e in got.train]
     with pytest.raises(ValueError, match=r"share of a source kept must lie in \(0, 1\]"):
         data.kept_rows(10, 0.0)

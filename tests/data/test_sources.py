@@ -248,7 +248,7 @@ def test_ranked_sets_from_a_real_file_are_split_by_prompt(shared_file, smollm2_t
     cfg = load_config(None, [f"data.source={path}", "data.ranked_from_pairs=5", "data.max_length=4096",
                              f"data.cache={tmp_path}", "loss.name=rrhf", "loss.weights=null", "train.reference=none",
                              "data.eval_fraction=0.2"])  # fmt: skip
-    prepared, _ = load_data(cfg, smollm2_tokenizer, get("rrhf"))
+    prepared, _ = load_data(cfg.data, cfg.train.seed, smollm2_tokenizer, get("rrhf"))
     assert len(prepared.train) + len(prepared.eval) == want and len(prepared.eval) == round(0.2 * want)
     assert all(len(s.responses) == 5 and len(set(map(bytes, s.responses))) == 5 for s in prepared.train)
     prompt = lambda s: bytes(np.asarray(s.prompt))

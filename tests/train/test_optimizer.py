@@ -39,7 +39,7 @@ def test_schedules_equal_the_formulas(schedule, warmup):
 def test_the_first_update_moves_by_the_learning_rate_without_warmup():
     """Adam's first step is lr·sign(g) (bias-corrected moments): with warmup_steps=0 it is not zero."""
     cfg = load_config(None, ["train.warmup_steps=0", "train.learning_rate=0.01", "train.schedule=constant"], devices=1)
-    opt = make_optimizer(cfg)
+    opt = make_optimizer(cfg.train)
     params = {"w": jnp.ones(3)}
     updates, _ = opt.update({"w": jnp.asarray([0.5, -0.2, 0.1])}, opt.init(params), params)
     np.testing.assert_allclose(optax.apply_updates(params, updates)["w"], [0.99, 1.01, 0.99], rtol=1e-5)

@@ -1,10 +1,12 @@
 """The model card (`README.md`) an export carries: what a reader needs to know how the model was trained,
-from the run's config and `summary.json`."""
+from the run's config and `summary.json` (a rendering of the whole config, so it lives beside `config`, not
+in the trainer)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -84,3 +86,12 @@ def _plain(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [_plain(v) for v in x]
     return x
+
+
+def write(cfg: Config, run_dir: Path, history: list, out_dir: Path, *, dtype: str, adapters: bool) -> None:
+    """The export's model card (out_dir/README.md), from the run's config, summary and metric history."""
+    summary_file = run_dir / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.exists() else None
+    lora = cfg.train.lora_rank
+    how = "full" if not lora else f"LoRA r {lora}, " + ("adapters only (PEFT)" if adapters else "merged")
+    (out_dir / "README.md").write_text(model_card(cfg, summary, history, dtype=dtype, lora=how, adapters=adapters))
