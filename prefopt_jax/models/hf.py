@@ -177,13 +177,15 @@ def save_hf_folder(
     *,
     max_shard_bytes: int = 5 * 10**9,
     write: bool = True,
+    progress: Callable[[int], Any] | None = None,
 ) -> list[Path]:
     """Write what transformers and vLLM load: config.json (`dtype` and `torch_dtype`),
     generation_config.json and the weights in `dtype` as safetensors shards of at most `max_shard_bytes`
     (one file `model.safetensors`, or `model-0000k-of-0000n.safetensors` and
     `model.safetensors.index.json`). Tensors reach the host one at a time and each shard is written and
     dropped before the next, so the host holds one shard at most, never the whole model. `params` may
-    be sharded over several processes: all of them call this, and only those with `write` write."""
+    be sharded over several processes: all of them call this, and only those with `write` write.
+    `progress` is called with each tensor's bytes once it is on the host (a progress bar's update)."""
     folder = Path(folder)
     if write:
         folder.mkdir(parents=True, exist_ok=True)
@@ -204,6 +206,8 @@ def save_hf_folder(
             tensors[hf_name] = LAYOUTS[layout][1](value)
             weight_map[hf_name] = file
             total += value.nbytes
+            if progress is not None:
+                progress(value.nbytes)
         if write:
             write_safetensors(folder / file, tensors)
             written.append(folder / file)

@@ -19,11 +19,12 @@ from prefopt_jax.train import step as step_lib
 from prefopt_jax.train.run import Run, setup
 
 
-def evaluate(run: Run, eval_step, trainable: dict, loss_state) -> dict:
+def evaluate(run: Run, eval_step, trainable: dict, loss_state, out: IO | None = None) -> dict:
     """Held-out metrics over every held-out example (every scalar the loss reports, averaged over them;
     reward accuracy by pair length) and, for the built-in task, the exact-answer accuracy of greedy
     generations. A stateful loss runs in its evaluation mode from the training state, which held-out
-    batches never change (with AlphaDPO's `update_in_eval` they move a copy, batch after batch)."""
+    batches never change (with AlphaDPO's `update_in_eval` they move a copy, batch after batch). A progress
+    bar goes to `out` when it is a terminal."""
     cfg, results = run.cfg, {}
     unpaired = run.eval_spec.loss is not run.spec.loss  # an unpaired loss: scored on held-out pairs
     reference = run.state.get("reference", run.ref_params)
@@ -31,12 +32,14 @@ def evaluate(run: Run, eval_step, trainable: dict, loss_state) -> dict:
     spec, examples = run.batch_specs["eval"], run.prepared.eval
     if examples:
         plans = data.packer(spec, examples, seed=0, shuffle=False)
-        collected = []
+        collected, bar = [], metrics_lib.progress_bar(len(examples), "held-out evaluation", out)
         while (plan := plans.next_micro()) is not None:
+            bar.update(len(plan.examples))
             host = batches.host_step(spec, [plan], examples, run.mesh, run.pad_id, run.side["eval"], micro_batches=1)
             placed = jax.tree.map(lambda a: a[0], batches.place(spec, host, run.mesh))
             metrics, loss_state = eval_step(trainable, run.frozen, reference, placed, loss_state)
             collected.append(metrics)
+        bar.close()
         summed = step_lib.combine_metrics(jax.tree.map(lambda *a: jnp.stack(a), *collected))
         skip = ("num_tokens", "num_completion_tokens", "num_groups") + (("loss",) if unpaired else ())
         for k, v in summed.items():
@@ -73,9 +76,8 @@ def evaluate_checkpoint(cfg: Config, *, out: IO | None = None) -> dict:
     if restored is not None:
         run.state, meta = restored
         where = f"the checkpoint at step {len(meta['history'])}"
-    results = evaluate(
-        run, step_lib.make_eval_step(run.model_cfg, run.eval_spec), run.state["trainable"], run.state["loss_state"]
-    )
+    eval_step = step_lib.make_eval_step(run.model_cfg, run.eval_spec)
+    results = evaluate(run, eval_step, run.state["trainable"], run.state["loss_state"], out)
     print(f"{where}: {headline(results)}", file=out)
     return results
 

@@ -18,6 +18,7 @@ from prefopt_jax.config import Config, ConfigError, ModelSection
 from prefopt_jax.train import checkpoint
 from prefopt_jax.train import hub as hub_lib
 from prefopt_jax.train import lora as lora_lib
+from prefopt_jax.train import metrics as metrics_lib
 from prefopt_jax.train.run import setup
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": np.float32}
@@ -86,9 +87,13 @@ def export(
     else:
         scale = run.spec.lora_scale
         params = trainable if scale is None else lora_lib.merge_lora(run.frozen, trainable, scale)
+        size = sum(a.size for a in jax.tree.leaves(params)) * np.dtype(DTYPES[dtype]).itemsize
+        bar = metrics_lib.progress_bar(size, "export", out if primary else None, unit="B")
         files = models.save_hf_folder(
-            run.model_cfg, params, out_dir, dtype=DTYPES[dtype], max_shard_bytes=max_bytes, write=primary
-        )
+            run.model_cfg, params, out_dir, dtype=DTYPES[dtype], max_shard_bytes=max_bytes, write=primary,
+            progress=bar.update,
+        )  # fmt: skip
+        bar.close()
     if primary:
         run.tokenizer.save_pretrained(str(out_dir))
         model_card.write(cfg, run_dir, meta["history"], out_dir, dtype=dtype, adapters=adapters)

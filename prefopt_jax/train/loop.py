@@ -112,7 +112,7 @@ def train(cfg: Config, *, out: IO | None = None, stop_after: int | None = None) 
         else:  # every step done: the held-out evaluation after training (the input pipeline stopped first)
             inputs.close()
             ckpt.wait_until_finished()
-            after = evaluate(run, eval_step, run.state["trainable"], run.state["loss_state"])
+            after = evaluate(run, eval_step, run.state["trainable"], run.state["loss_state"], out)
             writer.write(t.steps, eval_record(t.steps, after))
     finally:  # whatever ends the loop: the pipeline's threads stopped, the last checkpoint written, logs closed
         inputs.close()
@@ -181,7 +181,7 @@ def resume_or_evaluate(run: Run, ckpt, folder: Path, inputs, eval_step, out: IO)
     evaluation of the starting model."""
     restored = checkpoint.restore_latest(ckpt, run.state) if run.cfg.output.resume else None
     if restored is None:
-        before = evaluate(run, eval_step, run.state["trainable"], run.state["loss_state"])
+        before = evaluate(run, eval_step, run.state["trainable"], run.state["loss_state"], out)
         print(f"before training: {headline(before)}", file=out)
         return [], before, False
     run.state, meta = restored

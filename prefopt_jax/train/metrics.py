@@ -86,6 +86,14 @@ def accuracy_by_length(correct: np.ndarray, count: np.ndarray, prefix: str = "ev
     return out
 
 
+def progress_bar(total: int, what: str, out: IO | None, unit: str = "ex"):
+    """A tqdm bar with rate and ETA when `out` is a terminal; off (a no-op) otherwise (logs, tests)."""
+    from tqdm import tqdm
+
+    on = getattr(out, "isatty", lambda: False)()
+    return tqdm(total=total, desc=what, unit=unit, unit_scale=unit == "B", file=out, disable=not on, leave=False)
+
+
 def progress(step: int, total: int, m: dict, out: IO | None = None) -> None:
     """A progress bar with loss, reward accuracy and tokens/s: redrawn in place on a terminal, one line
     per call otherwise (logs)."""

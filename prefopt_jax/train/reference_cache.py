@@ -164,13 +164,6 @@ def verify(where: str, name: str, stored: dict | None, values: np.ndarray, offse
         )
 
 
-def progress_bar(total: int, what: str, out):
-    """A tqdm bar with rate and ETA on a terminal; off (a no-op) when `out` is not one (logs, tests)."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=what, unit="ex", file=out, disable=not getattr(out, "isatty", lambda: False)())
-
-
 def key_for(model, prepared) -> str:
     """The cache key of a run's reference (`model`: the config's model section) over `prepared`'s train and
     held-out examples."""
@@ -190,6 +183,7 @@ def precompute(cfg, out=None) -> str:
 
     from prefopt_jax import data
     from prefopt_jax.train import batches, build, runtime
+    from prefopt_jax.train import metrics as metrics_lib
     from prefopt_jax.train import step as step_lib
 
     out = out or sys.stdout
@@ -223,7 +217,7 @@ def precompute(cfg, out=None) -> str:
         )
         results[name] = [None] * len(examples)
         plans = data.packer(spec, examples, seed=0, shuffle=False) if examples else None
-        bar = progress_bar(len(examples), f"reference log-probs ({name})", out)
+        bar = metrics_lib.progress_bar(len(examples), f"reference log-probs ({name})", out)
         while plans is not None and (plan := plans.next_micro()) is not None:
             bar.update(len(plan.examples))
             placed = batches.place(spec, batches.host_step(spec, [plan], examples, mesh, pad_id, micro_batches=1), mesh)
