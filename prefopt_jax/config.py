@@ -163,6 +163,7 @@ class EvalSection:
     generate: bool = True  # greedy answers on held-out prompts (builtin:compare: task accuracy)
     max_new_tokens: int = 6
     num_generate: int = 64  # the built-in job: every held-out question
+    every: int = 0  # steps between held-out evaluations during training (TRL's eval_steps); 0: before and after only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -472,6 +473,7 @@ RANGES = {
     "train.peak_tflops": (0.0, None, True),
     "eval.max_new_tokens": (1, None, False),
     "eval.num_generate": (0, None, False),
+    "eval.every": (0, None, False),
     "output.log_every": (1, None, False),
     "output.checkpoint_every": (0, None, False),
     "output.keep": (1, None, False),

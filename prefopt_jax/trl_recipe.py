@@ -286,10 +286,14 @@ def _data(r: dict, given: dict, plan: _Plan, done: set) -> None:
     strategy = r.get("eval_strategy", r.get("evaluation_strategy"))
     if strategy in (None, "no") and "eval_steps" in given:
         plan.ignore("eval_steps", f"eval_strategy is {strategy!r}")
-    if strategy not in (None, "no"):
+    every = r.get("eval_steps")
+    if strategy == "steps" and isinstance(every, int) and every >= 1:  # TRL: also before and after training
+        plan.set("eval_strategy/eval_steps", "eval.every", every, "held-out evaluation every N steps")
+    elif strategy not in (None, "no"):
         plan.refuse(
             "eval_strategy/eval_steps",
-            f"{strategy!r}: held-out evaluation runs before and after training only; set eval_strategy: 'no'",
+            f"{strategy!r} with eval_steps {every!r}: held-out evaluation runs every N steps (eval_strategy: steps, "
+            "eval_steps: N), or before and after training only (eval_strategy: 'no')",
         )
 
 

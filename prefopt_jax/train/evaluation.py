@@ -100,3 +100,10 @@ def headline(results: dict) -> str:
 
 def eval_record(step: int, results: dict) -> dict:
     return {"step": step, **{k: v for k, v in results.items() if isinstance(v, float)}}
+
+
+def held_out(run: Run, eval_step, step: int, writer, out: IO) -> dict:
+    """The held-out evaluation of the current policy, written to the metrics at `step`."""
+    results = evaluate(run, eval_step, run.state["trainable"], run.state["loss_state"], out)
+    writer.write(step, eval_record(step, results))
+    return results

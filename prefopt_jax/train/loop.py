@@ -22,7 +22,7 @@ from prefopt_jax.train import flops as flops_lib
 from prefopt_jax.train import metrics as metrics_lib
 from prefopt_jax.train import pipeline as pipeline_lib
 from prefopt_jax.train import step as step_lib
-from prefopt_jax.train.evaluation import eval_record, evaluate, headline
+from prefopt_jax.train.evaluation import eval_record, evaluate, headline, held_out
 from prefopt_jax.train.meter import Meter, compilations
 from prefopt_jax.train.run import Run, setup
 
@@ -109,11 +109,15 @@ def train(cfg: Config, *, out: IO | None = None, stop_after: int | None = None) 
                 checkpoint.save(ckpt, step, run.state, {"iterator": stream_after, "history": history, "before": before})
             if stopped:
                 break
+            if cfg.eval.every and step % cfg.eval.every == 0 and step < t.steps:  # TRL's eval_steps
+                if pending is not None:
+                    finish(*pending)
+                    pending = None
+                print(f"held-out at step {step}: {headline(held_out(run, eval_step, step, writer, out))}", file=out)
         else:  # every step done: the held-out evaluation after training (the input pipeline stopped first)
             inputs.close()
             ckpt.wait_until_finished()
-            after = evaluate(run, eval_step, run.state["trainable"], run.state["loss_state"], out)
-            writer.write(t.steps, eval_record(t.steps, after))
+            after = held_out(run, eval_step, t.steps, writer, out)
     finally:  # whatever ends the loop: the pipeline's threads stopped, the last checkpoint written, logs closed
         inputs.close()
         ckpt.wait_until_finished()

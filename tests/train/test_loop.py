@@ -136,6 +136,20 @@ def test_held_out_evaluation_counts_every_example(tiny_model_dir, tmp_path, smol
     assert summary["after"]["eval/lengths/rejected"] == pytest.approx(np.mean([len(e.rejected) for e in held]))
 
 
+def test_held_out_evaluation_every_n_steps(tiny_model_dir, tmp_path, capsys):
+    """eval.every=2 over 5 steps (TRL's eval_steps): held-out records at steps 0, 2, 4 and 5 (the end), each
+    of the policy after that step; the progress says so; training records are untouched."""
+    cfg = quick(None, tiny_model_dir, tmp_path, "eval.every=2", "train.steps=5", "eval.generate=false")
+    _, history = train(cfg)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    held = [r["step"] for r in records if "eval/rewards/margins" in r]
+    assert held == [0, 2, 4, 5] and [h["step"] for h in history] == [1, 2, 3, 4, 5]
+    out = capsys.readouterr().out
+    assert "held-out at step 2:" in out and "held-out at step 4:" in out and "held-out at step 5" not in out
+    margins = {r["step"]: r["eval/rewards/margins"] for r in records if "eval/rewards/margins" in r}
+    assert margins[0] != margins[2] != margins[4]  # the policy moved between evaluations
+
+
 def test_a_run_that_keeps_diverging_stops_and_keeps_the_last_finite_parameters(tiny_model_dir, tmp_path):
     """A learning rate of 1e30: the first update makes the weights overflow, every later step is non-finite,
     is skipped (parameters unchanged) and counted, and the run stops after max_skipped_in_a_row of them."""
