@@ -137,6 +137,7 @@ class TrainSection:
     batch_size: int = 8
     learning_rate: float = 3e-4
     schedule: str = "cosine"  # cosine | linear | constant
+    min_lr_ratio: float = 0.0  # cosine decays to this share of the peak (Hugging Face's cosine_with_min_lr)
     warmup_steps: int = 4
     warmup_ratio: float | None = None  # warmup as a fraction of the run's steps (rounded up, as TRL); wins if set
     max_grad_norm: float = 1.0
@@ -462,6 +463,7 @@ RANGES = {
     "train.batch_size": (1, None, False),
     "train.learning_rate": (0.0, None, True),
     "train.warmup_steps": (0, None, False),
+    "train.min_lr_ratio": (0.0, 1.0, False),
     "train.epochs": (0.0, None, True),
     "train.warmup_ratio": (0.0, 1.0, False),
     "train.max_grad_norm": (0.0, None, True),

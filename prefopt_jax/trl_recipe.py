@@ -58,7 +58,10 @@ LORA_TARGETS = {
     "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
     "down_proj": "down",
 }  # fmt: skip
-SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant", "constant_with_warmup": "constant"}
+SCHEDULES = {
+    "linear": "linear", "cosine": "cosine", "cosine_with_min_lr": "cosine", "constant": "constant",
+    "constant_with_warmup": "constant",
+}  # fmt: skip
 ADAMW = ("adamw_torch", "adamw_torch_fused", "adamw_hf")
 
 # keys with no effect on what is trained here, and why
@@ -390,8 +393,16 @@ def _schedule(r: dict, given: dict, plan: _Plan, done: set, devices: int) -> Non
         plan.refuse("lr_scheduler_type", f"{schedule!r}: native schedules are {sorted(SCHEDULES)}")
     else:
         plan.set("lr_scheduler_type", "train.schedule", SCHEDULES[schedule], default("lr_scheduler_type"))
-    if r.get("lr_scheduler_kwargs"):
-        plan.refuse("lr_scheduler_kwargs", f"{r['lr_scheduler_kwargs']!r}: the native schedules take no options")
+    kwargs = dict(r.get("lr_scheduler_kwargs") or {})
+    if schedule == "cosine_with_min_lr" and set(kwargs) in ({"min_lr_rate"}, {"min_lr"}):
+        rate = kwargs.get("min_lr_rate", float(kwargs.get("min_lr", 0.0)) / float(r["learning_rate"]))
+        plan.set("lr_scheduler_kwargs", "train.min_lr_ratio", float(rate), "cosine down to this share of the peak")
+    elif schedule == "cosine_with_min_lr":
+        plan.refuse(
+            "lr_scheduler_type", f"cosine_with_min_lr needs lr_scheduler_kwargs min_lr_rate or min_lr, got {kwargs!r}"
+        )
+    elif kwargs:
+        plan.refuse("lr_scheduler_kwargs", f"{kwargs!r}: only cosine_with_min_lr's min_lr_rate / min_lr map")
     warmup_steps, ratio = float(r.get("warmup_steps") or 0), float(r.get("warmup_ratio") or 0)
     if schedule == "constant":  # Hugging Face's constant schedule has no warmup
         plan.set("lr_scheduler_type", "train.warmup_steps", 0, "constant: no warmup, as Hugging Face's")

@@ -100,12 +100,14 @@ def test_smollm3_apo():
         "model_revision",  # it-SFT
         "dataset 1 (HuggingFaceTB/smoltalk2)",  # config Preference, weight 0.5: a fraction kept
         "dataset 2 (HuggingFaceTB/smoltalk2)",
-        "lr_scheduler_type",  # cosine_with_min_lr
-        "lr_scheduler_kwargs",
         "save_steps",  # 0.5 of the run
     }
-    keep = _recipe("SMOLLM3_APO", drop=["model_revision", "dataset_mixture", "lr_scheduler_kwargs"])
-    native, _ = convert(keep | {"dataset_name": "p.jsonl", "lr_scheduler_type": "cosine", "save_steps": 100})
+    keep = _recipe("SMOLLM3_APO", drop=["model_revision", "dataset_mixture"])
+    native, _ = convert(keep | {"dataset_name": "p.jsonl", "save_steps": 100})
+    assert (native["train"]["schedule"], native["train"]["min_lr_ratio"]) == ("cosine", 0.1)  # cosine_with_min_lr
+    assert _refused(keep | {"dataset_name": "p.jsonl", "save_steps": 100, "lr_scheduler_kwargs": {"power": 2}}) == {
+        "lr_scheduler_type"  # cosine_with_min_lr without its floor
+    }
     assert native["loss"] == {"name": "apo_zero", "hparams": {"beta": 0.05}}
     assert native["train"]["max_grad_norm"] == 0.2 and native["train"]["batch_size"] == 2
 

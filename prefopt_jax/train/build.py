@@ -108,16 +108,18 @@ def resolve(cfg: Config, devices: int | None = None) -> Parts:
 # ---- the optimizer ----------------------------------------------------------------------------------
 
 
-def learning_rate(schedule: str, peak: float, warmup: int, steps: int):
+def learning_rate(schedule: str, peak: float, warmup: int, steps: int, min_ratio: float = 0.0):
     """The learning rate of update `count` (0-based), as Hugging Face's schedulers define it: linear warmup
     `count / warmup` while count < warmup (none when warmup is 0, so the first update uses the peak), then
-    constant, or decaying to 0 at `steps` (cosine: (1 + cos(pi·progress)) / 2; linear: 1 − progress)."""
+    constant, or decaying to 0 at `steps` (cosine: (1 + cos(pi·progress)) / 2; linear: 1 − progress); cosine
+    with `min_ratio` r decays to r·peak instead (r + (1 − r)·(1 + cos(pi·progress)) / 2: cosine_with_min_lr)."""
 
     def rate(count):
         count = jnp.asarray(count, jnp.float32)
         warm = count / max(warmup, 1)
         progress = jnp.clip((count - warmup) / max(steps - warmup, 1), 0.0, 1.0)
-        decay = {"cosine": 0.5 * (1.0 + jnp.cos(jnp.pi * progress)), "linear": 1.0 - progress}.get(schedule, 1.0)
+        cosine = min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        decay = {"cosine": cosine, "linear": 1.0 - progress}.get(schedule, 1.0)
         return peak * jnp.where(count < warmup, warm, decay)
 
     return rate
@@ -125,7 +127,7 @@ def learning_rate(schedule: str, peak: float, warmup: int, steps: int):
 
 def make_optimizer(t: TrainSection) -> optax.GradientTransformation:
     """Clipping by global norm, then AdamW over `learning_rate`'s schedule of the run's steps."""
-    lr = learning_rate(t.schedule, t.learning_rate, t.warmup_steps, t.steps)
+    lr = learning_rate(t.schedule, t.learning_rate, t.warmup_steps, t.steps, t.min_lr_ratio)
     return optax.chain(optax.clip_by_global_norm(t.max_grad_norm), optax.adamw(lr, weight_decay=t.weight_decay))
 
 

@@ -14,13 +14,14 @@ from prefopt_jax.train import flops
 from prefopt_jax.train.build import learning_rate, make_optimizer
 
 
-def hf_rate(schedule, peak, warmup, steps, t):
-    """transformers' get_{constant,linear,cosine}_schedule_with_warmup at update t."""
+def hf_rate(schedule, peak, warmup, steps, t, min_lr_rate=0.0):
+    """transformers' get_{constant,linear,cosine}_schedule_with_warmup (and cosine_with_min_lr's
+    `factor * (1 - min_lr_rate) + min_lr_rate`) at update t."""
     if t < warmup:
         return peak * t / max(1, warmup)
     progress = (t - warmup) / max(1, steps - warmup)
     if schedule == "cosine":
-        return peak * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+        return peak * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)) * (1 - min_lr_rate) + min_lr_rate)
     if schedule == "linear":
         return peak * max(0.0, (steps - t) / max(1, steps - warmup))
     return peak
@@ -34,6 +35,13 @@ def test_schedules_equal_the_formulas(schedule, warmup):
         assert float(rate(t)) == pytest.approx(hf_rate(schedule, 2e-4, warmup, 10, t), rel=1e-6, abs=1e-12), t
     if warmup == 0:
         assert float(rate(0)) == pytest.approx(2e-4)  # the first update uses the configured rate
+
+
+def test_cosine_with_a_floor_equals_cosine_with_min_lr():
+    rate = learning_rate("cosine", 2e-4, 3, 10, min_ratio=0.1)
+    for t in range(12):  # past the end: the floor, not zero
+        assert float(rate(t)) == pytest.approx(hf_rate("cosine", 2e-4, 3, 10, min(t, 10), 0.1), rel=1e-6), t
+    assert float(rate(10)) == pytest.approx(2e-5)
 
 
 def test_the_first_update_moves_by_the_learning_rate_without_warmup():
