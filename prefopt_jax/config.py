@@ -68,6 +68,7 @@ class DataSection:
     max_length: int = 256
     max_prompt_length: int | None = None
     eval_fraction: float = 0.1  # ignored by builtin:compare, which has its own held-out split
+    eval_rows: int | None = None  # held-out rows in all, instead of eval_fraction (the handbook's int test_split_size)
     layout: str = "packed"  # packed | padded | shared (prefix sharing only) | packed_unshared (packing only)
     pack_length: int | None = None  # tokens per row (a multiple of 32; 128 for TPU/GPU); None: the longest example
     # ... but at least this many (or a row's share of a step, if less) where rows hold several examples, so short
@@ -497,6 +498,11 @@ def check_sources(cfg: Config) -> None:
             raise ConfigError(f"data.{key}: builtin:compare has no splits or weights")
     if d.weights is not None and not all(w > 0 for w in d.weights):
         raise ConfigError(f"data.weights must all be positive, got {list(d.weights)}")
+    if d.eval_rows is not None and (d.eval_rows < 1 or "builtin:compare" in sources or d.ranked_from_pairs):
+        raise ConfigError(
+            f"data.eval_rows={d.eval_rows}: a positive count of held-out rows, for pair files and hub datasets "
+            "(not builtin:compare, not with data.ranked_from_pairs: use data.eval_fraction)"
+        )
     if d.keep_fractions is not None and not all(0 < f <= 1 for f in d.keep_fractions):
         raise ConfigError(f"data.keep_fractions must each lie in (0, 1], got {list(d.keep_fractions)}")
 

@@ -255,8 +255,10 @@ def _data(r: dict, given: dict, plan: _Plan, done: set) -> None:
         size = r["dataset_mixture"].get("test_split_size")
         if isinstance(size, float) and 0.0 < size < 1.0:  # datasets' train_test_split: a float is a fraction
             plan.set("dataset_mixture.test_split_size", "data.eval_fraction", size, "the share held out")
+        elif isinstance(size, int) and not isinstance(size, bool) and size >= 1:  # an int is a row count
+            plan.set("dataset_mixture.test_split_size", "data.eval_rows", size, "rows held out in all")
         elif size is not None:
-            plan.refuse("dataset_mixture.test_split_size", f"{size!r} rows: give the share held out (a float < 1)")
+            plan.refuse("dataset_mixture.test_split_size", f"{size!r}: a share (a float < 1) or a row count")
         if "seed" in r["dataset_mixture"]:
             plan.ignore("dataset_mixture.seed", "the held-out split follows train.seed")
         for i, d in enumerate(r["dataset_mixture"].get("datasets") or [], 1):

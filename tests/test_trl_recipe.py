@@ -31,14 +31,15 @@ def _refused(raw, path=None):
 def test_zephyr_dpo_full_refuses_what_it_cannot_map_and_names_it():
     raw = _recipe("ZEPHYR_DPO_FULL")
     assert looks_like_recipe(raw) and trainer_of(raw, "recipes/zephyr-7b-beta/dpo/config_full.yaml") == "dpo"
-    assert _refused(raw) == {"dataset_mixture.test_split_size"}  # 2000 rows: a count, not a share
-    native, lines = convert(raw | {"dataset_mixture": {**raw["dataset_mixture"], "test_split_size": 0.03}})
+    native, lines = convert(raw)  # the recipe as published: nothing refused
+    assert native["data"]["eval_rows"] == 2000  # test_split_size: 2000 rows held out in all
     assert native["eval"] == {"every": 100}  # eval_strategy: steps, eval_steps: 100
+    share, _ = convert(raw | {"dataset_mixture": {**raw["dataset_mixture"], "test_split_size": 0.03}})
+    assert share["data"]["eval_fraction"] == 0.03 and "eval_rows" not in share["data"]
     assert _refused(raw | {"eval_steps": 0.1}) >= {"eval_strategy/eval_steps"}  # a fraction of the run
     d = native["data"]
     assert d["source"] == ["HuggingFaceH4/ultrafeedback_binarized"] * 2  # both splits, mixed as the handbook does
     assert d["source_splits"] == ["train_prefs", "test_prefs"] and "keep_fractions" not in d  # weight 1.0: whole
-    assert d["eval_fraction"] == 0.03
     assert "dataset_mixture.seed: ignored" in "\n".join(lines)
 
 

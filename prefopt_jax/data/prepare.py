@@ -200,6 +200,20 @@ def prepare(
     return Prepared(out["train"], out["eval"], report, [share])
 
 
+def usable_rows(
+    source, tokenizer, *, split=None, keep: float = 1.0, seed: int = 0, format=None, max_length: int = 1024,
+    max_prompt_length=None, max_completion_length=None, use_chat_template=None, on_error: str = "raise",
+    cache_dir=None, workers: int = 0, **split_only,
+) -> int:  # fmt: skip
+    """How many of `source`'s rows `prepare` (with the same arguments) would keep and split: read and
+    normalised, `keep`'s share, through the tokenised cache (a miss writes it, so `prepare` then hits it).
+    `split_only`: prepare's arguments that only decide the split (eval_fraction, splits, ...)."""
+    encoder = Encoder(tokenizer, max_length, max_prompt_length, max_completion_length, "keep_end", use_chat_template)
+    common = dict(format=format, encoder=encoder, on_error=on_error, cache_dir=cache_dir, workers=workers)
+    n, *_ = _outcomes(source, split, need=lambda n: [], **common)
+    return len(kept_rows(n, keep, seed))
+
+
 def prepare_mixture(
     sources: Sequence[str],
     weights: Sequence[float] | None,
@@ -207,24 +221,31 @@ def prepare_mixture(
     *,
     source_splits: Sequence[str] | None = None,
     keep: Sequence[float] | None = None,
+    eval_rows: int | None = None,
     **kwargs,
 ) -> Prepared:
     """Several sources prepared one by one (each split with the same seed, each with its own accounting) and
     concatenated; `weights` (one per source) are their shares of the training stream (see `data.Packer`),
     `source_splits` each hub source's (or hub-style folder's) split, `keep` the share of each source's rows
-    kept (see `prepare`)."""
+    kept (see `prepare`). `eval_rows` holds out that many rows in all (the alignment-handbook's integer
+    `test_split_size`) instead of `eval_fraction`: each source the same share, eval_rows / all kept rows."""
     for name, values in (("weights", weights), ("source_splits", source_splits), ("keep", keep)):
         if values is not None and len(values) != len(sources):
             raise ValueError(f"{len(values)} {name} for {len(sources)} sources")
     if weights is not None and not all(w > 0 for w in weights):
         raise ValueError(f"mixture weights must be positive, got {list(weights)}")
+    per = [
+        {"split": None if source_splits is None else source_splits[i], "keep": 1.0 if keep is None else float(keep[i])}
+        for i in range(len(sources))
+    ]
+    if eval_rows is not None:
+        rows = sum(usable_rows(s, tokenizer, **p, **kwargs) for s, p in zip(sources, per, strict=True))
+        if not 0 < eval_rows < rows:
+            raise ValueError(f"{eval_rows} held-out rows of {rows} usable rows: hold out fewer")
+        kwargs["eval_fraction"] = eval_rows / rows
     total = Prepared([], [], DataReport())
     for i, source in enumerate(sources):
-        one = prepare(
-            source, tokenizer, weight=None if weights is None else float(weights[i]),
-            split=None if source_splits is None else source_splits[i], keep=1.0 if keep is None else float(keep[i]),
-            **kwargs,
-        )  # fmt: skip
+        one = prepare(source, tokenizer, weight=None if weights is None else float(weights[i]), **per[i], **kwargs)
         (share,) = one.sources
         share.train = slice(len(total.train), len(total.train) + len(one.train))
         share.eval = slice(len(total.eval), len(total.eval) + len(one.eval))

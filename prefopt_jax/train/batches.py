@@ -51,7 +51,7 @@ def load_data(
         )
         if d.ranked_from_pairs:  # every row is read: a prompt's pairs are one set, held out or not as a whole
             kw |= {"eval_fraction": 0.0, "splits": ("train",)}
-        kw |= {"source_splits": d.source_splits, "keep": d.keep_fractions}
+        kw |= {"source_splits": d.source_splits, "keep": d.keep_fractions, "eval_rows": d.eval_rows}
         prepared = _first_process_writes(lambda: data.prepare_mixture(sources, d.weights, tokenizer, **kw))
         if d.ranked_from_pairs:
             prepared = ranked_sets(prepared, d.ranked_from_pairs, d.eval_fraction, seed, splits)

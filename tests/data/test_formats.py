@@ -179,3 +179,23 @@ def test_every_format_goes_through_the_tokenised_cache(real, tmp_path, smollm2_t
     again = data.prepare(str(path), smollm2_tokenizer, max_length=512, cache_dir=tmp_path / "cache", on_error="skip")
     assert [s.cache for s in first.sources] == ["written"] and [s.cache for s in again.sources] == ["hit"]
     assert [list(e.chosen) for e in again.train] == [list(e.chosen) for e in first.train] and len(first.train) > 30
+
+
+def test_a_count_of_held_out_rows_is_shared_by_the_sources(tmp_path, smollm2_tokenizer):
+    """eval_rows (the handbook's integer test_split_size) holds out that many rows in all: each source the
+    same share of its kept rows (here 15 and 10 kept rows, 10 held out: 6 and 4)."""
+    rows = lambda n, tag: [{"prompt": f"{tag} {i}?", "chosen": "yes", "rejected": "no"} for i in range(n)]
+    for name, n in (("a", 30), ("b", 10)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(n, name)))
+    sources = [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+    got = data.prepare_mixture(sources, None, smollm2_tokenizer, keep=[0.5, 1.0], eval_rows=10, seed=1,
+                               cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    assert [s.eval.stop - s.eval.start for s in got.sources] == [6, 4]
+    assert [s.train.stop - s.train.start for s in got.sources] == [9, 6]
+    assert [s.cache for s in got.sources] == ["hit", "hit"]  # counting wrote the cache, preparing read it
+    with pytest.raises(ValueError, match="40 held-out rows of 25 usable rows"):
+        data.prepare_mixture(sources, None, smollm2_tokenizer, keep=[0.5, 1.0], eval_rows=40)
+    from prefopt_jax.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"data\.eval_rows=5: .*\(not builtin:compare"):
+        load_config(None, ["data.eval_rows=5"])
