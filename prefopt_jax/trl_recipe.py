@@ -284,6 +284,11 @@ def _data(r: dict, given: dict, plan: _Plan, done: set) -> None:
         plan.refuse("max_completion_length", "completions are truncated by data.max_length only")
     if r.get("truncation_mode", "keep_start") != "keep_start":
         plan.refuse("truncation_mode", f"{r['truncation_mode']!r}: only keep_start (TRL's default) is native")
+    _evaluation(r, given, plan)
+
+
+def _evaluation(r: dict, given: dict, plan: _Plan) -> None:
+    """do_eval, eval_strategy / evaluation_strategy and eval_steps."""
     if r.get("do_eval") is False:
         plan.set("do_eval", "data.eval_fraction", 0.0, "no held-out split")
     elif "do_eval" in given:

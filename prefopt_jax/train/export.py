@@ -85,15 +85,7 @@ def export(
         )  # fmt: skip
         files = [out_dir / "adapter_model.safetensors"]
     else:
-        scale = run.spec.lora_scale
-        params = trainable if scale is None else lora_lib.merge_lora(run.frozen, trainable, scale)
-        size = sum(a.size for a in jax.tree.leaves(params)) * np.dtype(DTYPES[dtype]).itemsize
-        bar = metrics_lib.progress_bar(size, "export", out if primary else None, unit="B")
-        files = models.save_hf_folder(
-            run.model_cfg, params, out_dir, dtype=DTYPES[dtype], max_shard_bytes=max_bytes, write=primary,
-            progress=bar.update,
-        )  # fmt: skip
-        bar.close()
+        files = save_merged(run, trainable, out_dir, DTYPES[dtype], max_bytes, write=primary, out=out)
     if primary:
         run.tokenizer.save_pretrained(str(out_dir))
         model_card.write(cfg, run_dir, meta["history"], out_dir, dtype=dtype, adapters=adapters)
@@ -107,6 +99,19 @@ def export(
             file=out,
         )
     return checkpoint.run_path(destination) if remote else out_dir
+
+
+def save_merged(run, trainable: dict, out_dir: Path, dtype, max_bytes: int, *, write: bool, out: IO) -> list[Path]:
+    """The policy (LoRA merged into the base) as safetensors shards (every process takes part; those that
+    `write` write), with a progress bar in bytes on the writer's terminal."""
+    scale = run.spec.lora_scale
+    params = trainable if scale is None else lora_lib.merge_lora(run.frozen, trainable, scale)
+    bar = metrics_lib.progress_bar(sum(a.size for a in jax.tree.leaves(params)) * np.dtype(dtype).itemsize, "export",
+                                   out if write else None, unit="B")  # fmt: skip
+    files = models.save_hf_folder(run.model_cfg, params, out_dir, dtype=dtype, max_shard_bytes=max_bytes,
+                                  write=write, progress=bar.update)  # fmt: skip
+    bar.close()
+    return files
 
 
 def copy_folder(local: Path, destination: str) -> None:
