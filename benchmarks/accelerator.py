@@ -29,7 +29,7 @@ transformers, torch; the rest travels as wheels in the git-ignored `.whl/`, made
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \\
         .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 && \\
-        python3 benchmarks/accelerator.py --out $OUT/accelerator.json --budget 470
+        python3 benchmarks/accelerator.py --out $OUT/accelerator.json --budget 420
 
 Here (CPU): `python benchmarks/accelerator.py --smoke` runs the same code on a tiny model in interpret mode
 (< 2 minutes; tests/test_accelerator_benchmark.py runs it); `--prepare` rewrites the inputs file from
@@ -485,7 +485,7 @@ def prepare() -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="accelerator.json", help="the JSON, rewritten after every measurement")
-    parser.add_argument("--budget", type=float, default=470.0, help="seconds; later measurements are skipped")
+    parser.add_argument("--budget", type=float, default=420.0, help="seconds; later measurements are skipped")
     parser.add_argument("--smoke", action="store_true", help="a tiny model on CPU, interpret-mode kernels")
     parser.add_argument("--prepare", action="store_true", help="rewrite accelerator_inputs.json (needs ../shared)")
     args = parser.parse_args(argv)
