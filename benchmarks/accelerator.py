@@ -51,6 +51,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import timed
 
 from prefopt_jax import config, data, models, sharding
 from prefopt_jax.data.records import Origin
@@ -315,16 +316,6 @@ def check_step(report: Report, lengths: list, device, source: str | None) -> Non
 
 
 # ---- 2. attention speed --------------------------------------------------------------------------------
-
-
-def timed(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def attention_speed(report: Report, lengths: list, device, smoke: bool) -> None:

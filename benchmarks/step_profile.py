@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from timing import timed
 
 from prefopt_jax import data, losses, models
 from prefopt_jax.logprobs import token_stats
@@ -45,16 +46,6 @@ from prefopt_jax.train import batches, flops
 from prefopt_jax.train import step as step_lib
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh_rlhf_test.jsonl"
-
-
-def timed(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> int:

@@ -8,11 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prefopt_jax import models, sharding
+from prefopt_jax import models
 from prefopt_jax.models import attention, flash_tpu
-from prefopt_jax.models.attention import AttentionSpec
 from prefopt_jax.models.mask import visible
-from tests.models.attention_cases import packed_rows, reference
+from tests.models.attention_cases import model_equals_dense_alone_and_under_a_mesh, packed_rows, reference
 
 
 @pytest.mark.parametrize(
@@ -56,28 +55,9 @@ def test_tile_classes_are_exact_where_they_claim():
 
 
 def test_pallas_attention_in_the_model_and_under_a_mesh_equals_dense():
-    cfg = models.ModelConfig(
-        family="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-        num_kv_heads=2, head_dim=8,
-    )  # fmt: skip
-    tok = packed_rows(8, 256, seed=3)
-    ids = jnp.asarray(np.random.default_rng(2).integers(1, 64, tok.segment_ids.shape), jnp.int32)
-    args = dict(positions=tok.positions, segment_ids=tok.segment_ids, branch=tok.branch)
-    params = models.create_model(cfg, seed=0).params()
-    real = (tok.segment_ids > 0)[..., None]
-    want = models.forward_hidden(cfg, params, ids, **args, attention=AttentionSpec("dense"))
-    got = models.forward_hidden(cfg, params, ids, **args, attention=AttentionSpec("pallas", interpret=True))
-    np.testing.assert_allclose(jnp.where(real, got, 0), jnp.where(real, want, 0), atol=1e-5)
-    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)  # rows over 4 devices, kv heads over 2
-    rules = sharding.rules_for("fsdp_tp")
-    sharded = models.create_model(cfg, seed=0, mesh=mesh, rules="fsdp_tp").params()
-    constrain = sharding.activation_constraint(mesh, rules)
-    out = jax.jit(
-        lambda p, i: models.forward_hidden(
-            cfg, p, i, **args, attention=AttentionSpec("pallas", interpret=True), constrain=constrain
-        )
-    )(sharded, ids)
-    np.testing.assert_allclose(jnp.where(real, out, 0), jnp.where(real, want, 0), atol=1e-5)
+    model_equals_dense_alone_and_under_a_mesh("pallas", head_dim=8)
+    cfg = models.ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
+                             num_heads=4, num_kv_heads=2, head_dim=8)  # fmt: skip
     assert attention.resolve("auto", "tpu", cfg, "bfloat16") == "pallas"
     assert attention.resolve("auto", "gpu", cfg, "bfloat16") == "cudnn"
     assert attention.resolve("auto", "gpu", cfg, "float32") == "dense"  # cuDNN runs half precision only
