@@ -59,7 +59,7 @@ from prefopt_jax.data.tokenize import TokenizedPair
 from prefopt_jax.models import attention as attention_lib
 from prefopt_jax.models import flash_gpu
 from prefopt_jax.models.mask import Tokens
-from prefopt_jax.train import batches, build, runtime
+from prefopt_jax.train import batches, build
 from prefopt_jax.train import flops as flops_lib
 from prefopt_jax.train import lora as lora_lib
 from prefopt_jax.train import step as step_lib
@@ -180,7 +180,7 @@ def build_case(cfg: config.Config, examples: list, device, *, steps: int) -> Cas
     mesh = sharding.make_mesh(1, 1, 1, devices=[device])
     mcfg, t = models.model_config(cfg.model.source), cfg.train
     parts = build.resolve(cfg, 1)
-    attention = runtime.attention(cfg.model, mcfg, device.platform)
+    attention = build.attention(cfg.model, mcfg, device.platform)
     bspec = batches.batch_spec(cfg.data, t, examples, mesh, attention=attention, response_only=parts.response_only)
     spec = build.step_spec(parts, cfg.model, t, bspec.geometries, attention, mesh)
     dtype = jnp.dtype(cfg.model.dtype)

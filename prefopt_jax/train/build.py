@@ -1,8 +1,9 @@
 """A run's parts from its config, decided once (`resolve`): the loss with its hyperparameters, what it
 trains on, the reference mode, the extras the step computes for it; then from those parts the optimizer, the
 step specs (training and held-out), the micro-batch specs and the parameter trees. Every combination the
-trainer refuses is refused in `resolve`; the loop, `plan` and `precompute-ref` resolve once and read the
-decisions (`Parts`) instead of testing the config again."""
+trainer refuses is refused here: in `resolve`, and in `attention` once the architecture is known; the loop,
+`plan` and `precompute-ref` resolve once and read the decisions (`Parts`) instead of testing the config
+again."""
 
 from __future__ import annotations
 
@@ -103,6 +104,15 @@ def resolve(cfg: Config, devices: int | None = None) -> Parts:
             "train.reference must be frozen or lora_base"
         )
     return Parts(loss, hp, t.reference, extras, t.reference_dtype or cfg.model.dtype, cfg.mesh.rules)
+
+
+def attention(model: ModelSection, mcfg, platform: str) -> str:
+    """The attention implementation `model.attention` means for this architecture on `platform` ("auto": by
+    platform), decided once the architecture is known; one that cannot run there is a configuration error."""
+    try:
+        return attention_lib.resolve(model.attention, platform, mcfg, model.compute)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 # ---- the optimizer ----------------------------------------------------------------------------------

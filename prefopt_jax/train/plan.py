@@ -30,7 +30,7 @@ from prefopt_jax.config import Config, ConfigError, DataSection, TrainSection
 from prefopt_jax.data.records import Origin
 from prefopt_jax.data.tokenize import TokenizedPair
 from prefopt_jax.models.build import nest
-from prefopt_jax.train import batches, build, runtime
+from prefopt_jax.train import batches, build
 from prefopt_jax.train import flops as flops_lib
 from prefopt_jax.train import lora as lora_lib
 from prefopt_jax.train import step as step_lib
@@ -286,7 +286,7 @@ def plan(
     parts = build.resolve(cfg, len(devices))
     # a GPU or TPU target compiled for simulated CPU devices runs XLA's attention here (their kernels need
     # the hardware or its compiler)
-    attention = runtime.attention(cfg.model, mcfg, tgt.platform if not simulated else "cpu")
+    attention = build.attention(cfg.model, mcfg, tgt.platform if not simulated else "cpu")
     if simulated and tgt.platform != "cpu":
         attention = "dense"
     given = examples is not None

@@ -203,7 +203,7 @@ def precompute(cfg, out=None) -> str:
             print(f"reference log-probs: {e.args[0].split('; ')[0]}; computing them again", file=out)
     mcfg, params = model.config, model.params()
     pad_id = tokenizer.pad_token_id or 0
-    attention = runtime.attention(cfg.model, mcfg, mesh.devices.flat[0].platform)
+    attention = build.attention(cfg.model, mcfg, mesh.devices.flat[0].platform)
     specs = build.batch_specs(parts, cfg.data, cfg.train, prepared, mesh, attention)
     results: dict[str, list] = {}
     for name, examples in splits.items():

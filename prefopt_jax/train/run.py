@@ -80,7 +80,7 @@ def setup(cfg: Config, out: IO, *, splits=("train", "eval"), optimizer_state=Tru
     model = runtime.load_model(cfg.model, parts.rules, mesh)
     mcfg, base = model.config, model.params()
     print(f"model {cfg.model.source} ({mcfg.num_params() / 1e6:.0f}M params) loaded", file=out)
-    attention = runtime.attention(cfg.model, mcfg, mesh.devices.flat[0].platform)
+    attention = build.attention(cfg.model, mcfg, mesh.devices.flat[0].platform)
     specs = build.batch_specs(parts, cfg.data, t, prepared, mesh, attention)
     spec = build.step_spec(parts, cfg.model, t, specs["train"].geometries if specs else {}, attention, mesh)
     side = side_inputs(parts, cfg.model, t.reference_cache, prepared, mcfg, base, mesh, out)

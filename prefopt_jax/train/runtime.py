@@ -1,5 +1,5 @@
 """What every command that runs a model needs from the config: the compilation cache, the mesh, the
-model loaded into its shards, the tokenizer and the attention implementation."""
+model loaded into its shards and the tokenizer."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from prefopt_jax import models, sharding
-from prefopt_jax.config import ConfigError, MeshSection, ModelSection, cache_folder
-from prefopt_jax.models import attention as attention_lib
+from prefopt_jax.config import MeshSection, ModelSection, cache_folder
 
 
 def use_compilation_cache(where: str | None) -> str | None:
@@ -37,12 +36,3 @@ def start(model: ModelSection, mesh: MeshSection, compilation_cache: str | None)
 def load_model(model: ModelSection, rules: str, mesh: Mesh) -> models.Decoder:
     """The model with its parameters sharded over the mesh by `rules`."""
     return models.load_pretrained(model.source, dtype=dtype_of(model.dtype), mesh=mesh, rules=rules)
-
-
-def attention(model: ModelSection, mcfg: models.ModelConfig, platform: str) -> str:
-    """The attention implementation `model.attention` means for this model on `platform` ("auto": by
-    platform); one that cannot run there is a configuration error."""
-    try:
-        return attention_lib.resolve(model.attention, platform, mcfg, model.compute)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
