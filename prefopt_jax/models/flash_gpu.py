@@ -14,8 +14,9 @@ block) loop over their query block's list; the dk/dv kernel (a program per row, 
 over its key block's list and the G query heads that share the kv head. FULL tiles skip the mask.
 Backward is FlashAttention-2's: the forward saves the log-sum-exp, dq and dk/dv are separate kernels.
 
-Blocks are 128 tokens (64 for head_dim > 128, to fit shared memory); head_dim must be a power of two (64,
-128, 256). `interpret=True` runs the same kernels on CPU (tests); `jax.jit(...).lower(lowering_platforms=
+Forward tiles are 128 x 128 tokens (64 x 64 above head_dim 128, to fit shared memory); the backward kernels,
+which hold two float32 accumulators, use tiles of at most 64 (`BACKWARD_BLOCK`). head_dim must be a power of
+two up to 256. `interpret=True` runs the same kernels on CPU (tests); `jax.jit(...).lower(lowering_platforms=
 ("cuda",))` lowers them to Triton from any host.
 """
 
@@ -35,19 +36,21 @@ Array = jax.Array
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 EMPTY, PARTIAL, FULL = 0, 1, 2
 LIST_MIN = 16  # visit lists are padded to a power of two of at least this (Triton's tensor sizes)
+BACKWARD_BLOCK = 64  # dq and dk/dv tiles at most this: their float32 accumulators spill at 128 x 128
+MAX_HEAD_DIM = 256
 
 
 def block_for(length: int, head_dim: int) -> int | None:
     """The tile side for rows of `length` tokens: the largest of 128, 64, 32 (64, 32 above head_dim 128)
     that divides the length; None if none does or head_dim is not a power of two."""
-    if head_dim & (head_dim - 1) or head_dim < 16:
+    if head_dim & (head_dim - 1) or not 16 <= head_dim <= MAX_HEAD_DIM:
         return None
     return next((b for b in ((64, 32) if head_dim > 128 else (128, 64, 32)) if length % b == 0), None)
 
 
 def tile_kinds(seg_RxT: Array, branch_RxT: Array, pos_RxT: Array, window, block: int) -> Array:
-    """int32 [R, n, n], exact: EMPTY, PARTIAL or FULL for every (query block, key block), computed a query
-    block at a time ([R, block, T] booleans live at once)."""
+    """int32 [R, n, n], exact: EMPTY, PARTIAL or FULL for every (query block, key block), computed eight query
+    blocks at a time (at most [8, R, block, T] booleans live at once)."""
     r, t = seg_RxT.shape
     n = t // block
     tokens = Tokens(seg_RxT, branch_RxT, pos_RxT)
@@ -61,7 +64,7 @@ def tile_kinds(seg_RxT: Array, branch_RxT: Array, pos_RxT: Array, window, block:
         tiles = vis.reshape(r, block, n, block)
         return jnp.where(tiles.all((1, 3)), FULL, jnp.where(tiles.any((1, 3)), PARTIAL, EMPTY))
 
-    return jax.lax.map(one, jnp.arange(n)).transpose(1, 0, 2).astype(jnp.int32)
+    return jax.lax.map(one, jnp.arange(n), batch_size=min(n, 8)).transpose(1, 0, 2).astype(jnp.int32)
 
 
 def visit_lists(kinds_RxNxM: Array) -> tuple[Array, Array]:
@@ -170,10 +173,10 @@ def _dq_kernel(
         masked = lambda s: _masked(s, kinds_ref[t], q_tok, i * bq, k_tok, j * bk, window)
         k = k_ref[keys, :]
         _, ds = _grad_terms(q, k, v_ref[keys, :], do, lse, di, masked, scale, softcap)
-        return dq + _dot(ds.astype(k.dtype), k) * scale
+        return dq + _dot(ds.astype(k.dtype), k)
 
     dq = jax.lax.fori_loop(0, visits, body, jnp.zeros(q.shape, jnp.float32))
-    dq_ref[...] = dq.astype(dq_ref.dtype)
+    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
     _count_to(count_ref, visits)
 
 
@@ -197,13 +200,13 @@ def _dkv_kernel(
             q, do = q_ref[gi, queries, :], do_ref[gi, queries, :]
             p, ds = _grad_terms(q, k, v, do, lse_ref[gi, queries], di_ref[gi, queries], masked, scale, softcap)
             dv = dv + _dot(p.T.astype(do.dtype), do)
-            return dk + _dot(ds.T.astype(q.dtype), q) * scale, dv
+            return dk + _dot(ds.T.astype(q.dtype), q), dv
 
         return jax.lax.fori_loop(0, g, head, carry)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = jax.lax.fori_loop(0, visits, body, (zeros, zeros))
-    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
     _count_to(count_ref, visits * g)
 
@@ -251,10 +254,9 @@ def _forward(q, k, v, tokens, window, *, scale, softcap, block, interpret, count
         out_specs.append(s["count"])
     kernel = functools.partial(_forward_kernel, scale=scale, softcap=softcap, bq=block, bk=block)
     in_specs = [s["lists"], s["lists"], s["window"], s["q"], s["kv"], s["kv"], *[s["q_tok"]] * 3, *[s["k_tok"]] * 3]
-    outs = _call(kernel, (r, h, n), in_specs, out_specs, out_shape, "prefopt_flash_gpu_fwd", interpret, e)(
-        blocks, kinds, window[None], q, k, v, *tokens, *tokens
+    return _call(kernel, (r, h, n), in_specs, out_specs, out_shape, "prefopt_flash_gpu_fwd", interpret, e)(
+        blocks, kinds, jnp.asarray(window, jnp.int32)[None], q, k, v, *tokens, *tokens
     )
-    return outs
 
 
 def _backward(q, k, v, tokens, window, o, lse, do, *, scale, softcap, block, interpret, count=False):
@@ -262,6 +264,7 @@ def _backward(q, k, v, tokens, window, o, lse, do, *, scale, softcap, block, int
     kh = k.shape[1]
     g, n = h // kh, t // block
     di = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
+    window = jnp.asarray(window, jnp.int32)
     kinds = tile_kinds(*tokens, window, block)
     blocks, listed = visit_lists(kinds)
     s = _specs_by_query_block(r, t, e, g, block, blocks.shape[-1])
@@ -316,8 +319,9 @@ def _vjp_forward(q, k, v, seg, branch, pos, window, scale, softcap, block, inter
 def _vjp_backward(scale, softcap, block, interpret, residuals, do):
     q, k, v, tokens, window, o, lse = residuals
     (dq,), (dk, dv) = _backward(
-        q, k, v, tokens, window, o, lse, do, scale=scale, softcap=softcap, block=block, interpret=interpret
-    )
+        q, k, v, tokens, window, o, lse, do, scale=scale, softcap=softcap, block=min(block, BACKWARD_BLOCK),
+        interpret=interpret,
+    )  # fmt: skip
     return dq, dk, dv, None, None, None, None
 
 
@@ -326,9 +330,11 @@ flash_attention.defvjp(_vjp_forward, _vjp_backward)
 
 def tiles_visited(q, k, v, seg, branch, pos, window, scale, softcap=None, block=128, interpret=True) -> dict:
     """How many tiles each kernel computed, counted inside the kernels' loops: {"fwd": [R, H, N],
-    "dq": [R, H, N], "dkv": [R, K, N]} (dkv counts a tile once per query head of the group)."""
+    "dq": [R, H, N'], "dkv": [R, K, N']} (N' blocks of the backward's tile side; dkv counts a tile once per
+    query head of the group)."""
     tokens = (seg, branch, pos)
-    kw = dict(scale=scale, softcap=softcap, block=block, interpret=interpret, count=True)
-    o, lse, fwd = _forward(q, k, v, tokens, window, **kw)
-    (_, dq), (_, _, dkv) = _backward(q, k, v, tokens, window, o, lse, jnp.ones_like(o), **kw)
+    kw = dict(scale=scale, softcap=softcap, interpret=interpret, count=True)
+    o, lse, fwd = _forward(q, k, v, tokens, window, block=block, **kw)
+    back = min(block, BACKWARD_BLOCK)
+    (_, dq), (_, _, dkv) = _backward(q, k, v, tokens, window, o, lse, jnp.ones_like(o), block=back, **kw)
     return {"fwd": fwd[..., 0], "dq": dq[..., 0], "dkv": dkv[..., 0]}

@@ -70,10 +70,10 @@ def step_flops(
     return total
 
 
-def measured_peak_flops(n: int = 1024, repeats: int = 10, dtype=jnp.float32) -> float:
+def measured_peak_flops(n: int = 1024, repeats: int = 10, dtype=jnp.float32, random: bool = False) -> float:
     """This device's matmul FLOP/s in `dtype` (default fp32), measured (median of `repeats` timed n x n x n
-    products)."""
-    a = jnp.ones((n, n), dtype)
+    products; of random operands with `random`: a GPU multiplies all-ones matrices faster)."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype) if random else jnp.ones((n, n), dtype)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
     times = []

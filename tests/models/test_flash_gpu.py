@@ -63,26 +63,32 @@ def test_kernel_equals_dense_attention_values_and_gradients(heads, kv_heads, dim
 def test_the_kernels_compute_exactly_the_non_empty_tiles():
     """Counted inside the kernels' loops: each query block's forward and dq programs visit the key blocks
     in which some real query sees some key (from the dense mask, tile by tile), each key block's dk/dv
-    program those query blocks once per query head of its group; fewer than the causal triangle."""
-    rows, length, block, heads, kv_heads = 3, 512, 64, 4, 2
+    program those query blocks once per query head of its group; fewer than the causal triangle. Forward
+    tiles of 128, backward tiles of 64 (`BACKWARD_BLOCK`)."""
+    rows, length, heads, kv_heads = 3, 512, 4, 2
     tok = packed_rows(rows, length, seed=9)
     q, k, v = qkv(rows, heads, kv_heads, length, 32, jnp.float32)
     idx = jnp.broadcast_to(jnp.arange(length), tok.segment_ids.shape)
-    n = length // block
+
+    def non_empty(mask, block):  # [R, query block, key block], and the tiles themselves
+        n = length // block
+        tiles = mask.reshape(rows, n, block, n, block).transpose(0, 1, 3, 2, 4)
+        return tiles.any(axis=(3, 4)), tiles
+
     for window in (0, 40):
         mask = np.asarray(visible(tok, idx, tok, idx, window) & (tok.segment_ids > 0)[:, :, None])
-        nonempty = mask.reshape(rows, n, block, n, block).any(axis=(2, 4))  # [R, query block, key block]
-        got = flash_gpu.tiles_visited(q, k, v, *tok, jnp.int32(window), 0.2, None, block)
-        want_q = np.broadcast_to(nonempty.sum(2)[:, None], (rows, heads, n))
-        want_k = np.broadcast_to(nonempty.sum(1)[:, None] * (heads // kv_heads), (rows, kv_heads, n))
-        np.testing.assert_array_equal(got["fwd"], want_q)
-        np.testing.assert_array_equal(got["dq"], want_q)
+        got = flash_gpu.tiles_visited(q, k, v, *tok, jnp.int32(window), 0.2, None, 128)
+        forward, _ = non_empty(mask, 128)
+        backward, tiles = non_empty(mask, flash_gpu.BACKWARD_BLOCK)
+        n = length // flash_gpu.BACKWARD_BLOCK
+        np.testing.assert_array_equal(got["fwd"], np.broadcast_to(forward.sum(2)[:, None], (rows, heads, 4)))
+        np.testing.assert_array_equal(got["dq"], np.broadcast_to(backward.sum(2)[:, None], (rows, heads, n)))
+        want_k = np.broadcast_to(backward.sum(1)[:, None] * (heads // kv_heads), (rows, kv_heads, n))
         np.testing.assert_array_equal(got["dkv"], want_k)
-        assert nonempty.sum() < rows * n * (n + 1) // 2  # skipping is real: fewer than a causal triangle
-        kinds = np.asarray(flash_gpu.tile_kinds(*tok, window, block))
-        tiles = mask.reshape(rows, n, block, n, block).transpose(0, 1, 3, 2, 4)
+        assert backward.sum() < rows * n * (n + 1) // 2  # skipping is real: fewer than a causal triangle
+        kinds = np.asarray(flash_gpu.tile_kinds(*tok, window, flash_gpu.BACKWARD_BLOCK))
         np.testing.assert_array_equal(kinds == flash_gpu.FULL, tiles.all(axis=(3, 4)))
-        np.testing.assert_array_equal(kinds != flash_gpu.EMPTY, nonempty)
+        np.testing.assert_array_equal(kinds != flash_gpu.EMPTY, backward)
 
 
 def test_gpu_kernel_in_the_model_and_under_a_mesh_equals_dense():
@@ -99,6 +105,7 @@ def test_requests_and_defaults():
     with pytest.raises(ValueError, match="cannot run on gpu"):  # head_dim 80 is not a power of two
         attention.resolve("pallas_gpu", "gpu", dataclasses.replace(cfg, head_dim=80), "bfloat16")
     assert flash_gpu.block_for(384, 128) == 128 and flash_gpu.block_for(96, 128) == 32
+    assert flash_gpu.block_for(512, 512) is None  # a 512-wide tile would not fit shared memory
     assert config.ATTENTION == ("auto", *attention.IMPLEMENTATIONS)
 
 
