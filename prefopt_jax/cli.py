@@ -68,9 +68,10 @@ def cmd_losses(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_config(path: str | None, overrides, extra: list[str] | None = None, **kw):
+def load_config(path: str | None, overrides, extra: list[str] | None = None, trl_devices: int = 1, **kw):
     """The config of `--config`: a native YAML, or a TRL / alignment-handbook recipe converted key by key (the
-    mapping printed once; TRL-style `--key value` overrides in `extra` applied to the recipe first)."""
+    mapping printed once; TRL-style `--key value` overrides in `extra` applied to the recipe first;
+    `trl_devices`: the data-parallel ranks the recipe's per-device batch was written for)."""
     from prefopt_jax import config, trl_recipe
 
     raw = _read_yaml(path) if path else None
@@ -79,7 +80,7 @@ def load_config(path: str | None, overrides, extra: list[str] | None = None, **k
             raise config.ConfigError(f"unrecognised arguments {extra}: native configs take SECTION.KEY=VALUE")
         return config.load_config(path, overrides, **kw)
     recipe = trl_recipe.apply_overrides(raw, extra or [])
-    native, lines = trl_recipe.convert(recipe, path, devices=_TRL_DEVICES[0])
+    native, lines = trl_recipe.convert(recipe, path, devices=trl_devices)
     print("\n".join(lines), flush=True)
     import tempfile
 
@@ -93,7 +94,9 @@ def load_config(path: str | None, overrides, extra: list[str] | None = None, **k
             raise config.ConfigError(f"{path} (converted from TRL): {msg}") from None
 
 
-_TRL_DEVICES = [1]  # --trl-devices: the data-parallel ranks the recipe's per-device batch was written for
+def _run_config(args: argparse.Namespace):
+    """The config of a command that runs one (train, precompute-ref, eval, export)."""
+    return load_config(args.config, args.overrides, args.extra, args.trl_devices)
 
 
 def _read_yaml(path: str):
@@ -127,21 +130,21 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from prefopt_jax.train.loop import train
 
-    train(load_config(args.config, args.overrides, args.extra))
+    train(_run_config(args))
     return 0
 
 
 def cmd_precompute_ref(args: argparse.Namespace) -> int:
     from prefopt_jax.train.reference_cache import precompute
 
-    precompute(load_config(args.config, args.overrides, args.extra))
+    precompute(_run_config(args))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from prefopt_jax.train.evaluation import evaluate_checkpoint
 
-    evaluate_checkpoint(load_config(args.config, args.overrides, args.extra))
+    evaluate_checkpoint(_run_config(args))
     return 0
 
 
@@ -149,7 +152,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from prefopt_jax.train.export import export
 
     export(
-        load_config(args.config, args.overrides, args.extra),
+        _run_config(args),
         args.out_dir,
         dtype=args.dtype,
         max_shard_size=args.max_shard_size,
@@ -294,10 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     argv, extra = _trl_arguments(parser, sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(argv)
     args.extra = extra  # TRL-style --key value overrides of a recipe
-    _TRL_DEVICES[0] = 1
-    if "--trl-devices" in extra:  # also accepted by the commands that run a recipe
+    args.trl_devices = getattr(args, "trl_devices", 1)  # `config` parses it; the commands that run a recipe:
+    if "--trl-devices" in extra:
         i = extra.index("--trl-devices")
-        _TRL_DEVICES[0], args.extra = int(extra[i + 1]), extra[:i] + extra[i + 2 :]
+        args.trl_devices, args.extra = int(extra[i + 1]), extra[:i] + extra[i + 2 :]
     if args.command is None:
         parser.print_help()
         return 0

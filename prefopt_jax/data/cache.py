@@ -47,13 +47,26 @@ def _hasher():
 CHUNK_BYTES = 1 << 22  # the token buffer is checksummed in 4 MiB pieces, so a mismatch names where it is
 
 
+def chunk_digests(values: np.ndarray, chunk_bytes: int) -> list[str]:
+    """xxh3-64 hex digests of an array's bytes, one per `chunk_bytes` piece (so a mismatch says where)."""
+    import xxhash
+
+    raw = np.ascontiguousarray(values).reshape(-1).view(np.uint8)
+    return [xxhash.xxh3_64_hexdigest(raw[i : i + chunk_bytes]) for i in range(0, len(raw), chunk_bytes)]
+
+
+def mismatched_chunks(found: Sequence[str], stored: Sequence[str]) -> list[int] | None:
+    """The pieces whose digests differ (an empty list when only their count does), or None when all match."""
+    bad = [i for i, (a, b) in enumerate(zip(found, stored, strict=False)) if a != b]
+    return bad if bad or len(found) != len(stored) else None
+
+
 def checksums(flat: np.ndarray, lengths: np.ndarray) -> dict:
     """xxh3 digests of the token buffer, per CHUNK_BYTES piece, and of the segment lengths that cut it into
     prompts and completions: written with the cache, checked on every load."""
     import xxhash
 
-    raw = memoryview(np.ascontiguousarray(flat, np.int32)).cast("B")
-    pieces = [xxhash.xxh3_64_hexdigest(raw[i : i + CHUNK_BYTES]) for i in range(0, len(raw), CHUNK_BYTES)]
+    pieces = chunk_digests(np.asarray(flat, np.int32), CHUNK_BYTES)
     return {"tokens": pieces, "segments": xxhash.xxh3_64_hexdigest(np.ascontiguousarray(lengths, np.int64))}
 
 
@@ -62,8 +75,8 @@ def _corrupt(stored: dict, flat: np.ndarray, lengths: np.ndarray) -> str | None:
     found = checksums(flat, lengths)
     if found["segments"] != stored["segments"]:
         return "its segment lengths"
-    bad = [i for i, (a, b) in enumerate(zip(found["tokens"], stored["tokens"], strict=False)) if a != b]
-    if bad or len(found["tokens"]) != len(stored["tokens"]):
+    bad = mismatched_chunks(found["tokens"], stored["tokens"])
+    if bad is not None:
         first = bad[0] if bad else min(len(found["tokens"]), len(stored["tokens"]))
         per = CHUNK_BYTES // 4
         return f"its tokens {first * per}-{min((first + 1) * per, len(flat)) - 1}"

@@ -305,7 +305,7 @@ def plan(
     peak = flops_lib.total_peak(tgt.peak_flops, len(devices), tgt.platform)
     result = {
         "source": str(cfg.model.source),
-        "loss": cfg.loss.name if isinstance(cfg.loss.name, str) else ",".join(cfg.loss.name),
+        "loss": ",".join(cfg.loss.names),
         "reference": t.reference,
         "lora_rank": t.lora_rank,
         "batch_size": t.batch_size,

@@ -23,6 +23,7 @@ import tensorstore as ts
 import xxhash
 
 from prefopt_jax.data import TokenizedPair, TokenizedUnpaired
+from prefopt_jax.data.cache import chunk_digests, mismatched_chunks
 
 CHUNK = 1 << 20  # values per stored chunk of the log-probs (4 MiB of float32) and per checksum
 
@@ -33,10 +34,8 @@ def checksums(values: np.ndarray, offsets: np.ndarray) -> dict:
     >>> checksums(np.zeros(3, np.float32), np.array([0, 3]))["logps"] == [xxhash.xxh3_64_hexdigest(bytes(12))]
     True
     """
-    raw = np.ascontiguousarray(values, np.float32).view(np.uint8)
-    step = CHUNK * 4
     return {
-        "logps": [xxhash.xxh3_64_hexdigest(raw[i : i + step]) for i in range(0, len(raw), step)],
+        "logps": chunk_digests(np.asarray(values, np.float32), CHUNK * 4),
         "offsets": xxhash.xxh3_64_hexdigest(np.ascontiguousarray(offsets, np.int64)),
     }
 
@@ -156,8 +155,8 @@ def verify(where: str, name: str, stored: dict | None, values: np.ndarray, offse
     now = checksums(values, offsets)
     if now["offsets"] != stored.get("offsets"):
         raise ReferenceCacheError(f"{where}/{name}.offsets: checksum mismatch (changed bytes); {again}")
-    bad = [i for i, (a, b) in enumerate(zip(now["logps"], stored.get("logps", []), strict=False)) if a != b]
-    if bad or len(now["logps"]) != len(stored.get("logps", [])):
+    bad = mismatched_chunks(now["logps"], stored.get("logps", []))
+    if bad is not None:
         raise ReferenceCacheError(
             f"{where}/{name}.logps: checksum mismatch in chunk(s) {bad or 'count'} of {CHUNK} values (changed "
             f"bytes); {again}"
